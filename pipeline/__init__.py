@@ -1,0 +1,1 @@
+"""fedrad pipeline: site preprocessing, training, federation and evaluation."""

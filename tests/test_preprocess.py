@@ -1,0 +1,199 @@
+"""Site preprocessing end to end on demo hospitals built from the embedded sample."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from conftest import DICOM_DIR, compose_config
+
+from pipeline.cache import SPLITS, SiteCache
+from pipeline.demo_sites import load_sample, plan_sites, prepare_demo_sites
+from pipeline.preprocess import preprocess_site
+from pipeline.splits import assign_splits
+
+SIIM_CHEST = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+MANIFEST_COLUMNS = {"image_key", "patient_key", "label", "split", "preprocessing_version", "image_size",
+                    "source_rows", "source_cols", "pixel_spacing_mm", "bits_stored"}
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def preprocess_config(*overrides: str):
+    return compose_config("data.image_size=32", "preprocess.workers=1", *overrides).preprocess
+
+
+@pytest.fixture
+def small_site(tmp_path):
+    """One demo site of about 24 images, not yet preprocessed."""
+    return prepare_demo_sites(tmp_path / "sites", n_sites=3, max_images=24)[0]
+
+
+# --- the shared demo sites ---------------------------------------------------------------
+
+def test_sites_get_disjoint_patients_and_different_class_mixes():
+    sample = load_sample().set_index("file")
+    plans = plan_sites(sample.reset_index(), n_sites=3, seed=0, skew=1.0, max_images=None)
+    patients = [{sample.at[i.source, "patient_id"] for i in plan} for plan in plans]
+    assert all(not (a & b) for i, a in enumerate(patients) for b in patients[i + 1:])
+    assert sum(len(plan) for plan in plans) == len(sample)
+    majority = [pd.Series([i.label for i in plan]).value_counts().idxmax() for plan in plans]
+    assert majority == ["normal", "bacterial", "viral"]
+
+
+def test_every_split_nonempty_and_no_patient_in_two_splits(demo_sites):
+    for site in demo_sites.sites:
+        manifest = SiteCache(site.cache_dir).manifest()
+        assert set(manifest.columns) == MANIFEST_COLUMNS
+        assert set(manifest["split"]) == set(SPLITS)
+        assert (manifest.groupby("patient_key")["split"].nunique() == 1).all()
+        assert set(manifest["label"]) == {0, 1, 2}
+        train = SiteCache(site.cache_dir).load_split("train")
+        assert train.images.shape[1:] == (1, 64, 64)
+        assert 0.0 <= train.images.min() and train.images.max() <= 1.0
+
+
+def test_no_patient_key_shared_between_sites(demo_sites):
+    keys = [set(SiteCache(s.cache_dir).manifest()["patient_key"]) for s in demo_sites.sites]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+
+
+def test_no_planted_identifier_in_any_cache_file(demo_sites, planted_identifiers):
+    assert len(planted_identifiers) > 500
+    # Printable runs of every cache file, one per line: a value can only hide inside a run.
+    runs = b"\n".join(
+        run
+        for site in demo_sites.sites
+        for path in sorted(site.cache_dir.rglob("*")) if path.is_file()
+        for run in re.findall(rb"[ -~]{6,}", path.read_bytes())
+    )
+    leaked = [value for value in planted_identifiers if value.encode() in runs]
+    assert not leaked
+
+
+def test_source_index_and_report_stay_outside_the_cache(demo_sites):
+    site = demo_sites.sites[0]
+    assert {p.name for p in site.cache_dir.iterdir()} == {"manifest.csv", "arrays"}
+    report = pd.read_csv(site.work_dir / "report.csv")
+    assert len(report) == len(list(site.input_dir.glob("*.dcm")))
+    assert set(report["status"]) == {"accepted"}
+
+
+# --- a small site changed by each test ---------------------------------------------------
+
+def test_rerun_skips_unchanged_files_and_reproduces_the_cache(small_site):
+    cfg = preprocess_config()
+    sources = tree_hashes(small_site.input_dir)
+    first = preprocess_site(small_site, cfg)
+    cache = tree_hashes(small_site.cache_dir)
+    assert first.processed == first.files and first.reused == 0
+    second = preprocess_site(small_site, cfg)
+    assert second.processed == 0 and second.reused == second.files
+    assert tree_hashes(small_site.cache_dir) == cache
+    assert tree_hashes(small_site.input_dir) == sources
+    assert pd.read_csv(small_site.work_dir / "report.csv")["reused"].all()
+
+
+def test_fresh_run_with_two_workers_gives_the_same_cache(small_site, tmp_path):
+    preprocess_site(small_site, preprocess_config())
+    cache = tree_hashes(small_site.cache_dir)
+    shutil.rmtree(small_site.work_dir)
+    summary = preprocess_site(small_site, preprocess_config("preprocess.workers=2"))
+    assert summary.processed == summary.files
+    assert tree_hashes(small_site.cache_dir) == cache
+
+
+def test_changed_file_is_reprocessed_and_its_old_array_removed(small_site):
+    cfg = preprocess_config()
+    preprocess_site(small_site, cfg)
+    before = SiteCache(small_site.cache_dir).manifest()
+    target = small_site.input_dir / "img_0001.dcm"
+    ds = pydicom.dcmread(target)
+    pixels = ds.pixel_array.copy()
+    pixels[:10] = 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(target)
+    summary = preprocess_site(small_site, cfg)
+    assert summary.processed == 1 and summary.reused == summary.files - 1
+    after = SiteCache(small_site.cache_dir).manifest()
+    assert len(after) == len(before)
+    gone, new = set(before["image_key"]) - set(after["image_key"]), set(after["image_key"]) - set(before["image_key"])
+    assert len(gone) == 1 and len(new) == 1
+    assert {p.stem for p in (small_site.cache_dir / "arrays").glob("*.npy")} == set(after["image_key"])
+
+
+def test_image_size_change_reprocesses(small_site):
+    preprocess_site(small_site, preprocess_config())
+    summary = preprocess_site(small_site, preprocess_config("data.image_size=40"))
+    assert summary.processed == summary.files
+    manifest = SiteCache(small_site.cache_dir).manifest()
+    assert set(manifest["preprocessing_version"]) == {"v1-40px"}
+    assert np.load(SiteCache(small_site.cache_dir).array_path(manifest["image_key"].iloc[0])).shape == (40, 40)
+
+
+def test_report_lists_every_problem_with_its_reason(small_site):
+    shutil.copy(DICOM_DIR / "RG3_J2KR.dcm", small_site.input_dir / "extra_tibia.dcm")
+    shutil.copy(DICOM_DIR / SIIM_CHEST, small_site.input_dir / "extra_chest.dcm")
+    shutil.copy(DICOM_DIR / SIIM_CHEST, small_site.input_dir / "unlabelled_chest.dcm")
+    (small_site.input_dir / "junk.dcm").write_bytes(b"\0garbage" * 100)
+    (small_site.input_dir / "notes.txt").write_text("scanner notes")
+    labels = pd.read_csv(small_site.labels_csv)
+    extra = pd.DataFrame({"file": ["extra_tibia.dcm", "extra_chest.dcm", "junk.dcm", "gone.dcm"],
+                          "label": ["normal", "viral", "normal", "normal"]})
+    pd.concat([labels, extra]).to_csv(small_site.labels_csv, index=False)
+
+    summary = preprocess_site(small_site, preprocess_config())
+    report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
+    assert report.at["extra_tibia.dcm", "status"] == "rejected"
+    assert "BodyPartExamined 'EXTREMITY'" in report.at["extra_tibia.dcm", "reason"]
+    assert report.at["junk.dcm", "reason"].startswith("unreadable DICOM")
+    assert report.at["unlabelled_chest.dcm", "reason"] == "no label in labels.csv"
+    assert report.at["notes.txt", "status"] == "skipped"
+    assert report.at["gone.dcm", "status"] == "missing"
+    assert report.at["extra_chest.dcm", "status"] == "accepted"
+    assert len(report) == len(labels) + 6
+    assert summary.status == {"accepted": len(labels) + 1, "rejected": 3, "skipped": 1, "missing": 1}
+    assert summary.rejections["no label in labels.csv"] == 1
+
+
+def test_duplicate_content_is_accepted_once(small_site):
+    shutil.copy(small_site.input_dir / "img_0002.dcm", small_site.input_dir / "img_0002_copy.dcm")
+    labels = pd.read_csv(small_site.labels_csv)
+    row = labels[labels["file"] == "img_0002.dcm"].assign(file="img_0002_copy.dcm")
+    pd.concat([labels, row]).to_csv(small_site.labels_csv, index=False)
+    preprocess_site(small_site, preprocess_config())
+    report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
+    assert report.at["img_0002_copy.dcm", "reason"] == "same content as img_0002.dcm"
+    assert len(SiteCache(small_site.cache_dir).manifest()) == len(labels)
+
+
+def test_prepare_demo_is_idempotent_and_keeps_the_secret(small_site):
+    root = small_site.input_dir.parents[1]
+    secret = small_site.secret_file.read_bytes()
+    stamps = {p: p.stat().st_mtime_ns for p in small_site.input_dir.iterdir()}
+    prepare_demo_sites(root, n_sites=3, max_images=24)
+    assert small_site.secret_file.read_bytes() == secret
+    assert {p: p.stat().st_mtime_ns for p in small_site.input_dir.iterdir()} == stamps
+    names = sorted(p.name for p in small_site.input_dir.iterdir())
+    assert all(re.fullmatch(r"img_\d{4}\.dcm", n) for n in names)
+
+
+def test_splits_are_by_patient_stratified_and_seeded():
+    labels = {f"p{i:03d}": i % 3 for i in range(60)}
+    first = assign_splits(labels, 0.15, 0.2, seed=1)
+    assert first == assign_splits(dict(reversed(labels.items())), 0.15, 0.2, seed=1)
+    assert first != assign_splits(labels, 0.15, 0.2, seed=2)
+    for label in range(3):
+        counts = pd.Series([first[p] for p, lab in labels.items() if lab == label]).value_counts()
+        assert counts.to_dict() == {"train": 13, "test": 4, "val": 3}
+    tiny = assign_splits({"a": 0, "b": 0, "c": 1}, 0.15, 0.2, seed=0)
+    assert set(tiny.values()) == set(SPLITS)

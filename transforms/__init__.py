@@ -1,0 +1,1 @@
+"""Small, composable image transforms (DICOM pixel semantics, resizing, augmentation)."""
