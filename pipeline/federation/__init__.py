@@ -1,0 +1,1 @@
+"""Flower apps: the coordinator's ServerApp and each site's ClientApp."""

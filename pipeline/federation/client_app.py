@@ -1,0 +1,63 @@
+"""A site's Flower ClientApp: adapts Flower messages to :mod:`pipeline.federation.site_task`.
+
+The reply to a training message holds exactly three things: the updated model parameters
+(arrays with the model's own shapes), the number of training examples, and scalar metrics.
+No pixel, no identifier and no file name leaves the site.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from pipeline.federation.run_config import CONFIG_KEY, experiment_from_yaml, site_cache_dir
+from pipeline.federation.site_task import evaluate_site, train_site
+
+app = ClientApp()
+
+# A site's console shows Flower's round messages, not Lightning's start-up chatter.
+logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def _metric_record(metrics: dict[str, float], num_examples: int) -> MetricRecord:
+    """Scalar metrics with Flower-friendly keys and the aggregation weight."""
+    record = {key.replace("/", "_"): float(value) for key, value in metrics.items()}
+    record["num-examples"] = int(num_examples)
+    return MetricRecord(record)
+
+
+def _unpack(message: Message, context: Context):
+    """The experiment config, this site's cache folder and the global model's state."""
+    config = message.content["config"]
+    cfg = experiment_from_yaml(str(config[CONFIG_KEY]))
+    torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
+    cache_dir = site_cache_dir(dict(context.node_config), cfg)
+    state = message.content["arrays"].to_torch_state_dict()
+    return cfg, cache_dir, state, int(config["server-round"])
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the received global model locally and reply with the update."""
+    cfg, cache_dir, state, server_round = _unpack(message, context)
+    new_state, metrics = train_site(cfg, cache_dir, state, server_round)
+    num_examples = int(metrics.pop("num-examples"))
+    content = RecordDict(
+        {"arrays": ArrayRecord(new_state), "metrics": _metric_record(metrics, num_examples)}
+    )
+    return Message(content=content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the received global model on this site's validation split."""
+    cfg, cache_dir, state, _ = _unpack(message, context)
+    metrics = evaluate_site(cfg, cache_dir, state, split="val")
+    num_examples = int(metrics.pop("num-examples"))
+    content = RecordDict({"metrics": _metric_record(metrics, num_examples)})
+    return Message(content=content, reply_to=message)

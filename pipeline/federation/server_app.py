@@ -1,0 +1,89 @@
+"""The coordinator's Flower ServerApp: FedAvg over the sites, a checkpoint every round.
+
+The coordinator holds no data: it starts from a freshly initialised (or locally loaded)
+model, sends it with the experiment config to the sites, averages their updates weighted
+by their training-example counts, and checkpoints the global model after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.checkpoints import save_checkpoint
+from pipeline.federation.run_config import CONFIG_KEY, experiment_yaml
+from pipeline.federation.strategy import RecordingFedAvg
+from pipeline.training import build_classifier
+
+log = logging.getLogger("fedrad.federation")
+
+
+class RoundCheckpointer:
+    """Called by the strategy after every round with the global parameters: saves
+    ``checkpoints/round_NNN.pt`` and refreshes ``model.pt``."""
+
+    def __init__(self, output_dir: Path, cfg: DictConfig) -> None:
+        self.output_dir = output_dir
+        self.cfg = cfg
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
+        if server_round == 0:
+            return None
+        state = arrays.to_torch_state_dict()
+        round_path = self.output_dir / "checkpoints" / f"round_{server_round:03d}.pt"
+        save_checkpoint(round_path, state, self.cfg, extra={"round": server_round})
+        save_checkpoint(self.output_dir / "model.pt", state, self.cfg, extra={"round": server_round})
+        log.info("round %d  global model saved to %s", server_round, round_path)
+        return None
+
+
+def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> Result:
+    """Run ``federation.num_rounds`` rounds of FedAvg over the sites connected to ``grid``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fed = cfg.federation
+    initial = build_classifier(cfg, seed=int(cfg.seed)).net.state_dict()
+    strategy = RecordingFedAvg(
+        rounds_file=output_dir / "rounds.jsonl",
+        fraction_train=float(fed.fraction_train),
+        fraction_evaluate=float(fed.fraction_evaluate),
+        min_train_nodes=int(fed.min_sites),
+        min_evaluate_nodes=int(fed.min_sites),
+        min_available_nodes=int(fed.min_sites),
+    )
+    shared = experiment_yaml(cfg)
+    return strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=int(fed.num_rounds),
+        timeout=float(fed.round_timeout_s),
+        train_config=ConfigRecord({CONFIG_KEY: shared}),
+        evaluate_config=ConfigRecord({CONFIG_KEY: shared}),
+        evaluate_fn=RoundCheckpointer(output_dir, cfg),
+    )
+
+
+def make_server_app(cfg: DictConfig, output_dir: Path) -> ServerApp:
+    """A ServerApp bound to an already composed config (used by the simulation)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, output_dir)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment entry point: the run config names the resolved experiment config file."""
+    config_path = Path(str(context.run_config[CONFIG_KEY]))
+    cfg = OmegaConf.load(config_path)
+    run_federation(grid, cfg, Path(str(context.run_config.get("output-dir", "outputs/federation"))))
