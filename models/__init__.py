@@ -1,0 +1,1 @@
+"""Classification networks for chest radiographs."""

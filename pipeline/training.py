@@ -1,0 +1,119 @@
+"""Build, train and evaluate a classifier: the functions every mode shares.
+
+Centralised and single-site baselines (``scripts/train.py``) and the federated site
+(:mod:`pipeline.federation.site_task`) all go through these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from models.weights import load_weights
+from pipeline.classifier import XrayClassifier
+from pipeline.datamodule import CacheDataModule
+from pipeline.labels import CLASS_NAMES
+
+NUM_EXAMPLES = "num-examples"
+NEVER = 2**31 - 1  # an epoch interval no run reaches
+
+
+def build_classifier(cfg: DictConfig, seed: int | None = None) -> XrayClassifier:
+    """Seed everything (``seed``, else ``cfg.seed``), then instantiate ``cfg.model``.
+
+    Loads ``cfg.model.weights_path`` when set (``cfg.model.weights_strict``, default true).
+    """
+    pl.seed_everything(int(cfg.seed if seed is None else seed), workers=True, verbose=False)
+    net = hydra.utils.instantiate(cfg.model.net)
+    if cfg.model.get("weights_path"):
+        load_weights(net, cfg.model.weights_path, strict=bool(cfg.model.get("weights_strict", True)))
+    optimizer = hydra.utils.instantiate(cfg.model.optimizer)
+    return XrayClassifier(net, optimizer, num_classes=len(CLASS_NAMES))
+
+
+def build_trainer(
+    cfg: DictConfig,
+    max_epochs: int,
+    lean: bool = False,
+    output_dir: str | Path | None = None,
+    **overrides: Any,
+) -> pl.Trainer:
+    """A Lightning Trainer from ``cfg.trainer`` for ``max_epochs`` epochs.
+
+    ``lean=True`` (federated sites, benchmarks): no logger, checkpoint, progress bar,
+    model summary or validation during fit. Otherwise, with ``output_dir``, a Lightning checkpoint of the last
+    epoch (``lightning_checkpoints/``) and CSV + TensorBoard logs (``logs/``) go there.
+    ``overrides`` are passed to ``pl.Trainer`` last.
+    """
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options["max_epochs"] = max_epochs
+    if lean:
+        options.update(
+            logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            # No validation inside fit (the federation scores the global model itself);
+            # trainer.validate() is not affected.
+            check_val_every_n_epoch=NEVER,
+        )
+    elif output_dir is not None:
+        out = Path(output_dir)
+        options.update(
+            default_root_dir=str(out),
+            logger=[
+                CSVLogger(save_dir=out, name="logs", version="csv"),
+                TensorBoardLogger(save_dir=out, name="logs", version="tensorboard"),
+            ],
+            callbacks=[ModelCheckpoint(dirpath=out / "lightning_checkpoints")],
+        )
+    else:
+        options.update(logger=False, enable_checkpointing=False)
+    options.update(overrides)
+    return pl.Trainer(**options)
+
+
+def train(
+    classifier: XrayClassifier, datamodule: CacheDataModule, trainer: pl.Trainer
+) -> dict[str, float]:
+    """Fit; return the last epoch's ``train/`` metrics and ``num-examples``."""
+    trainer.fit(classifier, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    return metrics | {NUM_EXAMPLES: datamodule.num_train_examples}
+
+
+def evaluate(
+    classifier: XrayClassifier, datamodule: CacheDataModule, split: str, trainer: pl.Trainer
+) -> dict[str, float]:
+    """Score ``split`` ("val" or "test"): ``<split>/acc``, ``auroc``, ``mcc``,
+    ``pneumonia_auroc``, ``loss`` and ``num-examples``."""
+    run = {"val": trainer.validate, "test": trainer.test}
+    if split not in run:
+        raise ValueError(f"evaluate() scores the 'val' or 'test' split, not {split!r}")
+    examples = len(datamodule.dataset(split))  # raises a clear error if the split is empty
+    (metrics,) = run[split](classifier, datamodule=datamodule, verbose=False)
+    return {k: float(v) for k, v in metrics.items()} | {NUM_EXAMPLES: examples}
+
+
+def predict_probabilities(
+    classifier: XrayClassifier | torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 64
+) -> np.ndarray:
+    """Softmax class probabilities (N, 3) of images (N, 1, H, W), in eval mode, no gradients."""
+    net = classifier.net if isinstance(classifier, XrayClassifier) else classifier
+    device = next(net.parameters()).device
+    images = torch.as_tensor(images)
+    was_training = net.training
+    net.eval()
+    with torch.inference_mode():
+        chunks = [
+            net(images[i : i + batch_size].to(device)).softmax(dim=1).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    net.train(was_training)
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, len(CLASS_NAMES)), np.float32)
