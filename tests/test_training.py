@@ -1,0 +1,124 @@
+"""Training, evaluation and checkpoints on the preprocessed demo sites (real images)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pipeline.checkpoints import load_checkpoint, load_model, save_checkpoint
+from pipeline.datamodule import CacheDataModule
+from pipeline.training import build_classifier, build_trainer, evaluate, predict_probabilities, train
+from tests.conftest import DEMO_IMAGE_SIZE, compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCORES = ("acc", "auroc", "mcc", "pneumonia_auroc", "loss")
+
+
+@pytest.fixture(scope="module")
+def cfg(demo_sites):
+    return compose_config(
+        "model=small_cnn", f"data.image_size={DEMO_IMAGE_SIZE}", f"data.sites_root={demo_sites.root}"
+    )
+
+
+@pytest.fixture(scope="module")
+def cache_dirs(demo_sites) -> list[Path]:
+    return [site.cache_dir for site in demo_sites.sites]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def train_loss(classifier, datamodule: CacheDataModule) -> float:
+    data = datamodule.dataset("train")
+    probabilities = torch.from_numpy(predict_probabilities(classifier, data.images))
+    return float(F.nll_loss(probabilities.clamp_min(1e-7).log(), data.labels))
+
+
+def test_training_lowers_the_loss_and_reports_metrics(cfg, cache_dirs):
+    classifier = build_classifier(cfg, seed=0)
+    datamodule = CacheDataModule.from_config(cfg.data, cache_dirs, seed=0)
+    before = train_loss(classifier, datamodule)
+    metrics = train(classifier, datamodule, build_trainer(cfg, max_epochs=4, lean=True))
+    assert train_loss(classifier, datamodule) < before
+    assert set(metrics) == {"train/loss", "num-examples"}
+    assert metrics["num-examples"] == datamodule.num_train_examples > 0
+
+    scores = evaluate(classifier, datamodule, "val", build_trainer(cfg, max_epochs=1, lean=True))
+    assert set(scores) == {f"val/{k}" for k in SCORES} | {"num-examples"}
+    assert scores["num-examples"] == len(datamodule.dataset("val"))
+
+
+def test_train_shuffle_is_fixed_by_the_seed(cfg, cache_dirs):
+    def first_labels(seed: int) -> list[int]:
+        datamodule = CacheDataModule(cache_dirs, batch_size=16, seed=seed)
+        datamodule.setup("fit")
+        return next(iter(datamodule.train_dataloader()))[1].tolist()
+
+    assert first_labels(1) == first_labels(1)
+    assert first_labels(1) != first_labels(2)
+
+
+def test_only_the_train_split_is_augmented(cfg, cache_dirs):
+    augment = {**cfg.data.augment, "prob": 1.0}
+    datamodule = CacheDataModule(cache_dirs, augment=augment, seed=0)
+    train_set, val_set = datamodule.dataset("train"), datamodule.dataset("val")
+    assert not torch.equal(train_set[0][0], train_set.images[0])
+    assert train_set[0][0].shape == train_set.images[0].shape
+    assert torch.equal(val_set[0][0], val_set.images[0])
+
+
+def test_image_size_mismatch_is_explained(cfg, cache_dirs):
+    with pytest.raises(ValueError, match="data.image_size=128"):
+        CacheDataModule(cache_dirs, image_size=128).dataset("train")
+
+
+def test_checkpoint_round_trip(cfg, tmp_path):
+    net = build_classifier(cfg, seed=3).net.eval()
+    path = save_checkpoint(tmp_path / "model.pt", net, cfg, extra={"round": 2})
+    state, info = load_checkpoint(path)
+    assert info["round"] == 2 and info["class_names"] == ["normal", "bacterial", "viral"]
+    assert info["image_size"] == DEMO_IMAGE_SIZE
+    assert state.keys() == net.state_dict().keys()
+    loaded, _ = load_model(path)
+    images = torch.rand(4, 1, DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE)
+    np.testing.assert_allclose(predict_probabilities(loaded, images), predict_probabilities(net, images))
+
+
+def test_evaluate_script_writes_metrics_and_plots(cfg, cache_dirs, tmp_path):
+    save_checkpoint(tmp_path / "model.pt", build_classifier(cfg, seed=0).net, cfg)
+    out = tmp_path / "report"
+    run_script("scripts/evaluate.py", str(tmp_path / "model.pt"), *map(str, cache_dirs), "--output-dir", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "auroc", "mcc", "pneumonia_auroc", "n_images", "n_patients"):
+        assert key in metrics
+    assert set(metrics["per_class"]) == {"normal", "bacterial", "viral"}
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["n_images"] > 0
+    assert metrics["n_patients"] <= metrics["n_images"]
+    assert (out / "confusion_matrix.png").stat().st_size > 0 and (out / "roc.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_local_baseline_end_to_end(demo_sites, tmp_path):
+    run_script(
+        "scripts/train.py", "mode=local", "local_site=site1", "model=small_cnn",
+        f"data.image_size={DEMO_IMAGE_SIZE}", f"data.sites_root={demo_sites.root}",
+        "trainer.max_epochs=1", "trainer.enable_progress_bar=false", f"output_dir={tmp_path}",
+    )
+    _, info = load_checkpoint(tmp_path / "model.pt")
+    assert info["sites"] == ["site1"] and info["epochs"] == 1
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n_images"] > 0
+    assert (tmp_path / "roc.png").is_file() and (tmp_path / "logs" / "csv" / "metrics.csv").is_file()
