@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,6 +19,9 @@ from pipeline.sites import SitePaths
 REPO = Path(__file__).resolve().parents[1]
 DICOM_DIR = REPO / "data" / "dicom"
 DEMO_IMAGE_SIZE = 64
+# A quick federation of the demo sites: small CNN, one local epoch.
+FAST_FEDERATION = ("experiment=demo", "model=small_cnn", f"data.image_size={DEMO_IMAGE_SIZE}",
+                   "federation.local_epochs=1")
 
 
 class DemoSites(NamedTuple):
@@ -48,3 +54,19 @@ def demo_sites(tmp_path_factory) -> DemoSites:
 def planted_identifiers(demo_sites) -> list[str]:
     """Every invented identifying DICOM value of every demo site, sorted."""
     return sorted(set().union(*(site_identifiers(site) for site in demo_sites.sites)))
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_sites, tmp_path_factory) -> Path:
+    """One federated round of the demo through the real entry point."""
+    out = tmp_path_factory.mktemp("demo_run")
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    command = [
+        sys.executable, str(REPO / "scripts" / "simulate.py"), *FAST_FEDERATION,
+        f"data.sites_root={demo_sites.root}", "data.prepare_demo=false",
+        "federation.num_rounds=1", f"output_dir={out}",
+    ]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out / "stdout.txt").write_text(done.stdout + done.stderr)
+    return out
