@@ -1,29 +1,34 @@
 """Turn one site's source images into its identifier-free training cache.
 
-For every file under ``input_dir``: hash it, skip it when it was already processed with
-the same content and settings, otherwise read -> accept -> DICOM pixel transforms ->
+For every file under ``input_dir``: read its bytes once, hash them, skip the file when it
+was already processed with the same content and settings, otherwise read the header ->
+accept (header only, nothing rejected is decoded) -> decode -> DICOM pixel transforms ->
 resize -> write ``cache/arrays/<image_key>.npy``. Then split patients into train / val /
 test and write three tables:
 
 - ``cache/manifest.csv``: pseudonymous keys, label, split and technical columns only;
 - ``private/source_index.csv``: site-only link from source file to keys (and the rerun memory);
-- ``report.csv``: every file with its status (accepted / rejected / skipped, or missing for
-  labels naming absent files) and the reason.
+- ``report.csv`` (site-only): every file with its status (accepted / rejected / skipped, or
+  missing for labels naming absent files) and the reason.
 
-Source files are only read. Every output is written atomically, and a rerun over the same
-inputs reproduces the cache byte for byte.
+Every finished file is appended to ``private/progress.jsonl`` as it completes, so an
+interrupted run resumes where it stopped; the journal is folded into the index at the end.
+Source files are only read. Tables are written atomically, and a rerun over the same inputs
+reproduces the cache byte for byte.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
-from functools import partial
+from dataclasses import dataclass, field, fields
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +40,8 @@ from pipeline.acceptance import AcceptanceRules, rejection_reason
 from pipeline.cache import ARRAYS_DIR, MANIFEST_NAME, SPLITS
 from pipeline.files import atomic_write
 from pipeline.labels import CLASS_NAMES, label_index
-from pipeline.pseudonym import ensure_secret, file_sha256, image_key, load_secret, patient_key
-from pipeline.readers import UnreadableImage, image_format, read_image
+from pipeline.pseudonym import ensure_secret, image_key, keyed_hash, load_secret, patient_key
+from pipeline.readers import UnreadableImage, image_format, not_image_reason, open_image, special_file_reason
 from pipeline.sites import SitePaths
 from pipeline.splits import assign_splits, patient_labels
 from transforms.dicom import dicom_to_unit
@@ -45,8 +50,12 @@ from transforms.image import resize_square
 log = logging.getLogger("fedrad.preprocess")
 
 INDEX_NAME = "source_index.csv"
+PROGRESS_NAME = "progress.jsonl"
 REPORT_NAME = "report.csv"
 LABEL_COLUMNS = ("file", "label")
+MANIFEST_COLUMNS = ("image_key", "patient_key", "label", "split", "preprocessing_version", "image_size",
+                    "source_rows", "source_cols", "pixel_spacing_mm", "bits_stored")
+REPORT_COLUMNS = ("file", "status", "reason", "reused", "label", "split")
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,12 @@ class Settings:
 
 @dataclass
 class FileRecord:
-    """One source file's outcome; the rows of ``private/source_index.csv``."""
+    """One source file's outcome; the rows of ``private/source_index.csv``.
+
+    ``sop_key`` is a keyed hash of the SOPInstanceUID (the UID itself is never stored).
+    ``duplicate_of`` names the file this one duplicates (then it is rejected although it
+    was processed; the decision is made again on every run).
+    """
 
     file: str
     status: str
@@ -79,13 +93,16 @@ class FileRecord:
     sha256: str = ""
     image_key: str = ""
     patient_key: str = ""
+    sop_key: str = ""
     format: str = ""
     version: str = ""
     rules: str = ""
     rows: int = 0
     cols: int = 0
+    frames: int = 0
     bits_stored: int = 0
     pixel_spacing_mm: float = float("nan")
+    duplicate_of: str = ""
     reused: bool = False
 
 
@@ -101,12 +118,15 @@ class PreprocessSummary:
     images: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> count
     rejections: dict[str, int] = field(default_factory=dict)
     patients: int = 0
+    seconds: float = 0.0
 
     def text(self) -> str:
         """A few lines for a human: counts per class and split, rejections by reason."""
+        rate = self.files / self.seconds if self.seconds > 0 else 0.0
         lines = [
-            f"site {self.site}: {self.files} files, {self.processed} processed, "
-            f"{self.reused} unchanged; " + ", ".join(f"{k} {v}" for k, v in sorted(self.status.items())),
+            f"site {self.site}: {self.files} files in {self.seconds:.1f} s ({rate:.1f} files/s), "
+            f"{self.processed} processed, {self.reused} unchanged; "
+            + ", ".join(f"{k} {v}" for k, v in sorted(self.status.items())),
             f"  {self.patients} patients; images per split: "
             + "; ".join(
                 f"{split} " + " ".join(f"{c}={self.images.get(split, {}).get(c, 0)}" for c in CLASS_NAMES)
@@ -133,59 +153,103 @@ def read_labels(labels_csv: Path) -> pd.DataFrame:
 
 
 def source_files(input_dir: Path) -> list[str]:
-    """Paths (posix, relative to ``input_dir``) of all non-hidden files, sorted."""
+    """Paths (posix, relative to ``input_dir``) of every non-hidden entry that is not a folder.
+
+    Broken links, FIFOs and other special entries are listed too, so that the report
+    accounts for them instead of silently dropping them.
+    """
     if not input_dir.is_dir():
         raise FileNotFoundError(f"input folder {input_dir} not found: check the site's input_dir")
     return sorted(
         p.relative_to(input_dir).as_posix()
         for p in input_dir.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
+        if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
     )
 
 
-def _save_array(path: Path, array: np.ndarray) -> None:
+def _array_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array.astype(np.float32), allow_pickle=False)
-    atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _write_array(path: Path, image: np.ndarray) -> None:
+    """Write a cache array in place (no temporary file, no fsync: one file creation per image).
+
+    Safe without atomic renames because a file only counts once its record is journalled,
+    which happens after this returns, and reuse checks the file's size.
+    """
+    with open(path, "wb") as handle:
+        handle.write(_array_bytes(image))
+
+
+@lru_cache(maxsize=8)
+def _array_file_size(image_size: int) -> int:
+    """Size in bytes of a complete cache array file of ``image_size`` (detects torn files)."""
+    return len(_array_bytes(np.zeros((image_size, image_size), np.float32)))
+
+
+def _reusable(previous: dict[str, Any] | None, sha: str, settings: Settings, array: Path) -> bool:
+    """True when ``previous`` describes the same bytes under the same settings, array intact."""
+    if previous is None or (previous["sha256"], previous["version"], previous["rules"]) != (
+            sha, settings.version, settings.rules_id):
+        return False
+    if previous["status"] != "accepted" and not previous["duplicate_of"]:
+        return True
+    return array.is_file() and array.stat().st_size == _array_file_size(settings.image_size)
+
+
+def _describe(record: FileRecord, meta: Mapping[str, Any], secret: bytes) -> None:
+    """Copy the header facts the index and manifest keep; identifiers only as keyed hashes."""
+    record.format = meta["format"]
+    record.rows, record.cols = meta["rows"], meta["cols"]
+    record.frames = meta["number_of_frames"]
+    record.bits_stored = meta["bits_stored"] or 0
+    record.pixel_spacing_mm = meta["pixel_spacing_mm"] or float("nan")
+    if meta["sop_instance_uid"]:
+        record.sop_key = keyed_hash(secret, "sop-instance", meta["sop_instance_uid"])
+    if meta["patient_id"]:
+        record.patient_key = patient_key(secret, meta["patient_id"])
 
 
 def process_file(
     task: tuple[str, dict[str, Any] | None], *, input_dir: Path, arrays_dir: Path,
     settings: Settings, secret: bytes,
 ) -> FileRecord:
-    """Process one labelled source file, or reuse its previous record when nothing changed."""
+    """Process one labelled source file, or reuse its previous record when nothing changed.
+
+    The file is read once: the same bytes are hashed and parsed. Acceptance runs on the
+    header, so rejected files are never decoded.
+    """
     rel, previous = task
-    sha = file_sha256(input_dir / rel)
+    try:
+        data = (input_dir / rel).read_bytes()
+    except OSError as error:
+        return FileRecord(file=rel, status="rejected",
+                          reason=f"unreadable: {type(error).__name__} ({error.strerror})")
+    sha = hashlib.sha256(data).hexdigest()
     key = image_key(secret, sha)
-    if (
-        previous is not None
-        and previous["sha256"] == sha
-        and previous["version"] == settings.version
-        and previous["rules"] == settings.rules_id
-        and (previous["status"] != "accepted" or (arrays_dir / f"{key}.npy").is_file())
-    ):
+    if _reusable(previous, sha, settings, arrays_dir / f"{key}.npy"):
+        if previous["duplicate_of"]:  # processed and accepted; duplicates are decided afresh
+            return FileRecord(**{**previous, "status": "accepted", "reason": "", "duplicate_of": "",
+                                 "reused": True})
         return FileRecord(**{**previous, "reused": True})
     record = FileRecord(file=rel, status="rejected", sha256=sha, version=settings.version,
                         rules=settings.rules_id)
     try:
-        loaded = read_image(input_dir / rel)
+        source = open_image(input_dir / rel, data)
+        _describe(record, source.meta, secret)
+        record.reason = rejection_reason(source.meta, settings.rules) or ""
+        if not record.reason and record.format == "dicom" and not record.patient_key:
+            record.reason = "PatientID missing"
+        if record.reason:
+            return record
+        loaded = source.decode()
     except UnreadableImage as error:
         record.reason = str(error)
         return record
-    meta = loaded.meta
-    record.format = meta["format"]
-    record.rows, record.cols = meta["rows"], meta["cols"]
-    record.bits_stored = meta["bits_stored"] or 0
-    record.pixel_spacing_mm = meta["pixel_spacing_mm"] or float("nan")
-    record.reason = rejection_reason(meta, settings.rules) or ""
-    if not record.reason and meta["format"] == "dicom" and not meta["patient_id"]:
-        record.reason = "PatientID missing"
-    if record.reason:
-        return record
-    if meta["patient_id"]:
-        record.patient_key = patient_key(secret, meta["patient_id"])
     image = resize_square(dicom_to_unit(loaded.pixels, loaded.dicom), settings.image_size)
-    _save_array(arrays_dir / f"{key}.npy", image)
+    _write_array(arrays_dir / f"{key}.npy", image)
     record.status, record.image_key = "accepted", key
     return record
 
@@ -196,37 +260,93 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _run_tasks(tasks: list, worker, workers: int, site: str) -> list[FileRecord]:
-    bar = tqdm(total=len(tasks), unit="file", desc=f"preprocess {site}", leave=False)
-    with bar:
+MIN_TASKS_PER_WORKER = 4
+
+
+def _run_tasks(tasks: list, worker: Callable[[Any], FileRecord], workers: int,
+               site: str) -> Iterator[FileRecord]:
+    """Yield each task's record as it completes (in task order), with a files/s progress bar.
+
+    A pool is only started when every worker gets at least MIN_TASKS_PER_WORKER files;
+    tasks go to the workers in chunks so that the pool's overhead stays small.
+    """
+    workers = min(workers, len(tasks) // MIN_TASKS_PER_WORKER)
+    with tqdm(total=len(tasks), unit="file", desc=f"preprocess {site}", leave=False) as bar:
         if workers <= 1:
-            results = []
             for task in tasks:
-                results.append(worker(task))
+                yield worker(task)
                 bar.update()
-            return results
+            return
+        chunk = max(1, min(16, len(tasks) // (workers * 8)))
         with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
-            results = []
-            for record in pool.map(worker, tasks, chunksize=4):
-                results.append(record)
+            for record in pool.map(worker, tasks, chunksize=chunk):
+                yield record
                 bar.update()
-            return results
 
 
 def _read_index(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
-    table = pd.read_csv(path, dtype={"file": str, "sha256": str, "image_key": str,
-                                     "patient_key": str, "reason": str, "format": str,
-                                     "version": str, "rules": str}, keep_default_na=False,
+    text_columns = ("file", "status", "sha256", "image_key", "patient_key", "sop_key", "reason",
+                    "format", "version", "rules", "duplicate_of")
+    table = pd.read_csv(path, dtype=dict.fromkeys(text_columns, str), keep_default_na=False,
                         na_values={"pixel_spacing_mm": [""]})
     names = {f.name for f in fields(FileRecord)}
     return {row["file"]: {k: v for k, v in row.items() if k in names}
             for row in table.to_dict("records")}
 
 
+def _read_progress(path: Path) -> dict[str, dict[str, Any]]:
+    """Records an interrupted run finished (a torn last line is ignored)."""
+    if not path.is_file():
+        return {}
+    records = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records[row["file"]] = row
+    return records
+
+
 def _write_csv(path: Path, table: pd.DataFrame) -> None:
     atomic_write(path, table.to_csv(index=False, lineterminator="\n").encode())
+
+
+def _triage(rel: str, path: Path, labels: Mapping[str, str]) -> FileRecord | None:
+    """The record of a file that is not processed (unreadable, not an image, unlabelled), or None."""
+    problem = special_file_reason(path)
+    if problem:
+        return FileRecord(file=rel, status="rejected", reason=problem)
+    if image_format(path) is None:
+        return FileRecord(file=rel, status="skipped", reason=not_image_reason(path))
+    if rel not in labels:
+        return FileRecord(file=rel, status="rejected", reason="no label in labels.csv")
+    if labels[rel].strip().lower() not in CLASS_NAMES:
+        return FileRecord(file=rel, status="rejected", reason=f"unknown label {labels[rel]!r}")
+    return None
+
+
+def _reject_duplicates(files: list[str], records: dict[str, FileRecord]) -> None:
+    """Keep the first file (in path order) of identical content or of one SOPInstanceUID."""
+    seen_content: dict[str, str] = {}
+    seen_instance: dict[str, str] = {}
+    for rel in files:
+        record = records[rel]
+        if record.status != "accepted":
+            continue
+        if record.image_key in seen_content:
+            record.duplicate_of = seen_content[record.image_key]
+            record.status, record.reason = "rejected", f"same content as {record.duplicate_of}"
+        elif record.sop_key and record.sop_key in seen_instance:
+            record.duplicate_of = seen_instance[record.sop_key]
+            record.status, record.reason = (
+                "rejected", f"duplicate SOPInstanceUID: same instance as {record.duplicate_of}")
+        else:
+            seen_content[record.image_key] = rel
+            if record.sop_key:
+                seen_instance[record.sop_key] = rel
 
 
 def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSummary:
@@ -234,48 +354,47 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
 
     Creates the site secret when the site has none yet (logged as a warning).
     """
+    started = time.perf_counter()
     settings = Settings.from_config(cfg)
     ensure_secret(paths.secret_file)
     secret = load_secret(paths.secret_file)
-    labels = read_labels(paths.labels_csv)
+    table = read_labels(paths.labels_csv)
+    labels: dict[str, str] = table["label"].to_dict()
+    patient_ids: dict[str, str] = table["patient_id"].to_dict() if "patient_id" in table.columns else {}
     files = source_files(paths.input_dir)
     arrays_dir = paths.cache_dir / ARRAYS_DIR
     arrays_dir.mkdir(parents=True, exist_ok=True)
+    paths.private_dir.mkdir(parents=True, exist_ok=True)
     index_path = paths.private_dir / INDEX_NAME
-    previous = _read_index(index_path)
+    progress_path = paths.private_dir / PROGRESS_NAME
+    previous = {**_read_index(index_path), **_read_progress(progress_path)}
 
     records: dict[str, FileRecord] = {}
     tasks = []
     for rel in files:
-        if image_format(paths.input_dir / rel) is None:
-            records[rel] = FileRecord(file=rel, status="skipped", reason="not an image file")
-        elif rel not in labels.index:
-            records[rel] = FileRecord(file=rel, status="rejected", reason="no label in labels.csv")
-        elif labels.at[rel, "label"].strip().lower() not in CLASS_NAMES:
-            records[rel] = FileRecord(file=rel, status="rejected",
-                                      reason=f"unknown label {labels.at[rel, 'label']!r}")
-        else:
+        triaged = _triage(rel, paths.input_dir / rel, labels)
+        if triaged is None:
             tasks.append((rel, previous.get(rel)))
+        else:
+            records[rel] = triaged
     worker = partial(process_file, input_dir=paths.input_dir, arrays_dir=arrays_dir,
                      settings=settings, secret=secret)
-    for record in _run_tasks(tasks, worker, int(cfg.get("workers", 1)), paths.name):
-        records[record.file] = record
+    with open(progress_path, "a") as journal:
+        for record in _run_tasks(tasks, worker, int(cfg.get("workers", 1)), paths.name):
+            records[record.file] = record
+            if not record.reused:
+                journal.write(json.dumps(vars(record)) + "\n")
+                journal.flush()
 
-    seen: dict[str, str] = {}
+    _reject_duplicates(files, records)
     for rel in files:
         record = records[rel]
-        if record.status != "accepted":
-            continue
-        if record.image_key in seen:
-            record.status, record.reason = "rejected", f"same content as {seen[record.image_key]}"
-            continue
-        seen[record.image_key] = rel
-        if record.format != "dicom":
-            stem = labels.at[rel, "patient_id"] if "patient_id" in labels.columns else ""
+        if record.status == "accepted" and record.format != "dicom":
+            stem = patient_ids.get(rel, "")
             record.patient_key = patient_key(secret, stem.strip() or Path(rel).name.split(".")[0])
 
     accepted = [records[rel] for rel in files if records[rel].status == "accepted"]
-    label_of = {r.file: label_index(labels.at[r.file, "label"]) for r in accepted}
+    label_of = {r.file: label_index(labels[r.file]) for r in accepted}
     split_cfg = cfg["split"]
     split_of = assign_splits(
         patient_labels((r.patient_key, label_of[r.file]) for r in accepted),
@@ -288,8 +407,7 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
             "image_size": settings.image_size, "source_rows": r.rows, "source_cols": r.cols,
             "pixel_spacing_mm": r.pixel_spacing_mm, "bits_stored": r.bits_stored,
         } for r in accepted],
-        columns=["image_key", "patient_key", "label", "split", "preprocessing_version", "image_size",
-                 "source_rows", "source_cols", "pixel_spacing_mm", "bits_stored"],
+        columns=list(MANIFEST_COLUMNS),
     ).sort_values("image_key")
     _write_csv(paths.cache_dir / MANIFEST_NAME, manifest)
     keep = set(manifest["image_key"])
@@ -298,24 +416,25 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
             stale.unlink()
 
     ordered = [records[rel] for rel in files]
-    index = pd.DataFrame([{k: v for k, v in asdict(r).items() if k != "reused"} for r in ordered],
+    index = pd.DataFrame([{k: v for k, v in vars(r).items() if k != "reused"} for r in ordered],
                          columns=[f.name for f in fields(FileRecord) if f.name != "reused"])
     _write_csv(index_path, index)
-    missing = sorted(set(labels.index) - set(files))
+    progress_path.unlink(missing_ok=True)
+    missing = sorted(set(labels) - set(files))
     for rel in missing:
         log.warning("%s: %s is listed in %s but not found", paths.name, rel, paths.labels_csv)
     report = pd.DataFrame(
         [{"file": r.file, "status": r.status, "reason": r.reason, "reused": r.reused,
-          "label": labels.at[r.file, "label"] if r.file in labels.index else "",
+          "label": labels.get(r.file, ""),
           "split": split_of.get(r.patient_key, "") if r.status == "accepted" else ""}
          for r in ordered]
         + [{"file": rel, "status": "missing", "reason": "listed in labels.csv but not found",
-            "reused": False, "label": labels.at[rel, "label"], "split": ""} for rel in missing],
-        columns=["file", "status", "reason", "reused", "label", "split"],
+            "reused": False, "label": labels[rel], "split": ""} for rel in missing],
+        columns=list(REPORT_COLUMNS),
     )
     _write_csv(paths.work_dir / REPORT_NAME, report)
 
-    summary = _summarise(paths.name, ordered, missing, manifest)
+    summary = _summarise(paths.name, ordered, missing, manifest, time.perf_counter() - started)
     unlabelled = summary.rejections.get("no label in labels.csv", 0)
     if unlabelled:
         log.warning("%s: %d files have no row in %s (see %s)", paths.name, unlabelled,
@@ -325,7 +444,7 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
 
 
 def _summarise(site: str, ordered: list[FileRecord], missing: list[str],
-               manifest: pd.DataFrame) -> PreprocessSummary:
+               manifest: pd.DataFrame, seconds: float) -> PreprocessSummary:
     status = Counter(r.status for r in ordered)
     if missing:
         status["missing"] = len(missing)
@@ -338,7 +457,7 @@ def _summarise(site: str, ordered: list[FileRecord], missing: list[str],
         site=site, files=len(ordered), processed=processed, reused=reused,
         status=dict(status), images=images,
         rejections=dict(Counter(r.reason for r in ordered if r.status == "rejected")),
-        patients=int(manifest["patient_key"].nunique()),
+        patients=int(manifest["patient_key"].nunique()), seconds=seconds,
     )
 
 

@@ -8,10 +8,11 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from pydicom import uid
 
 from pipeline.acceptance import AcceptanceRules, rejection_reason
-from pipeline.readers import UnreadableImage, image_format, read_image
-from transforms.dicom import ModalityLUT, VOILUT, dicom_to_unit
+from pipeline.readers import UnreadableImage, image_format, open_image, read_image
+from transforms.dicom import VOILUT, ModalityLUT, dicom_pipeline, dicom_to_unit
 from transforms.image import build_augmentation, resize_square
 
 DICOM_DIR = Path(__file__).resolve().parents[1] / "data" / "dicom"
@@ -107,7 +108,7 @@ def test_acceptance_rules_for_missing_tags_and_size():
 def test_unreadable_and_non_image_files(tmp_path):
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not a dicom file at all" * 10)
-    with pytest.raises(UnreadableImage, match="unreadable DICOM"):
+    with pytest.raises(UnreadableImage, match="not a DICOM file"):
         read_image(junk)
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
@@ -123,12 +124,130 @@ def test_augmentation_keeps_shape_and_is_seedable():
     assert torch.equal(first, again) and not torch.equal(first, image)
 
 
-def test_nifti_volume_reads_its_middle_slice(tmp_path):
+def chest_pixels() -> np.ndarray:
+    """A real chest radiograph, 256x256, as 12-bit stored values."""
+    return pydicom.dcmread(SIIM_CHEST).pixel_array[::4, ::4].astype(np.uint16) * 16
+
+
+def chest_dataset(pixels: np.ndarray) -> pydicom.Dataset:
+    """The small CR file's header (rescale, window) holding ``pixels`` uncompressed."""
+    ds = pydicom.dcmread(SMALL_CR)
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [
+    uid.RLELossless, uid.JPEGLSLossless, uid.JPEG2000Lossless,
+], ids=lambda u: u.name)
+def test_compressed_transfer_syntaxes_decode_losslessly(syntax, tmp_path):
+    pixels = chest_pixels()
+    ds = chest_dataset(pixels)
+    ds.compress(syntax)
+    ds.save_as(tmp_path / "chest.dcm")
+    loaded = read_image(tmp_path / "chest.dcm")
+    assert loaded.meta["transfer_syntax"] == syntax
+    np.testing.assert_array_equal(loaded.pixels, pixels)
+
+
+@pytest.mark.parametrize("syntax", [uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian],
+                         ids=lambda u: u.name)
+def test_uncompressed_transfer_syntaxes(syntax, tmp_path):
+    pixels = chest_pixels()
+    ds = chest_dataset(pixels)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(tmp_path / "chest.dcm", enforce_file_format=True)
+    loaded = read_image(tmp_path / "chest.dcm")
+    assert loaded.meta["transfer_syntax"] == syntax
+    np.testing.assert_array_equal(loaded.pixels, pixels)
+
+
+def test_bits_stored_masks_unused_high_bits_and_pixel_representation_signs(tmp_path):
+    pixels = chest_pixels()
+    ds = chest_dataset(pixels | 0xF000)  # garbage (e.g. overlay) in bits 12-15
+    ds.save_as(tmp_path / "unsigned.dcm")
+    np.testing.assert_array_equal(read_image(tmp_path / "unsigned.dcm").pixels, pixels)
+    ds.PixelRepresentation = 1  # two's complement in 12 bits: 0x800 and above are negative
+    ds.save_as(tmp_path / "signed.dcm")
+    signed = read_image(tmp_path / "signed.dcm")
+    assert signed.pixels.dtype == np.int16 and signed.meta["pixel_representation"] == 1
+    expected = np.where(pixels >= 2048, pixels.astype(np.int32) - 4096, pixels)
+    np.testing.assert_array_equal(signed.pixels, expected)
+
+
+def test_voi_lut_sequence_takes_precedence_over_the_window():
+    ds = pydicom.dcmread(SMALL_CR)
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4, 0, 8]  # 4 entries for inputs 0..3, 8-bit output
+    item.LUTData = [0, 10, 200, 255]
+    item.LUTExplanation = "test"
+    ds.VOILUTSequence = [item]
+    out = VOILUT()({"image": np.array([[0, 1, 2, 3, 9]], np.uint16), "dicom": ds})["image"]
+    np.testing.assert_array_equal(out, [[0, 10, 200, 255, 255]])
+
+
+@pytest.mark.parametrize("path", [SMALL_CR, J2K_CHEST, FAKE_MONO1], ids=lambda p: p.name)
+def test_value_table_path_equals_the_per_pixel_pipeline(path):
+    loaded = read_image(path)
+    per_pixel = dicom_pipeline()({"image": loaded.pixels, "dicom": loaded.dicom})["image"]
+    np.testing.assert_allclose(dicom_to_unit(loaded.pixels, loaded.dicom), per_pixel, atol=1e-6)
+
+
+def test_multi_frame_reads_the_first_frame_only(tmp_path):
+    pixels = chest_pixels()
+    ds = chest_dataset(np.stack([pixels, pixels[::-1]]))
+    ds.NumberOfFrames = 2
+    ds.save_as(tmp_path / "two.dcm")
+    loaded = read_image(tmp_path / "two.dcm")
+    assert loaded.meta["number_of_frames"] == 2
+    np.testing.assert_array_equal(loaded.pixels, pixels)
+    assert rejection_reason({**loaded.meta, "body_part": "CHEST", "view": "PA"}, AcceptanceRules()).startswith(
+        "multi-frame object (2 frames)")
+    assert rejection_reason({**loaded.meta, "body_part": "CHEST", "view": "PA"},
+                            AcceptanceRules(multiframe="first_frame")) is None
+
+
+def test_header_rules_run_without_decoding(tmp_path):
+    ds = pydicom.dcmread(SIIM_CHEST)
+    ds.Rows = ds.Columns = 60000
+    ds.save_as(tmp_path / "huge.dcm")
+    source = open_image(tmp_path / "huge.dcm")
+    assert rejection_reason(source.meta, AcceptanceRules()).startswith("image 60000x60000 = 3600.0 MP")
+    assert rejection_reason(source.meta, AcceptanceRules(max_pixels=10**10)) is None
+
+
+def test_jpeg_file_reads_as_grayscale(tmp_path):
+    from PIL import Image
+
+    png = sorted(DEMO_DIR.glob("*.png"))[0]
+    Image.open(png).convert("RGB").save(tmp_path / "chest.jpg", quality=95)
+    loaded = read_image(tmp_path / "chest.jpg")
+    assert loaded.pixels.ndim == 2 and loaded.meta["bits_stored"] == 8
+    assert np.abs(loaded.pixels.astype(int) - np.asarray(Image.open(png).convert("L"), int)).mean() < 3
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     import nibabel
 
+    nibabel.save(nibabel.Nifti1Image(data, affine), path)
+    return path
+
+
+def test_nifti_coronal_radiograph_is_oriented_whatever_its_storage_order(tmp_path):
+    image = pydicom.dcmread(SIIM_CHEST).pixel_array[::8, ::8].astype(np.int16)  # rows S->I, cols R->L
+    # RAS+ storage: axis 0 runs towards the patient's right, axis 2 towards superior.
+    ras = image[::-1, ::-1].T[:, None, :]
+    first = read_image(save_nifti(tmp_path / "ras.nii.gz", ras, np.diag([1.0, 1, 1, 1])))
+    # LPS-like storage of the same anatomy: axis 0 runs towards the left, axis 2 inferior.
+    lps = ras[::-1, :, ::-1]
+    second = read_image(save_nifti(tmp_path / "lps.nii", lps, np.diag([-1.0, 1, -1, 1])))
+    np.testing.assert_array_equal(first.pixels, image)
+    np.testing.assert_array_equal(second.pixels, image)
+    assert first.meta["format"] == "nifti" and first.meta["bits_stored"] == 16
+
+
+def test_nifti_volume_reads_its_middle_axial_slice(tmp_path):
     volume = np.stack([np.full((80, 70), k, np.int16) for k in range(5)], axis=-1)
-    path = tmp_path / "chest.nii.gz"
-    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
-    loaded = read_image(path)
-    assert loaded.pixels.shape == (80, 70) and (loaded.pixels == 2).all()
-    assert loaded.meta["format"] == "nifti"
+    loaded = read_image(save_nifti(tmp_path / "chest.nii.gz", volume, np.eye(4)))
+    assert loaded.pixels.shape == (70, 80) and (loaded.pixels == 2).all()

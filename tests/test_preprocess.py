@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from conftest import DICOM_DIR, compose_config
+from tests.conftest import DICOM_DIR, compose_config
 
 from pipeline.cache import SPLITS, SiteCache
 from pipeline.demo_sites import load_sample, plan_sites, prepare_demo_sites
+import pipeline.preprocess as preprocess_module
 from pipeline.preprocess import preprocess_site
 from pipeline.splits import assign_splits
 
@@ -103,6 +104,66 @@ def test_rerun_skips_unchanged_files_and_reproduces_the_cache(small_site):
     assert pd.read_csv(small_site.work_dir / "report.csv")["reused"].all()
 
 
+def test_interrupted_run_resumes_where_it_stopped(small_site, monkeypatch, capsys):
+    cfg = preprocess_config()
+    real = preprocess_module.process_file
+    done = []
+
+    def interrupted(task, **kwargs):
+        if len(done) == 5:
+            raise KeyboardInterrupt
+        done.append(task[0])
+        return real(task, **kwargs)
+
+    monkeypatch.setattr(preprocess_module, "process_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_site(small_site, cfg)
+    assert "file/s" in capsys.readouterr().err  # the progress bar shows the rate
+    journal = small_site.private_dir / "progress.jsonl"
+    assert len(journal.read_text().splitlines()) == 5
+    monkeypatch.setattr(preprocess_module, "process_file", real)
+    resumed = preprocess_site(small_site, cfg)
+    assert resumed.reused == 5 and resumed.processed == resumed.files - 5
+    assert not journal.exists()
+    fresh = tree_hashes(small_site.cache_dir)
+    shutil.rmtree(small_site.work_dir)
+    preprocess_site(small_site, cfg)
+    assert tree_hashes(small_site.cache_dir) == fresh
+
+
+def test_torn_cache_array_is_rebuilt(small_site):
+    cfg = preprocess_config()
+    preprocess_site(small_site, cfg)
+    manifest = SiteCache(small_site.cache_dir).manifest()
+    torn = SiteCache(small_site.cache_dir).array_path(manifest["image_key"].iloc[0])
+    torn.write_bytes(torn.read_bytes()[:50])
+    summary = preprocess_site(small_site, cfg)
+    assert summary.processed == 1
+    assert np.load(torn).shape == (32, 32)
+
+
+def test_png_and_nifti_inputs_beside_dicom(small_site):
+    import nibabel
+    from PIL import Image
+
+    png = sorted((DICOM_DIR.parent / "demo" / "kermany").glob("*.png"))[0]
+    shutil.copy(png, small_site.input_dir / "chest.png")
+    pixels = np.asarray(Image.open(png).convert("L"), np.int16)
+    nibabel.save(nibabel.Nifti1Image(pixels[::-1, ::-1].T[:, None, :], np.eye(4)),
+                 small_site.input_dir / "chest.nii.gz")
+    labels = pd.read_csv(small_site.labels_csv)
+    extra = pd.DataFrame({"file": ["chest.png", "chest.nii.gz"], "label": ["normal", "normal"],
+                          "patient_id": ["png-patient", "nifti-patient"]})
+    pd.concat([labels, extra]).to_csv(small_site.labels_csv, index=False)
+    preprocess_site(small_site, preprocess_config())
+    report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
+    assert set(report["status"]) == {"accepted"}
+    index = pd.read_csv(small_site.private_dir / "source_index.csv", keep_default_na=False).set_index("file")
+    arrays = SiteCache(small_site.cache_dir)
+    as_png, as_nifti = (np.load(arrays.array_path(index.at[f, "image_key"])) for f in ("chest.png", "chest.nii.gz"))
+    np.testing.assert_allclose(as_png, as_nifti, atol=1e-5)  # same anatomy, same orientation
+
+
 def test_fresh_run_with_two_workers_gives_the_same_cache(small_site, tmp_path):
     preprocess_site(small_site, preprocess_config())
     cache = tree_hashes(small_site.cache_dir)
@@ -136,7 +197,7 @@ def test_image_size_change_reprocesses(small_site):
     summary = preprocess_site(small_site, preprocess_config("data.image_size=40"))
     assert summary.processed == summary.files
     manifest = SiteCache(small_site.cache_dir).manifest()
-    assert set(manifest["preprocessing_version"]) == {"v1-40px"}
+    assert set(manifest["preprocessing_version"]) == {"v2-40px"}
     assert np.load(SiteCache(small_site.cache_dir).array_path(manifest["image_key"].iloc[0])).shape == (40, 40)
 
 
@@ -155,7 +216,7 @@ def test_report_lists_every_problem_with_its_reason(small_site):
     report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
     assert report.at["extra_tibia.dcm", "status"] == "rejected"
     assert "BodyPartExamined 'EXTREMITY'" in report.at["extra_tibia.dcm", "reason"]
-    assert report.at["junk.dcm", "reason"].startswith("unreadable DICOM")
+    assert report.at["junk.dcm", "reason"].startswith("not a DICOM file")
     assert report.at["unlabelled_chest.dcm", "reason"] == "no label in labels.csv"
     assert report.at["notes.txt", "status"] == "skipped"
     assert report.at["gone.dcm", "status"] == "missing"
@@ -174,6 +235,8 @@ def test_duplicate_content_is_accepted_once(small_site):
     report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
     assert report.at["img_0002_copy.dcm", "reason"] == "same content as img_0002.dcm"
     assert len(SiteCache(small_site.cache_dir).manifest()) == len(labels)
+    rerun = preprocess_site(small_site, preprocess_config())
+    assert rerun.processed == 0 and rerun.rejections == {"same content as img_0002.dcm": 1}
 
 
 def test_prepare_demo_is_idempotent_and_keeps_the_secret(small_site):

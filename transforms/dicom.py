@@ -5,6 +5,14 @@ Each transform does one job on a dictionary ``{"image": ndarray (H, W), "dicom":
 unchanged) and returns the same dictionary with a new ``image``. The order matters and is
 fixed by :func:`dicom_to_unit`: modality LUT, VOI LUT / window, scale to [0, 1], MONOCHROME1
 inversion.
+
+Integer stored values (every DICOM radiograph: pydicom has already masked them to
+BitsStored and sign-extended them per PixelRepresentation) go through the modality and VOI
+steps as a lookup table over the image's value range: the same functions, evaluated once
+per distinct value instead of once per pixel.
+
+VOI fallback: without a VOI LUT Sequence and without Window Center/Width, the image's own
+min-max range of modality values is used. With several windows the first one is used.
 """
 
 from __future__ import annotations
@@ -51,10 +59,14 @@ class ScaleToUnit(Transform):
     """Min-max scale ``image`` to float32 [0, 1]; a constant image becomes all zeros."""
 
     def __call__(self, data: Sample) -> Sample:
-        image = np.asarray(data["image"], np.float64)
+        image = np.array(data["image"], np.float32)
         low, high = float(image.min()), float(image.max())
-        scaled = (image - low) / (high - low) if high > low else np.zeros_like(image)
-        return {**data, "image": scaled.astype(np.float32)}
+        if high > low:
+            image -= low
+            image *= 1.0 / (high - low)
+        else:
+            image[...] = 0.0
+        return {**data, "image": np.clip(image, 0.0, 1.0, out=image)}
 
 
 class InvertMonochrome1(Transform):
@@ -70,11 +82,39 @@ class InvertMonochrome1(Transform):
         return {**data, "image": (1.0 - data["image"]).astype(np.float32)}
 
 
+MAX_TABLE_ENTRIES = 1 << 17
+
+
 def dicom_pipeline() -> Compose:
     """The composed transform: modality LUT -> VOI LUT -> [0, 1] -> MONOCHROME1 inversion."""
     return Compose([ModalityLUT(), VOILUT(), ScaleToUnit(), InvertMonochrome1()])
 
 
+def unit_table(low: int, high: int, dtype: np.dtype, dataset: Dataset) -> np.ndarray | None:
+    """Final [0, 1] value of every stored value ``low..high``, or None if the LUTs are not monotonic.
+
+    Runs the four transforms on the table itself. An image whose stored values span exactly
+    ``low..high`` has its modality/VOI minimum and maximum at those two ends when the LUTs are
+    monotonic, so scaling the table equals scaling the image.
+    """
+    table = np.arange(low, high + 1, dtype=dtype)[None]
+    values = VOILUT()(ModalityLUT()({"image": table, "dicom": dataset}))["image"][0]
+    steps = np.diff(values)
+    if not ((steps >= 0).all() or (steps <= 0).all()):
+        return None
+    return InvertMonochrome1()(ScaleToUnit()({"image": values, "dicom": dataset}))["image"]
+
+
 def dicom_to_unit(image: np.ndarray, dataset: Dataset | None) -> np.ndarray:
-    """Stored pixel values (H, W) -> float32 (H, W) in [0, 1], bright = dense."""
+    """Stored pixel values (H, W) -> float32 (H, W) in [0, 1], bright = dense.
+
+    Integer images take the table path (:func:`unit_table`), which gives the same values as
+    :func:`dicom_pipeline` with one lookup per pixel.
+    """
+    if dataset is not None and np.issubdtype(image.dtype, np.integer) and image.size:
+        low, high = int(image.min()), int(image.max())
+        if high - low < MAX_TABLE_ENTRIES:
+            table = unit_table(low, high, image.dtype, dataset)
+            if table is not None:
+                return table[image - np.asarray(low, image.dtype)] if low else table[image]
     return dicom_pipeline()({"image": image, "dicom": dataset})["image"]
