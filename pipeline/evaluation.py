@@ -18,7 +18,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pipeline.cache import SplitArrays, load_splits
+from pipeline.cache import load_splits
 from pipeline.checkpoints import load_model
 from pipeline.labels import CLASS_NAMES, NORMAL_INDEX
 from pipeline.training import predict_probabilities
@@ -100,13 +100,15 @@ def plot_roc(probabilities: np.ndarray, labels: np.ndarray, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write_report(probabilities: np.ndarray, split: SplitArrays, output_dir: Path) -> dict[str, Any]:
-    """Compute the metrics of ``probabilities`` on ``split``; write metrics.json and both plots."""
+def write_report(
+    probabilities: np.ndarray, labels: np.ndarray, patient_keys: Sequence[str], output_dir: Path
+) -> dict[str, Any]:
+    """Compute the metrics of ``probabilities``; write metrics.json and both plots."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = classification_metrics(probabilities, split.labels, split.patient_keys)
+    metrics = classification_metrics(probabilities, labels, patient_keys)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion_matrix(np.array(metrics["confusion_matrix"]), output_dir / CONFUSION_PNG)
-    plot_roc(probabilities, split.labels, output_dir / ROC_PNG)
+    plot_roc(probabilities, labels, output_dir / ROC_PNG)
     return metrics
 
 
@@ -119,14 +121,19 @@ def evaluate_checkpoint(
     """Score the ``model.pt`` at ``checkpoint`` on ``split`` of the caches; write the report."""
     net, info = load_model(checkpoint)
     data = load_splits(list(cache_dirs), split)
+    check_image_size(checkpoint, info, data.images)
+    probabilities = predict_probabilities(net, data.images)
+    return write_report(probabilities, data.labels, data.patient_keys, Path(output_dir))
+
+
+def check_image_size(checkpoint: str | Path, info: dict[str, Any], images: np.ndarray) -> None:
+    """Raise a clear error when ``images`` (N, 1, H, W) are not the size the model was trained on."""
     size = info.get("image_size")
-    if size is not None and data.images.shape[-2:] != (size, size):
+    if size is not None and images.shape[-2:] != (size, size):
         raise ValueError(
             f"{checkpoint} was trained on {size}x{size} images but the caches hold "
-            f"{data.images.shape[-2:]}: preprocess them at data.image_size={size}"
+            f"{images.shape[-2:]}: preprocess them at data.image_size={size}"
         )
-    probabilities = predict_probabilities(net, data.images)
-    return write_report(probabilities, data, Path(output_dir))
 
 
 def summary_line(metrics: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,22 @@ def demo_run(demo_sites, tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out / "stdout.txt").write_text(done.stdout + done.stderr)
     return out
+
+
+CHROMIUM_INSTALL = "apt-get update && apt-get install -y --no-install-recommends chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of Debian's headless-capable ``chromium``; installed with apt-get when missing."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        pytest.fail(f"chromium is not installed and installing it needs root: run `sudo {CHROMIUM_INSTALL}`")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    done = subprocess.run(["bash", "-c", CHROMIUM_INSTALL], env=env, capture_output=True, text=True, timeout=900)
+    found = shutil.which("chromium")
+    if done.returncode != 0 or not found:
+        pytest.fail(f"could not install chromium with `{CHROMIUM_INSTALL}`:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return found
