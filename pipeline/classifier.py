@@ -17,6 +17,7 @@ from torchmetrics.classification import (
 )
 
 from pipeline.labels import CLASS_NAMES, NORMAL_INDEX
+from pipeline.privacy.dp import PrivateTraining
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -31,7 +32,9 @@ class XrayClassifier(pl.LightningModule):
     ``loss``, ``acc``, ``auroc`` (macro one-vs-rest), ``mcc`` and ``pneumonia_auroc``.
 
     ``optimizer`` is a partial optimizer constructor (Hydra ``_partial_: true``) that
-    receives the network's parameters.
+    receives the network's parameters. Setting ``private`` (a
+    :class:`pipeline.privacy.dp.PrivateTraining`) before fitting trains with DP-SGD:
+    per-sample clipping in :meth:`backward`, noise and accounting in the optimizer.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class XrayClassifier(pl.LightningModule):
         self.test_metrics = self._metrics(num_classes, "test/")
         self.val_pneumonia_auroc = BinaryAUROC()
         self.test_pneumonia_auroc = BinaryAUROC()
+        self.private: PrivateTraining | None = None
 
     @staticmethod
     def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -85,4 +89,11 @@ class XrayClassifier(pl.LightningModule):
         self.log(f"{prefix}pneumonia_auroc", pneumonia_auroc, batch_size=size)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.net.parameters())
+        optimizer = self.optimizer_factory(self.net.parameters())
+        return optimizer if self.private is None else self.private.optimizer(self.net, optimizer)
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self.private is None:
+            super().backward(loss, *args, **kwargs)
+        else:
+            self.private.backward(loss)

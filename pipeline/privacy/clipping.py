@@ -1,0 +1,190 @@
+"""Per-sample gradient clipping in one backward pass, for Conv2d, Linear and GroupNorm networks.
+
+DP-SGD needs, for every example ``i`` of a batch, the norm of its own gradient ``g_i`` and
+then ``sum_i min(1, C / |g_i|) g_i``. Opacus's grad-sample modes materialise every ``g_i``
+through ``unfold`` (hooks), ``vmap`` (functorch) or expanded weights, or run the backward
+pass twice (ghost clipping): 2.7x to 4.2x the non-private step for a group-norm ResNet-18 at
+224 px on a 2-core CPU. This clipper runs the backward pass once, for the layers' *outputs*
+only (no weight gradients), then per layer picks the cheaper exact way to the per-sample norms:
+
+* many output positions (early convolutions): the per-sample weight gradients themselves,
+  from one grouped convolution backward (one group per example), then a weighted sum;
+* few output positions (late convolutions): the ghost norm
+  ``|g_i|^2 = <A_i^T A_i, B_i^T B_i>`` from the Gram matrices of the unfolded input ``A_i``
+  and output gradient ``B_i``, then one ordinary weight-gradient convolution on the output
+  gradients scaled by each example's clipping factor.
+
+The result, ``sum_i c_i g_i`` in ``p.grad``, is what Opacus's
+``DPOptimizerFastGradientClipping`` expects: it adds the Gaussian noise and scales.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+Record = tuple[nn.Module, torch.Tensor, torch.Tensor]
+
+
+def unsupported_layers(net: nn.Module) -> list[str]:
+    """Names of the layers with trainable parameters this clipper cannot handle."""
+    names = []
+    for name, module in net.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if not isinstance(module, SUPPORTED):
+            names.append(f"{name} ({type(module).__name__})")
+        elif isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)):
+            names.append(f"{name} (Conv2d with groups or string padding)")
+    return names
+
+
+class PerSampleClipper:
+    """Records each supported layer's input and output during training forwards, and turns a
+    batch loss into clipped, summed per-sample gradients in ``p.grad``."""
+
+    def __init__(self, net: nn.Module, max_grad_norm: float) -> None:
+        unsupported = unsupported_layers(net)
+        if unsupported:
+            raise ValueError(
+                "per-sample clipping supports Conv2d, Linear and GroupNorm layers only; "
+                f"this model also trains {', '.join(unsupported)}: use model=resnet18_groupnorm"
+            )
+        self.max_grad_norm = float(max_grad_norm)
+        self.records: list[Record] = []
+        self.handles = [
+            module.register_forward_hook(self._record)
+            for module in net.modules()
+            if isinstance(module, SUPPORTED) and any(p.requires_grad for p in module.parameters())
+        ]
+
+    def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if module.training and torch.is_grad_enabled():
+            self.records.append((module, inputs[0].detach(), output))
+
+    def remove(self) -> None:
+        """Detach from the network."""
+        for handle in self.handles:
+            handle.remove()
+        self.records = []
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Write ``sum_i min(1, C / |g_i|) g_i`` into every parameter's ``.grad``.
+
+        ``loss`` is the batch *mean*; returns the per-sample gradient norms ``|g_i|``.
+        """
+        records, self.records = self.records, []
+        if not records:
+            raise RuntimeError("no training forward pass was recorded before backward()")
+        batch = records[0][1].shape[0]
+        outputs = [output for _, _, output in records]
+        output_grads = torch.autograd.grad(loss * batch, outputs)
+        if len({id(module) for module, _, _ in records}) < len(records):
+            raise ValueError("a layer ran twice in one forward pass: per-sample norms need one call")
+        layers = [
+            _layer(module, inputs, grad) for (module, inputs, _), grad in zip(records, output_grads)
+        ]
+        norms = torch.stack([layer.squared_norms() for layer in layers]).sum(0).sqrt()
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for layer in layers:
+            for param, grad in layer.clipped_sums(factors):
+                param.grad = grad if param.grad is None else param.grad + grad
+        return norms.detach()
+
+
+class _Conv2dLayer:
+    def __init__(self, module: nn.Conv2d, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        self.module, self.inputs, self.grad = module, inputs, grad
+        positions = grad.shape[2] * grad.shape[3]
+        fan_in, fan_out = module.weight[0].numel(), module.out_channels
+        # Ghost norm costs ~positions^2 (fan_in + fan_out); materialising ~fan_in * fan_out.
+        self.ghost = positions * (fan_in + fan_out) < fan_in * fan_out
+        self.per_sample = None if self.ghost else self._per_sample_weight_grads()
+
+    def _backward_weight(self, grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, groups: int):
+        m = self.module
+        return torch.ops.aten.convolution_backward(
+            grad, inputs, weight, None, m.stride, m.padding, m.dilation,
+            False, [0, 0], groups, [False, True, False],
+        )[1]
+
+    def _per_sample_weight_grads(self) -> torch.Tensor:
+        n, weight = self.inputs.shape[0], self.module.weight
+        grads = self._backward_weight(
+            self.grad.reshape(1, -1, *self.grad.shape[2:]),
+            self.inputs.reshape(1, -1, *self.inputs.shape[2:]),
+            weight.detach().repeat(n, 1, 1, 1),
+            groups=n,
+        )
+        return grads.view(n, -1)
+
+    def squared_norms(self) -> torch.Tensor:
+        n = self.grad.shape[0]
+        if self.ghost:
+            m = self.module
+            unfolded = F.unfold(self.inputs, m.kernel_size, m.dilation, m.padding, m.stride)
+            outputs = self.grad.reshape(n, self.grad.shape[1], -1)
+            gram_in = unfolded.transpose(1, 2) @ unfolded
+            gram_out = outputs.transpose(1, 2) @ outputs
+            norms = (gram_in * gram_out).sum((1, 2))
+        else:
+            norms = self.per_sample.pow(2).sum(1)
+        if self.module.bias is not None:
+            norms = norms + self.grad.sum((2, 3)).pow(2).sum(1)
+        return norms
+
+    def clipped_sums(self, factors: torch.Tensor):
+        weight = self.module.weight
+        if self.ghost:
+            scaled = self.grad * factors.view(-1, 1, 1, 1)
+            yield weight, self._backward_weight(scaled, self.inputs, weight.detach(), groups=1)
+        else:
+            yield weight, (factors @ self.per_sample).view_as(weight)
+        if self.module.bias is not None:
+            yield self.module.bias, factors @ self.grad.sum((2, 3))
+
+
+class _LinearLayer:
+    def __init__(self, module: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        self.module = module
+        n = inputs.shape[0]
+        self.inputs = inputs.reshape(n, -1, inputs.shape[-1])
+        self.grad = grad.reshape(n, -1, grad.shape[-1])
+        self.per_sample = torch.einsum("nto,ntp->nop", self.grad, self.inputs).reshape(n, -1)
+        self.bias_grads = self.grad.sum(1)
+
+    def squared_norms(self) -> torch.Tensor:
+        norms = self.per_sample.pow(2).sum(1)
+        return norms + self.bias_grads.pow(2).sum(1) if self.module.bias is not None else norms
+
+    def clipped_sums(self, factors: torch.Tensor):
+        yield self.module.weight, (factors @ self.per_sample).view_as(self.module.weight)
+        if self.module.bias is not None:
+            yield self.module.bias, factors @ self.bias_grads
+
+
+class _GroupNormLayer:
+    def __init__(self, module: nn.GroupNorm, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+        self.module = module
+        normalised = F.group_norm(inputs, module.num_groups, eps=module.eps)
+        dims = tuple(range(2, grad.dim()))
+        self.weight_grads = (grad * normalised).sum(dims)
+        self.bias_grads = grad.sum(dims)
+
+    def squared_norms(self) -> torch.Tensor:
+        return self.weight_grads.pow(2).sum(1) + self.bias_grads.pow(2).sum(1)
+
+    def clipped_sums(self, factors: torch.Tensor):
+        yield self.module.weight, factors @ self.weight_grads
+        yield self.module.bias, factors @ self.bias_grads
+
+
+def _layer(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor):
+    if isinstance(module, nn.Conv2d):
+        return _Conv2dLayer(module, inputs, grad)
+    if isinstance(module, nn.Linear):
+        return _LinearLayer(module, inputs, grad)
+    return _GroupNormLayer(module, inputs, grad)
