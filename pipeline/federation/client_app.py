@@ -2,7 +2,10 @@
 
 The reply to a training message holds exactly three things: the updated model parameters
 (arrays with the model's own shapes), the number of training examples, and scalar metrics.
-No pixel, no identifier and no file name leaves the site.
+No pixel, no identifier and no file name leaves the site. Under secure aggregation
+(:mod:`pipeline.federation.secure_aggregation`) the same handler runs inside Flower's SecAgg+
+mod, which masks the parameters before they leave; under DP-SGD the metrics include the
+site's cumulative ``epsilon``, and a site whose budget is spent replies with an error.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pipeline.federation.run_config import CONFIG_KEY, experiment_from_yaml, site_cache_dir
+from pipeline.federation.secure_aggregation import secure_aggregation_mod
 from pipeline.federation.site_task import evaluate_site, train_site
 
 app = ClientApp()
@@ -35,17 +39,34 @@ def _unpack(message: Message, context: Context):
     """The experiment config, this site's cache folder and the global model's state."""
     config = message.content["config"]
     cfg = experiment_from_yaml(str(config[CONFIG_KEY]))
+    if "epsilon-budget" in context.node_config and "privacy" in cfg:
+        # A deployed site may hold itself to a tighter budget than the coordinator proposes.
+        budget = min(float(context.node_config["epsilon-budget"]), float(cfg.privacy.epsilon_budget))
+        cfg.privacy.epsilon_budget = budget
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     cache_dir = site_cache_dir(dict(context.node_config), cfg)
     state = message.content["arrays"].to_torch_state_dict()
     return cfg, cache_dir, state, int(config["server-round"])
 
 
-@app.train()
+class SimulatedDropout(RuntimeError):
+    """Raised by ``federation.test_only_dropout``: a site failing mid-round, for tests."""
+
+
+def _test_only_dropout(cfg, context: Context, server_round: int) -> None:
+    """Fail this site in the rounds listed by ``federation.test_only_dropout`` (tests only)."""
+    dropouts = cfg.federation.get("test_only_dropout") or {}
+    partition = context.node_config.get("partition-id")
+    if partition in dropouts.get(f"round_{server_round}", []):
+        raise SimulatedDropout(f"test-only dropout of partition {partition} in round {server_round}")
+
+
+@app.train(mods=[secure_aggregation_mod])
 def train(message: Message, context: Context) -> Message:
     """Train the received global model locally and reply with the update."""
     cfg, cache_dir, state, server_round = _unpack(message, context)
-    new_state, metrics = train_site(cfg, cache_dir, state, server_round)
+    _test_only_dropout(cfg, context, server_round)
+    new_state, metrics = train_site(cfg, cache_dir, state, server_round, str(context.run_id))
     num_examples = int(metrics.pop("num-examples"))
     content = RecordDict(
         {"arrays": ArrayRecord(new_state), "metrics": _metric_record(metrics, num_examples)}

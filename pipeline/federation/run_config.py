@@ -1,7 +1,7 @@
 """How the experiment configuration travels from the coordinator to the sites.
 
 The coordinator sends the experiment part of its Hydra config (model, trainer, data
-hyper-parameters, federation and seed) with every message as YAML text. A site adds only
+hyper-parameters, federation, privacy and seed) with every message as YAML text. A site adds only
 what is its own: where its cache lives (``cache-dir`` in the SuperNode's node config) or,
 in simulation, which of ``data.sites`` it plays (``partition-id``).
 """
@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.sites import SitePaths
 
 CONFIG_KEY = "fedrad-config"
-SHARED_SECTIONS = ("seed", "model", "trainer", "data", "federation")
+SHARED_SECTIONS = ("seed", "model", "trainer", "data", "federation", "privacy")
 
 
 def experiment_yaml(cfg: DictConfig) -> str:

@@ -3,6 +3,8 @@
 The coordinator holds no data: it starts from a freshly initialised (or locally loaded)
 model, sends it with the experiment config to the sites, averages their updates weighted
 by their training-example counts, and checkpoints the global model after every round.
+With ``federation.secure_aggregation=true`` the averaging runs under SecAgg+
+(:mod:`pipeline.federation.secure_aggregation`): the coordinator sees only the sum.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoints import save_checkpoint
 from pipeline.federation.run_config import CONFIG_KEY, experiment_yaml
-from pipeline.federation.strategy import RecordingFedAvg
+from pipeline.federation.secure_aggregation import run_secure_federation
+from pipeline.federation.strategy import RecordingFedAvg, TooFewSites
 from pipeline.training import build_classifier
 
 log = logging.getLogger("fedrad.federation")
@@ -42,8 +45,15 @@ class RoundCheckpointer:
         return None
 
 
-def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> Result:
-    """Run ``federation.num_rounds`` rounds of FedAvg over the sites connected to ``grid``."""
+def run_federation(
+    grid: Grid, cfg: DictConfig, output_dir: Path, context: Context | None = None
+) -> Result | None:
+    """Run ``federation.num_rounds`` rounds of FedAvg over the sites connected to ``grid``.
+
+    Returns Flower's result in plain mode (``None`` under secure aggregation, whose legacy
+    workflow keeps its own history); stops early, with a logged reason, when fewer than
+    ``federation.min_sites`` sites train in a round.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation
     initial = build_classifier(cfg, seed=int(cfg.seed)).net.state_dict()
@@ -55,16 +65,28 @@ def run_federation(grid: Grid, cfg: DictConfig, output_dir: Path) -> Result:
         min_evaluate_nodes=int(fed.min_sites),
         min_available_nodes=int(fed.min_sites),
     )
-    shared = experiment_yaml(cfg)
-    return strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=int(fed.num_rounds),
-        timeout=float(fed.round_timeout_s),
-        train_config=ConfigRecord({CONFIG_KEY: shared}),
-        evaluate_config=ConfigRecord({CONFIG_KEY: shared}),
-        evaluate_fn=RoundCheckpointer(output_dir, cfg),
-    )
+    shared = {CONFIG_KEY: experiment_yaml(cfg)}
+    checkpointer = RoundCheckpointer(output_dir, cfg)
+    try:
+        if fed.get("secure_aggregation"):
+            context = context or Context(
+                run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}
+            )
+            numpy_state = {k: v.detach().cpu().numpy() for k, v in initial.items()}
+            run_secure_federation(grid, context, cfg, strategy, numpy_state, shared, checkpointer)
+            return None
+        return strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=int(fed.num_rounds),
+            timeout=float(fed.round_timeout_s),
+            train_config=ConfigRecord(shared),
+            evaluate_config=ConfigRecord(shared),
+            evaluate_fn=checkpointer,
+        )
+    except TooFewSites as stop:
+        log.error("%s", stop)
+        return None
 
 
 def make_server_app(cfg: DictConfig, output_dir: Path) -> ServerApp:
@@ -73,7 +95,7 @@ def make_server_app(cfg: DictConfig, output_dir: Path) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, output_dir)
+        run_federation(grid, cfg, output_dir, context)
 
     return server
 
@@ -86,4 +108,5 @@ def main(grid: Grid, context: Context) -> None:
     """Deployment entry point: the run config names the resolved experiment config file."""
     config_path = Path(str(context.run_config[CONFIG_KEY]))
     cfg = OmegaConf.load(config_path)
-    run_federation(grid, cfg, Path(str(context.run_config.get("output-dir", "outputs/federation"))))
+    output_dir = Path(str(context.run_config.get("output-dir", "outputs/federation")))
+    run_federation(grid, cfg, output_dir, context)

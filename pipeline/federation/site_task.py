@@ -1,7 +1,8 @@
 """What a site does in a round, with no Flower types: train or evaluate on its own cache.
 
 The ClientApp only unpacks Flower messages, calls these functions and packs the reply, so
-the same code trains centrally, locally and federated.
+the same code trains centrally, locally and federated, with or without secure aggregation.
+With ``privacy.enabled`` the round is DP-SGD, charged to the site's privacy ledger.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.datamodule import CacheDataModule
+from pipeline.privacy.dp import DPSettings, PoissonDataModule, PrivateTraining, plan_round
+from pipeline.privacy.ledger import PrivacyLedger
 from pipeline.training import build_classifier, build_trainer, evaluate, train
 
 StateDict = dict[str, torch.Tensor]
@@ -23,18 +26,38 @@ def round_seed(cfg: DictConfig, server_round: int) -> int:
 
 
 def train_site(
-    cfg: DictConfig, cache_dir: Path, global_state: StateDict, server_round: int
+    cfg: DictConfig,
+    cache_dir: Path,
+    global_state: StateDict,
+    server_round: int,
+    run_id: str = "local",
 ) -> tuple[StateDict, dict[str, float]]:
     """Train the global model for ``federation.local_epochs`` on one site's train split.
 
-    Returns the updated state dict and scalar metrics including ``num-examples``.
+    Returns the updated state dict and scalar metrics including ``num-examples`` (and, under
+    DP-SGD, the site's cumulative ``epsilon`` at its ``delta``). Under DP-SGD, raises
+    :class:`pipeline.privacy.ledger.PrivacyBudgetExhausted` instead of exceeding the budget.
     """
     seed = round_seed(cfg, server_round)
     classifier = build_classifier(cfg, seed=seed)
     classifier.net.load_state_dict(global_state)
     datamodule = CacheDataModule.from_config(cfg.data, [cache_dir], seed=seed)
     trainer = build_trainer(cfg, max_epochs=int(cfg.federation.local_epochs), lean=True)
-    metrics = train(classifier, datamodule, trainer)
+    if not cfg.get("privacy", {}).get("enabled"):
+        metrics = train(classifier, datamodule, trainer)
+    else:
+        settings = DPSettings.from_config(cfg.privacy)
+        plan = plan_round(
+            settings, datamodule.num_train_examples, int(cfg.data.batch_size),
+            int(cfg.federation.local_epochs), int(cfg.federation.num_rounds),
+        )
+        ledger = PrivacyLedger.for_cache(cache_dir, settings.accountant)
+        ledger.check_budget(run_id, server_round, plan, settings.epsilon_budget)
+        classifier.private = PrivateTraining(plan, settings.max_grad_norm, settings.accountant)
+        metrics = train(classifier, PoissonDataModule(datamodule), trainer)
+        history = classifier.private.accountant.history
+        epsilon = ledger.record(run_id, server_round, history, plan.delta)
+        metrics |= {"epsilon": epsilon, "delta": plan.delta}
     state = {k: v.detach().cpu() for k, v in classifier.net.state_dict().items()}
     return state, metrics
 

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 log = logging.getLogger("fedrad.federation")
 
+SiteMetrics = dict[str, dict[str, float]]
 
-def _site_metrics(replies: list[Message]) -> dict[str, dict[str, float]]:
+
+class TooFewSites(RuntimeError):
+    """Fewer than ``federation.min_sites`` sites trained in a round: the federation stops."""
+
+
+def _site_metrics(replies: list[Message]) -> SiteMetrics:
     """Scalar metrics of each replying site, keyed by its node id."""
     per_site = {}
     for reply in replies:
@@ -31,28 +38,57 @@ def _format(metrics: dict[str, float]) -> str:
 
 class RecordingFedAvg(FedAvg):
     """:class:`flwr.serverapp.strategy.FedAvg` weighted by ``num-examples`` that logs every
-    site's metrics and appends one JSON line per round to ``rounds_file``."""
+    site's metrics and appends one JSON line per round to ``rounds_file``.
+
+    A round in which fewer than ``min_train_nodes`` sites trained (failures, privacy budgets
+    spent) raises :class:`TooFewSites` after it is recorded.
+    """
 
     def __init__(self, rounds_file: Path, **kwargs) -> None:
         super().__init__(weighted_by_key="num-examples", **kwargs)
         self.rounds_file = rounds_file
         self._round: dict = {}
+        self._clock = time.perf_counter()
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         per_site = _site_metrics(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.record_train(server_round, per_site, metrics)
+        return arrays, metrics
+
+    def record_train(
+        self, server_round: int, per_site: SiteMetrics, aggregated: MetricRecord | None
+    ) -> None:
+        """Log each site's training metrics and keep them for the round's record."""
         for node, metrics in per_site.items():
             log.info("round %d  site %s  train  %s", server_round, node, _format(metrics))
-        arrays, metrics = super().aggregate_train(server_round, replies)
         self._round = {
             "round": server_round,
             "sites_trained": len(per_site),
             "train_per_site": per_site,
-            "train": dict(metrics or {}),
+            "train": dict(aggregated or {}),
         }
-        return arrays, metrics
+        if len(per_site) < self.min_train_nodes:
+            self._write_round()
+            raise TooFewSites(
+                f"only {len(per_site)} sites trained in round {server_round} but "
+                f"federation.min_sites={self.min_train_nodes}: the federation stops"
+            )
+
+    def aggregate_site_metrics(self, per_site: SiteMetrics) -> MetricRecord | None:
+        """Example-weighted mean of the sites' scalar training metrics."""
+        if not per_site:
+            return None
+        contents = [RecordDict({"metrics": MetricRecord(m)}) for m in per_site.values()]
+        return self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def record_failed_round(self, server_round: int, reason: str) -> None:
+        """A round that released no aggregate: log why and record it."""
+        log.error("round %d  no aggregate released: %s", server_round, reason)
+        self._round = {"round": server_round, "sites_trained": 0, "failed": reason}
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -69,6 +105,10 @@ class RecordingFedAvg(FedAvg):
         return metrics
 
     def _write_round(self) -> None:
+        """Append the round, with ``wall_s``: seconds since the previous round's record."""
+        now = time.perf_counter()
+        self._round["wall_s"] = round(now - self._clock, 3)
+        self._clock = now
         self.rounds_file.parent.mkdir(parents=True, exist_ok=True)
         with self.rounds_file.open("a") as handle:
             handle.write(json.dumps(self._round) + "\n")

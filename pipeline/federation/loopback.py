@@ -1,0 +1,88 @@
+"""An in-process Flower grid: every message goes straight to the real ClientApp of its node.
+
+Used by the tests and the SecAgg+ benchmark to run the real ServerApp logic
+(:func:`pipeline.federation.server_app.run_federation`) against the real ClientApp without
+a SuperLink or Ray. Each node keeps its own context, as a SuperNode does (left unchanged
+when the app raises, whose error becomes an error reply), and messages are copied as if
+serialised, so nodes never share content. Every reply is kept with its size in bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from types import SimpleNamespace
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+
+from pipeline.federation.client_app import app as client_app
+
+
+def payload_bytes(message: Message) -> int:
+    """Bytes of array data and of bytes / string values in a message's records."""
+    if message.has_error():
+        return 0
+    content = message.content
+    size = sum(len(a.data) for record in content.array_records.values() for a in record.values())
+    for record in [*content.config_records.values(), *content.metric_records.values()]:
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                size += len(item) if isinstance(item, (bytes, str)) else 8
+    return size
+
+
+class LoopbackGrid(Grid):
+    """Nodes ``first_node_id ...`` with ``partition-id`` 0 ... ``partitions - 1``."""
+
+    def __init__(self, partitions: int, first_node_id: int = 101) -> None:
+        self.contexts = {
+            first_node_id + index: Context(
+                run_id=1, node_id=first_node_id + index, node_config={"partition-id": index},
+                state=RecordDict(), run_config={},
+            )
+            for index in range(partitions)
+        }
+        self.replies: list[tuple[str, int, Message]] = []  # (message type, bytes, reply)
+
+    def set_run(self, run_id: int) -> None:
+        """A loopback grid serves a single run."""
+
+    @property
+    def run(self) -> SimpleNamespace:
+        return SimpleNamespace(run_id=1)
+
+    def create_message(self, *args, **kwargs) -> Message:
+        raise NotImplementedError("build messages with flwr.app.Message")
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("use send_and_receive")
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = []
+        for message in messages:
+            message = copy.deepcopy(message)
+            node = message.metadata.dst_node_id
+            message.metadata.__dict__["_message_id"] = f"{len(self.replies)}-{node}"
+            context = copy.deepcopy(self.contexts[node])
+            try:
+                reply = client_app(message, context)
+                self.contexts[node] = context
+            except Exception as error:  # noqa: BLE001 - a SuperNode reports any app failure
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(error)),
+                    reply_to=message,
+                )
+            reply.metadata.__dict__["_src_node_id"] = node
+            self.replies.append((message.metadata.message_type, payload_bytes(reply), reply))
+            replies.append(reply)
+        return replies
