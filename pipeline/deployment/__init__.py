@@ -1,0 +1,1 @@
+"""Running fedrad on Flower's deployment engine: certificates, coordinator and site launch."""

@@ -1,0 +1,38 @@
+"""Create the federation's key material and print how to register each site.
+
+    python scripts/make_certs.py                                          # 3 demo sites, localhost
+    python scripts/make_certs.py deployment.hostnames=[coordinator.example.org] \
+        deployment.sites=[hospital_a,hospital_b,hospital_c]
+
+Writes deployment.certs_dir: ca.crt (give to every site), ca.key (keep offline),
+coordinator.crt/.key (the SuperLink's), sites/<name>.key (give to that site only) and
+sites/<name>.pub (registered on the coordinator). Existing files are kept; delete them
+to rotate. No secret belongs in the repository.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.deployment.certificates import make_federation_certs
+from pipeline.deployment.coordinator import CoordinatorState, write_cli_connection
+from pipeline.deployment.flower_cli import register_command
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    dep = cfg.deployment
+    certs, keys = make_federation_certs(dep.certs_dir, list(dep.hostnames), list(dep.sites))
+    write_cli_connection(dep)
+    flwr_home = CoordinatorState.under(dep.state_dir).flwr_home.resolve()
+    print(f"coordinator: {certs.cert} (CA {certs.ca_cert}); keep {Path(dep.certs_dir) / 'ca.key'} offline")
+    print("with the coordinator running, register each site once on the coordinator machine:")
+    for site, site_keys in keys.items():
+        print(register_command(flwr_home, site_keys.public_key.resolve(), site))
+
+
+if __name__ == "__main__":
+    main()
