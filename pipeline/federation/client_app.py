@@ -17,7 +17,12 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pipeline.federation.run_config import CONFIG_KEY, experiment_from_yaml, site_cache_dir
+from pipeline.federation.run_config import (
+    CONFIG_KEY,
+    RUN_ID_KEY,
+    experiment_from_yaml,
+    site_cache_dir,
+)
 from pipeline.federation.secure_aggregation import secure_aggregation_mod
 from pipeline.federation.site_task import evaluate_site, train_site
 
@@ -66,7 +71,8 @@ def train(message: Message, context: Context) -> Message:
     """Train the received global model locally and reply with the update."""
     cfg, cache_dir, state, server_round = _unpack(message, context)
     _test_only_dropout(cfg, context, server_round)
-    new_state, metrics = train_site(cfg, cache_dir, state, server_round, str(context.run_id))
+    run_id = str(message.content["config"].get(RUN_ID_KEY, context.run_id))
+    new_state, metrics = train_site(cfg, cache_dir, state, server_round, run_id)
     num_examples = int(metrics.pop("num-examples"))
     content = RecordDict(
         {"arrays": ArrayRecord(new_state), "metrics": _metric_record(metrics, num_examples)}

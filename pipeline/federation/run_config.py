@@ -16,7 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.sites import SitePaths
 
 CONFIG_KEY = "fedrad-config"
-SHARED_SECTIONS = ("seed", "model", "trainer", "data", "federation", "privacy")
+# The federation's own run id: stable across coordinator restarts, unlike Flower's.
+RUN_ID_KEY = "fedrad-run-id"
+# ``governance`` is the simulation operator's approval policy; a deployed site ignores it.
+SHARED_SECTIONS = ("seed", "model", "trainer", "data", "federation", "privacy", "governance")
 
 
 def experiment_yaml(cfg: DictConfig) -> str:

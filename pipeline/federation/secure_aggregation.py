@@ -124,7 +124,8 @@ class SecureFitStrategy(LegacyFedAvg):
             min_available_clients=recorder.min_available_nodes,
             initial_parameters=ndarrays_to_parameters(list(initial.values())),
             on_fit_config_fn=lambda server_round: {
-                **train_config, "server-round": server_round, ARRAY_NAMES: self.names
+                **train_config, "server-round": recorder.run_round(server_round),
+                ARRAY_NAMES: self.names,
             },
         )
         self.recorder = recorder
@@ -203,7 +204,8 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         able = len(state.sampled_node_ids) - len(refused)
         if able < self.recorder.min_train_nodes:
             raise TooFewSites(
-                f"{len(refused)} sites have spent their privacy budget in round {server_round}; "
+                f"{len(refused)} sites have spent their privacy budget in round "
+                f"{self.recorder.run_round(server_round)}; "
                 f"{able} remain but federation.min_sites={self.recorder.min_train_nodes}: "
                 "the federation stops"
             )
@@ -247,7 +249,8 @@ def run_secure_federation(
     shared_config: dict[str, str],
     checkpointer: Checkpointer,
 ) -> None:
-    """``federation.num_rounds`` rounds of FedAvg whose training step is SecAgg+."""
+    """The rounds of ``federation.num_rounds`` still to run (all but the recorder's
+    completed ones), FedAvg with SecAgg+ as the training step."""
     fed = cfg.federation
     settings = SecAggSettings.from_config(fed, num_sites(cfg))
     log.info(
@@ -258,7 +261,9 @@ def run_secure_federation(
     )
     strategy = SecureFitStrategy(recorder, initial, shared_config, checkpointer)
     legacy = LegacyContext(
-        context, config=ServerConfig(num_rounds=int(fed.num_rounds)), strategy=strategy
+        context,
+        config=ServerConfig(num_rounds=int(fed.num_rounds) - recorder.completed_rounds),
+        strategy=strategy,
     )
     workflow = DefaultWorkflow(
         fit_workflow=ReportingSecAggPlusWorkflow(settings, recorder),

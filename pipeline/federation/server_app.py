@@ -18,7 +18,8 @@ from flwr.serverapp.strategy import Result
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoints import save_checkpoint
-from pipeline.federation.run_config import CONFIG_KEY, experiment_yaml
+from pipeline.federation.resume import ROUNDS_FILE, fedrad_run_id, resume_point
+from pipeline.federation.run_config import CONFIG_KEY, RUN_ID_KEY, experiment_yaml
 from pipeline.federation.secure_aggregation import run_secure_federation
 from pipeline.federation.strategy import RecordingFedAvg, TooFewSites
 from pipeline.training import build_classifier
@@ -28,15 +29,18 @@ log = logging.getLogger("fedrad.federation")
 
 class RoundCheckpointer:
     """Called by the strategy after every round with the global parameters: saves
-    ``checkpoints/round_NNN.pt`` and refreshes ``model.pt``."""
+    ``checkpoints/round_NNN.pt`` and refreshes ``model.pt``. Flower's round 1 of a run
+    resumed after ``completed_rounds`` is round ``completed_rounds + 1``."""
 
-    def __init__(self, output_dir: Path, cfg: DictConfig) -> None:
+    def __init__(self, output_dir: Path, cfg: DictConfig, completed_rounds: int = 0) -> None:
         self.output_dir = output_dir
         self.cfg = cfg
+        self.completed_rounds = completed_rounds
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
-        if server_round == 0:
+    def __call__(self, flower_round: int, arrays: ArrayRecord) -> None:
+        if flower_round == 0:
             return None
+        server_round = self.completed_rounds + flower_round
         state = arrays.to_torch_state_dict()
         round_path = self.output_dir / "checkpoints" / f"round_{server_round:03d}.pt"
         save_checkpoint(round_path, state, self.cfg, extra={"round": server_round})
@@ -50,23 +54,32 @@ def run_federation(
 ) -> Result | None:
     """Run ``federation.num_rounds`` rounds of FedAvg over the sites connected to ``grid``.
 
-    Returns Flower's result in plain mode (``None`` under secure aggregation, whose legacy
-    workflow keeps its own history); stops early, with a logged reason, when fewer than
-    ``federation.min_sites`` sites train in a round.
+    A restart on the same ``output_dir`` continues after the last completed round
+    (:mod:`pipeline.federation.resume`). Returns Flower's result in plain mode (``None``
+    under secure aggregation, whose legacy workflow keeps its own history, and when no round
+    is left); stops early, with a logged reason, when fewer than ``federation.min_sites``
+    sites train in a round.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation
-    initial = build_classifier(cfg, seed=int(cfg.seed)).net.state_dict()
+    run_id = fedrad_run_id(output_dir, cfg)
+    start = resume_point(output_dir)
+    remaining = int(fed.num_rounds) - start.completed_round
+    if remaining <= 0:
+        log.info("all %d rounds of run %s are completed in %s", fed.num_rounds, run_id, output_dir)
+        return None
+    initial = start.state or build_classifier(cfg, seed=int(cfg.seed)).net.state_dict()
     strategy = RecordingFedAvg(
-        rounds_file=output_dir / "rounds.jsonl",
+        rounds_file=output_dir / ROUNDS_FILE,
+        completed_rounds=start.completed_round,
         fraction_train=float(fed.fraction_train),
         fraction_evaluate=float(fed.fraction_evaluate),
         min_train_nodes=int(fed.min_sites),
         min_evaluate_nodes=int(fed.min_sites),
         min_available_nodes=int(fed.min_sites),
     )
-    shared = {CONFIG_KEY: experiment_yaml(cfg)}
-    checkpointer = RoundCheckpointer(output_dir, cfg)
+    shared = {CONFIG_KEY: experiment_yaml(cfg), RUN_ID_KEY: run_id}
+    checkpointer = RoundCheckpointer(output_dir, cfg, start.completed_round)
     try:
         if fed.get("secure_aggregation"):
             context = context or Context(
@@ -78,7 +91,7 @@ def run_federation(
         return strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(initial),
-            num_rounds=int(fed.num_rounds),
+            num_rounds=remaining,
             timeout=float(fed.round_timeout_s),
             train_config=ConfigRecord(shared),
             evaluate_config=ConfigRecord(shared),
@@ -103,9 +116,20 @@ def make_server_app(cfg: DictConfig, output_dir: Path) -> ServerApp:
 app = ServerApp()
 
 
+def _log_to_console() -> None:
+    """A deployed ServerApp streams its console to ``flwr run``: show fedrad's progress there."""
+    fedrad = logging.getLogger("fedrad")
+    if not fedrad.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        fedrad.addHandler(handler)
+        fedrad.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry point: the run config names the resolved experiment config file."""
+    _log_to_console()
     config_path = Path(str(context.run_config[CONFIG_KEY]))
     cfg = OmegaConf.load(config_path)
     output_dir = Path(str(context.run_config.get("output-dir", "outputs/federation")))

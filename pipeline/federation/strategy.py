@@ -8,7 +8,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 log = logging.getLogger("fedrad.federation")
@@ -42,13 +43,32 @@ class RecordingFedAvg(FedAvg):
 
     A round in which fewer than ``min_train_nodes`` sites trained (failures, privacy budgets
     spent) raises :class:`TooFewSites` after it is recorded.
+
+    Rounds are numbered for the whole run: a federation resumed after ``completed_rounds``
+    (:mod:`pipeline.federation.resume`) counts Flower's rounds 1, 2, ... as
+    ``completed_rounds + 1``, ... in the messages to the sites and in every record.
     """
 
-    def __init__(self, rounds_file: Path, **kwargs) -> None:
+    def __init__(self, rounds_file: Path, completed_rounds: int = 0, **kwargs) -> None:
         super().__init__(weighted_by_key="num-examples", **kwargs)
         self.rounds_file = rounds_file
+        self.completed_rounds = completed_rounds
         self._round: dict = {}
         self._clock = time.perf_counter()
+
+    def run_round(self, flower_round: int) -> int:
+        """The round of the whole run that Flower's ``flower_round`` of this start is."""
+        return self.completed_rounds + flower_round
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_train(self.run_round(server_round), arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(self.run_round(server_round), arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -63,6 +83,7 @@ class RecordingFedAvg(FedAvg):
         self, server_round: int, per_site: SiteMetrics, aggregated: MetricRecord | None
     ) -> None:
         """Log each site's training metrics and keep them for the round's record."""
+        server_round = self.run_round(server_round)
         for node, metrics in per_site.items():
             log.info("round %d  site %s  train  %s", server_round, node, _format(metrics))
         self._round = {
@@ -87,6 +108,7 @@ class RecordingFedAvg(FedAvg):
 
     def record_failed_round(self, server_round: int, reason: str) -> None:
         """A round that released no aggregate: log why and record it."""
+        server_round = self.run_round(server_round)
         log.error("round %d  no aggregate released: %s", server_round, reason)
         self._round = {"round": server_round, "sites_trained": 0, "failed": reason}
 
@@ -99,7 +121,7 @@ class RecordingFedAvg(FedAvg):
         self._round.update({"val_per_site": per_site, "val": dict(metrics or {})})
         log.info(
             "round %d  global model on sites' validation data  %s",
-            server_round, _format(dict(metrics or {})),
+            self.run_round(server_round), _format(dict(metrics or {})),
         )
         self._write_round()
         return metrics
