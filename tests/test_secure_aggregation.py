@@ -11,7 +11,6 @@ import pytest
 import torch
 from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, factor_extract
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
-from flwr.supercore.task_identity import TaskIdentity
 
 from pipeline.cache import SiteCache
 from pipeline.checkpoints import load_checkpoint
@@ -79,9 +78,6 @@ def test_site_refuses_to_send_what_would_be_clipped():
 def five_site_rounds(demo_sites, tmp_path_factory):
     """Five sites (partitions 3 and 4 reuse sites 1 and 2), reconstruction threshold 3, three
     rounds: partitions 3 and 4 fail in round 1, partitions 2, 3 and 4 in round 2."""
-    patch = pytest.MonkeyPatch()
-    for attribute in ("_task_id", "_run_id", "_node_id"):
-        patch.setattr(TaskIdentity, attribute, 1)
     cfg = compose_config(
         *FAST_FEDERATION, f"data.sites_root={demo_sites.root}",
         "data.sites=[site1,site2,site3,site1,site2]", "federation.num_rounds=3",
@@ -100,7 +96,6 @@ def five_site_rounds(demo_sites, tmp_path_factory):
         run_federation(grid, cfg, out)
     finally:
         logging.getLogger("fedrad.federation").removeHandler(handler)
-        patch.undo()
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     return cfg, out, grid, rounds, [r.getMessage() for r in records]
 

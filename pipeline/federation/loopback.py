@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 from pipeline.federation.client_app import app as client_app
 
@@ -37,6 +38,9 @@ class LoopbackGrid(Grid):
     """Nodes ``first_node_id ...`` with ``partition-id`` 0 ... ``partitions - 1``."""
 
     def __init__(self, partitions: int, first_node_id: int = 101) -> None:
+        # Outside a Flower runtime, say which run this process serves (as a SuperLink does).
+        for attribute in ("_task_id", "_run_id", "_node_id"):
+            setattr(TaskIdentity, attribute, 1)
         self.contexts = {
             first_node_id + index: Context(
                 run_id=1, node_id=first_node_id + index, node_config={"partition-id": index},

@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from flwr.supercore.task_identity import TaskIdentity
 from hydra import compose, initialize_config_dir
 
 from pipeline.demo_sites import prepare_demo_sites
@@ -72,8 +71,6 @@ def round_times(args: argparse.Namespace, secure: bool, sites: list[SitePaths]) 
 
 
 def bytes_per_site(args: argparse.Namespace, secure: bool) -> float:
-    for attribute in ("_task_id", "_run_id", "_node_id"):
-        setattr(TaskIdentity, attribute, 1)
     cfg = config(args, secure)
     cfg.federation.num_rounds, cfg.federation.fraction_evaluate = 1, 0.0
     grid = LoopbackGrid(partitions=len(cfg.data.sites))
