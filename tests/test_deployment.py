@@ -1,86 +1,37 @@
 """Flower deployment engine on loopback: TLS, SuperNode authentication, resume, docker files.
 
-Every test here is marked ``deployment`` (``pytest -m deployment``). Spawned processes run in
-their own process groups and are killed in teardown.
+Every test here is marked ``deployment`` (``pytest -m deployment``). The coordinator and the
+sites run as separate processes (:class:`pipeline.deployment.loopback.LoopbackDeployment`),
+each in its own process group, killed in teardown.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from opacus.accountants import RDPAccountant
 
-from pipeline.deployment.certificates import CoordinatorCerts, SiteKeys, make_federation_certs
-from pipeline.deployment.coordinator import CoordinatorState, start_superlink
 from pipeline.checkpoints import load_checkpoint
-from pipeline.deployment.flower_cli import flower_env, register_site
+from pipeline.deployment.certificates import CoordinatorCerts, SiteKeys, make_federation_certs
+from pipeline.deployment.loopback import LoopbackDeployment
 from pipeline.privacy.ledger import PrivacyLedger
 from pipeline.sites import SitePaths
-from tests.conftest import FAST_FEDERATION, REPO, compose_config
+from tests.conftest import FAST_FEDERATION, REPO
 
 pytestmark = pytest.mark.deployment
 
 SITES = ["site1", "site2", "site3"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Processes:
-    """Processes a test starts, each in its own process group, with their logs."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.started: list[subprocess.Popen] = []
-
-    def script(self, name: str, overrides: list[str], log_name: str) -> subprocess.Popen:
-        command = [sys.executable, str(REPO / "scripts" / name), *overrides]
-        return self.spawn(command, log_name)
-
-    def spawn(self, command: list[str], log_name: str) -> subprocess.Popen:
-        log = open(self.log_dir / f"{log_name}.log", "w")
-        process = subprocess.Popen(
-            command, cwd=REPO, env=flower_env(), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.started.append(process)
-        return process
-
-    def log(self, log_name: str) -> str:
-        return (self.log_dir / f"{log_name}.log").read_text(errors="replace")
-
-    def kill_all(self) -> None:
-        for process in self.started:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
-
-
-@pytest.fixture
-def processes(tmp_path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
-    yield procs
-    procs.kill_all()
 
 
 @pytest.fixture(scope="module")
@@ -90,35 +41,27 @@ def certs_dir(tmp_path_factory) -> Path:
     return root
 
 
-def deployment_overrides(certs_dir: Path, state_dir: Path, port: int) -> list[str]:
-    return [
-        f"deployment.certs_dir={certs_dir}", f"deployment.state_dir={state_dir}",
-        f"deployment.port={port}",
-    ]
-
-
-def experiment_overrides(sites_root: Path, output_dir: Path, rounds: int = 2) -> list[str]:
+def experiment_overrides(sites_root: Path, output_dir: Path) -> list[str]:
+    """Two quick rounds; no federated evaluation (each message starts a ClientApp process)."""
     return [
         *FAST_FEDERATION, f"data.sites_root={sites_root}", "data.sites=[site1,site2,site3]",
-        f"federation.num_rounds={rounds}", "federation.min_sites=3", f"output_dir={output_dir}",
+        "federation.num_rounds=2", "federation.fraction_evaluate=0.0", "federation.min_sites=3",
+        f"output_dir={output_dir}",
     ]
 
 
-def register_all(flwr_home: Path, certs_dir: Path, sites: list[str]) -> None:
-    """``flwr supernode register`` for each site, in parallel (each CLI call takes seconds)."""
-    threads = [
-        threading.Thread(target=register_site, args=(flwr_home, SiteKeys.under(certs_dir, s).public_key, s))
-        for s in sites
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+@pytest.fixture
+def deployment(demo_sites, tmp_path, certs_dir) -> Iterator[LoopbackDeployment]:
+    """Two rounds over the demo sites, coordinator and sites on loopback."""
+    overrides = experiment_overrides(demo_sites.root, tmp_path / "run")
+    deployment = LoopbackDeployment(tmp_path, overrides, SITES, certs_dir=certs_dir)
+    yield deployment
+    deployment.close()
 
 
-def start_site(processes: Processes, site: str, base: list[str], extra: list[str] = ()) -> subprocess.Popen:
-    overrides = [*base, f"+site=demo_{site}", f"deployment.supernode_port={free_port()}", *extra]
-    return processes.script("site.py", overrides, site)
+def round_records(output_dir: Path) -> list[dict]:
+    path = output_dir / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def test_certificates_chain_and_site_keys(certs_dir):
@@ -136,31 +79,19 @@ def test_certificates_chain_and_site_keys(certs_dir):
         assert oct(keys.private_key.stat().st_mode & 0o777) == "0o600"
 
 
-def test_three_sites_two_rounds_with_tls_and_auth(demo_sites, certs_dir, tmp_path, processes):
-    port = free_port()
-    state_dir, output_dir = tmp_path / "state", tmp_path / "run"
-    base = [*experiment_overrides(demo_sites.root, output_dir), *deployment_overrides(certs_dir, state_dir, port)]
-    coordinator = processes.script("coordinator.py", base, "coordinator")
-    flwr_home = CoordinatorState.under(state_dir).flwr_home
-    _wait_listening(port, coordinator, processes)
-    register_all(flwr_home, certs_dir, SITES)
+def test_three_sites_two_rounds_with_tls_and_auth(deployment):
+    deployment.start_coordinator()
+    deployment.register_sites()
     for site in SITES:
-        start_site(processes, site, base)
-    try:
-        coordinator.wait(timeout=420)
-    except subprocess.TimeoutExpired:
-        pytest.fail("coordinator did not finish:\n" + processes.log("coordinator")[-4000:])
-    assert coordinator.returncode == 0, processes.log("coordinator")[-4000:]
-    rounds = [json.loads(line) for line in (output_dir / "rounds.jsonl").read_text().splitlines()]
+        deployment.start_site(site)
+    assert deployment.wait_coordinator(timeout=420) == 0, deployment.log("coordinator")[-4000:]
+    output_dir = deployment.work_dir / "run"
+    rounds = round_records(output_dir)
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["sites_trained"] == 3 for r in rounds)
     assert (output_dir / "checkpoints" / "round_002.pt").is_file()
     assert (output_dir / "model.pt").is_file()
-
-
-def _round_records(output_dir: Path) -> list[dict]:
-    path = output_dir / "rounds.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    assert "deployment.insecure=true" not in deployment.log("coordinator")
 
 
 def _charged_rounds(sites_root: Path) -> set[int]:
@@ -169,115 +100,92 @@ def _charged_rounds(sites_root: Path) -> set[int]:
     return {entry["round"] for ledger in ledgers for entry in ledger.entries}
 
 
-def _wait_for_mid_round(output_dir: Path, sites_root: Path, coordinator, processes, timeout: float = 300) -> None:
+def _wait_for_mid_round(deployment: LoopbackDeployment, sites_root: Path, timeout: float = 300) -> None:
     """Block until round 1 is completed and a site has charged round 2, which is not completed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert coordinator.poll() is None, processes.log("coordinator")[-4000:]
-        if [r["round"] for r in _round_records(output_dir)] == [1] and 2 in _charged_rounds(sites_root):
+        assert deployment.processes["coordinator"].poll() is None, deployment.log("coordinator")[-4000:]
+        records = [r["round"] for r in round_records(deployment.work_dir / "run")]
+        if records == [1] and 2 in _charged_rounds(sites_root):
             return
         time.sleep(0.1)
-    pytest.fail("round 2 never started:\n" + processes.log("coordinator")[-4000:])
+    pytest.fail("round 2 never started:\n" + deployment.log("coordinator")[-4000:])
 
 
-def test_coordinator_killed_mid_round_resumes(demo_sites, certs_dir, tmp_path, processes):
-    """SIGKILL the whole coordinator in round 2 of 3 under DP-SGD; a restart finishes the run
-    from round 1's model, and no site's privacy budget is charged twice for round 2."""
-    sites_root = tmp_path / "sites"  # private copies: this test's ledgers are its own
-    shutil.copytree(demo_sites.root, sites_root)
-    port = free_port()
-    state_dir, output_dir = tmp_path / "state", tmp_path / "run"
-    base = [
-        *experiment_overrides(sites_root, output_dir, rounds=3),
+@pytest.fixture
+def sites_copy(demo_sites, tmp_path_factory) -> Path:
+    """Private copies of the demo sites: a test's privacy ledgers are its own."""
+    root = tmp_path_factory.mktemp("sites") / "sites"
+    shutil.copytree(demo_sites.root, root)
+    return root
+
+
+@pytest.fixture
+def private_deployment(sites_copy, tmp_path, certs_dir) -> Iterator[tuple[LoopbackDeployment, Path]]:
+    """Two rounds of DP-SGD over the copied sites."""
+    overrides = [
+        *experiment_overrides(sites_copy, tmp_path / "run"),
         "privacy=dp_sgd", "privacy.noise_multiplier=1.0", "privacy.epsilon_budget=1000",
-        *deployment_overrides(certs_dir, state_dir, port),
     ]
-    coordinator = processes.script("coordinator.py", base, "coordinator")
-    _wait_listening(port, coordinator, processes)
-    register_all(CoordinatorState.under(state_dir).flwr_home, certs_dir, SITES)
+    deployment = LoopbackDeployment(tmp_path, overrides, SITES, certs_dir=certs_dir)
+    yield deployment, sites_copy
+    deployment.close()
+
+
+def test_coordinator_killed_mid_round_resumes(private_deployment):
+    """SIGKILL the whole coordinator in round 2 of 2 under DP-SGD; a restart finishes the run
+    from round 1's model, and no site's privacy budget is charged twice for round 2."""
+    deployment, sites_root = private_deployment
+    output_dir = deployment.work_dir / "run"
+    deployment.start_coordinator()
+    deployment.register_sites()
     for site in SITES:
-        start_site(processes, site, base)
-    _wait_for_mid_round(output_dir, sites_root, coordinator, processes)
+        deployment.start_site(site)
+    _wait_for_mid_round(deployment, sites_root)
     round_1 = (output_dir / "checkpoints" / "round_001.pt").read_bytes()
-    os.killpg(coordinator.pid, signal.SIGKILL)  # the SuperLink and the ServerApp with it
-    coordinator.wait()
+    deployment.kill("coordinator")  # with its SuperLink and ServerApp
     assert not (output_dir / "checkpoints" / "round_002.pt").exists()
 
-    restarted = processes.script("coordinator.py", base, "coordinator")
-    try:
-        restarted.wait(timeout=420)
-    except subprocess.TimeoutExpired:
-        pytest.fail("restarted coordinator did not finish:\n" + processes.log("coordinator")[-4000:])
-    log = processes.log("coordinator")
-    assert restarted.returncode == 0, log[-4000:]
-    assert "resuming" in log and "after round 1" in log
-    assert [r["round"] for r in _round_records(output_dir)] == [1, 2, 3]
-    assert all(r["sites_trained"] == 3 for r in _round_records(output_dir))
+    deployment.start_coordinator()
+    assert deployment.wait_coordinator(timeout=420) == 0, deployment.log("coordinator")[-4000:]
+    assert "resuming" in deployment.log("coordinator") and "after round 1" in deployment.log("coordinator")
+    assert [r["round"] for r in round_records(output_dir)] == [1, 2]
+    assert all(r["sites_trained"] == 3 for r in round_records(output_dir))
     assert (output_dir / "checkpoints" / "round_001.pt").read_bytes() == round_1
     final, _ = load_checkpoint(output_dir / "model.pt")
-    last, meta = load_checkpoint(output_dir / "checkpoints" / "round_003.pt")
-    assert meta["round"] == 3 and all(torch.equal(final[k], last[k]) for k in last)
-    assert any(not torch.equal(last[k], torch.load(io.BytesIO(round_1))["state_dict"][k]) for k in last)
+    last, meta = load_checkpoint(output_dir / "checkpoints" / "round_002.pt")
+    assert meta["round"] == 2 and all(torch.equal(final[k], last[k]) for k in last)
+    first = torch.load(io.BytesIO(round_1), weights_only=True)["state_dict"]
+    assert any(not torch.equal(last[k], first[k]) for k in last)
 
     run_id = json.loads((output_dir / "run.json").read_text())["run_id"]
     for site in SITES:
         ledger = PrivacyLedger.for_cache(SitePaths.under(sites_root, site).cache_dir, "rdp")
-        assert sorted(e["key"] for e in ledger.entries) == [f"{run_id}:{r}" for r in (1, 2, 3)]
+        assert sorted(e["key"] for e in ledger.entries) == [f"{run_id}:{r}" for r in (1, 2)]
         histories = [e["history"] for e in ledger.entries]
-        assert histories[0] == histories[1] == histories[2]  # one charge per round
+        assert histories[0] == histories[1]  # one charge per round
         independent = RDPAccountant()
-        independent.history = [tuple(step) for step in histories[0] * 3]
+        independent.history = [tuple(step) for step in histories[0] * 2]
         delta = ledger.entries[-1]["delta"]
         assert ledger.spent(delta) == pytest.approx(independent.get_epsilon(delta), rel=1e-9)
 
 
-def _wait_listening(port: int, process: subprocess.Popen, processes: Processes, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, processes.log("coordinator")[-4000:]
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"nothing listens on {port}:\n" + processes.log("coordinator")[-4000:])
-
-
-@pytest.fixture
-def lone_superlink(certs_dir, tmp_path) -> Iterator[tuple[Path, int]]:
-    """A SuperLink with TLS and authentication on which only site1 is registered."""
-    port = free_port()
-    cfg = compose_config(*deployment_overrides(certs_dir, tmp_path / "state", port))
-    superlink = start_superlink(cfg.deployment)
-    try:
-        register_all(CoordinatorState.under(cfg.deployment.state_dir).flwr_home, certs_dir, ["site1"])
-        yield tmp_path / "state", port
-    finally:
-        superlink.kill()
-        superlink.wait()
-
-
-def test_unregistered_site_and_foreign_ca_are_refused(demo_sites, certs_dir, lone_superlink, tmp_path, processes):
-    state_dir, port = lone_superlink
-    base = [
-        *experiment_overrides(demo_sites.root, tmp_path / "unused"),
-        *deployment_overrides(certs_dir, state_dir, port), "deployment.max_wait_s=20",
-    ]
+def test_unregistered_site_and_foreign_ca_are_refused(deployment, tmp_path):
+    deployment.start_coordinator()
+    deployment.register_sites(["site1"])
     foreign = tmp_path / "foreign"
     make_federation_certs(foreign, [], ["site1"])
-    unregistered = start_site(processes, "site2", base)
-    wrong_ca = start_site(processes, "site1", base, [f"deployment.root_certificate={foreign / 'ca.crt'}"])
+    unregistered = deployment.start_site("site2", ["deployment.max_wait_s=20"])
+    wrong_ca = deployment.start_site(
+        "site1", ["deployment.max_wait_s=20", f"deployment.root_certificate={foreign / 'ca.crt'}"]
+    )
     assert unregistered.wait(timeout=120) != 0
-    assert "Failed to activate SuperNode" in processes.log("site2")
+    assert "Failed to activate SuperNode" in deployment.log("site2")
     assert wrong_ca.wait(timeout=120) != 0
-    assert "CERTIFICATE_VERIFY_FAILED" in processes.log("site1")
+    assert "CERTIFICATE_VERIFY_FAILED" in deployment.log("site1")
 
 
 def test_compose_file_runs_project_entry_points():
-    import shutil
-
-    import yaml
-
     compose_file = REPO / "docker" / "compose.yaml"
     services = yaml.safe_load(compose_file.read_text())["services"]
     assert {"certs", "coordinator", "register", "site1", "site2", "site3"} <= set(services)

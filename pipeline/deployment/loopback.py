@@ -1,0 +1,142 @@
+"""A whole deployment on one machine: the coordinator and each site as separate processes on
+127.0.0.1, running the project's own commands (``scripts/coordinator.py``, ``scripts/site.py``)
+with TLS and SuperNode authentication unless ``insecure``. Used by the deployment tests and
+benchmarks; a real federation runs the same commands on separate machines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pipeline.deployment.certificates import SiteKeys, make_federation_certs
+from pipeline.deployment.coordinator import CoordinatorState
+from pipeline.deployment.flower_cli import flower_env, register_site
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LoopbackDeployment:
+    """Certificates, coordinator and sites under ``work_dir`` (logs in ``work_dir/logs``).
+
+    ``overrides`` are the Hydra overrides of the experiment, given to every command; each
+    site ``<name>`` runs with ``+site=demo_<name>`` (``conf/site/demo_<name>.yaml``).
+    """
+
+    def __init__(
+        self, work_dir: Path, overrides: list[str], sites: list[str],
+        insecure: bool = False, certs_dir: Path | None = None,
+    ) -> None:
+        self.work_dir = Path(work_dir)
+        self.sites = sites
+        self.insecure = insecure
+        self.certs_dir = certs_dir or self.work_dir / "certs"
+        self.state_dir = self.work_dir / "state"
+        self.port = free_port()
+        self.overrides = [
+            *overrides, f"deployment.certs_dir={self.certs_dir}",
+            f"deployment.state_dir={self.state_dir}", f"deployment.port={self.port}",
+            f"deployment.insecure={str(insecure).lower()}",
+        ]
+        self.processes: dict[str, subprocess.Popen] = {}
+        (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def log(self, name: str) -> str:
+        """Everything process ``name`` (``coordinator`` or a site) printed so far."""
+        return (self.work_dir / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def _spawn(self, name: str, script: str, extra: list[str]) -> subprocess.Popen:
+        """Run ``scripts/<script>`` in its own process group, appending to its log."""
+        log = open(self.work_dir / "logs" / f"{name}.log", "a")
+        command = [sys.executable, str(REPO / "scripts" / script), *self.overrides, *extra]
+        process = subprocess.Popen(
+            command, cwd=REPO, env=flower_env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes[name] = process
+        return process
+
+    def make_certs(self) -> None:
+        if not self.insecure and not (self.certs_dir / "ca.crt").is_file():
+            make_federation_certs(self.certs_dir, [], self.sites)
+
+    def start_coordinator(self, timeout: float = 90) -> subprocess.Popen:
+        """Start the coordinator and return once its SuperLink listens."""
+        process = self._spawn("coordinator", "coordinator.py", [])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError("the coordinator exited:\n" + self.log("coordinator")[-4000:])
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return process
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"nothing listens on port {self.port}:\n" + self.log("coordinator")[-4000:])
+
+    def register_sites(self, sites: list[str] | None = None) -> None:
+        """``flwr supernode register`` each site's public key, in parallel."""
+        if self.insecure:
+            return
+        flwr_home = CoordinatorState.under(self.state_dir).flwr_home
+        threads = [
+            threading.Thread(
+                target=register_site, args=(flwr_home, SiteKeys.under(self.certs_dir, s).public_key, s)
+            )
+            for s in sites or self.sites
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def start_site(self, site: str, extra: list[str] = ()) -> subprocess.Popen:
+        return self._spawn(site, "site.py", [
+            f"+site=demo_{site}", f"deployment.supernode_port={free_port()}", *extra,
+        ])
+
+    def wait_coordinator(self, timeout: float) -> int:
+        """The coordinator's exit code; raises with its log when it does not end in time."""
+        try:
+            return self.processes["coordinator"].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError("the coordinator did not finish:\n" + self.log("coordinator")[-4000:]) from None
+
+    def kill(self, name: str) -> None:
+        """SIGKILL process ``name`` and every process it started (its process group)."""
+        process = self.processes[name]
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+    def close(self) -> None:
+        for name in list(self.processes):
+            self.kill(name)
+
+    def run(self, timeout: float = 1800) -> None:
+        """The whole federation: coordinator, registrations, sites, until the run ends."""
+        self.make_certs()
+        try:
+            self.start_coordinator()
+            self.register_sites()
+            for site in self.sites:
+                self.start_site(site)
+            if self.wait_coordinator(timeout) != 0:
+                raise RuntimeError("the coordinator failed:\n" + self.log("coordinator")[-4000:])
+        finally:
+            self.close()
