@@ -83,6 +83,12 @@ def recorded_rounds(output_dir: Path) -> dict[int, str]:
     return records
 
 
+def round_wall_times(output_dir: Path) -> list[float]:
+    """Each recorded round's wall time in seconds, in round order (for benchmarks)."""
+    records = (json.loads(line) for _, line in sorted(recorded_rounds(output_dir).items()))
+    return [float(r["wall_s"]) for r in records]
+
+
 def checkpointed_rounds(output_dir: Path) -> list[int]:
     """Rounds with a global-model checkpoint, in increasing order."""
     folder = output_dir / "checkpoints"

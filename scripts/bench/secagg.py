@@ -15,7 +15,9 @@ default demo sites, whose caches stay as they are).
   (:class:`pipeline.federation.loopback.LoopbackGrid`) running the same ServerApp and
   ClientApp code: the payload of every reply a site sends in the round (parameters or
   masked vector, keys, shares, metrics), summed per site.
-* Deployment (SuperLink + SuperNodes) is not measured here: ``time_ratio_deployment`` is null.
+* Deployment: the same rounds with coordinator and sites as separate processes on loopback
+  (TLS and SuperNode authentication, :class:`pipeline.deployment.loopback.LoopbackDeployment`),
+  once per mode; ``--no-deployment`` skips it (``time_ratio_deployment`` null).
 
 The last line is ``RESULT {json}`` with ``time_ratio``, ``time_ratio_deployment`` and
 ``bytes_ratio`` (secure / plain).
@@ -34,13 +36,16 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.demo_sites import prepare_demo_sites
+from pipeline.deployment.loopback import LoopbackDeployment
 from pipeline.federation.loopback import LoopbackGrid
+from pipeline.federation.resume import round_wall_times
 from pipeline.federation.server_app import run_federation
 from pipeline.federation.simulation import simulate
 from pipeline.preprocess import preprocess_site
 from pipeline.sites import SitePaths
 
 REPO = Path(__file__).resolve().parents[2]
+SITES = ["site1", "site2", "site3"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,25 +54,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--model", default="resnet18_groupnorm")
+    parser.add_argument("--no-deployment", action="store_true", help="simulation only")
     return parser.parse_args()
 
 
-def config(args: argparse.Namespace, secure: bool):
+def overrides(args: argparse.Namespace, secure: bool) -> list[str]:
     sites_root = REPO / "outputs" / "bench" / f"secagg_sites_{args.image_size}px"
-    overrides = [
+    return [
         "experiment=demo", f"data.sites_root={sites_root}", f"model={args.model}", f"data.image_size={args.image_size}",
         "federation.local_epochs=1", f"federation.num_rounds={args.rounds}",
         f"federation.secure_aggregation={str(secure).lower()}", "data.prepare_demo=false",
     ]
+
+
+def config(args: argparse.Namespace, secure: bool):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        return compose("config", overrides=overrides(args, secure))
 
 
 def round_times(args: argparse.Namespace, secure: bool, sites: list[SitePaths]) -> list[float]:
     with tempfile.TemporaryDirectory() as out:
         simulate(config(args, secure), sites, Path(out))
-        rounds = [json.loads(line) for line in (Path(out) / "rounds.jsonl").read_text().splitlines()]
-    return [r["wall_s"] for r in rounds[1:]]
+        return round_wall_times(Path(out))[1:]
+
+
+def deployment_round_times(args: argparse.Namespace, secure: bool) -> list[float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        extra = [f"output_dir={run}", "federation.min_sites=3"]
+        LoopbackDeployment(Path(tmp), [*overrides(args, secure), *extra], SITES).run()
+        return round_wall_times(run)[1:]
 
 
 def bytes_per_site(args: argparse.Namespace, secure: bool) -> float:
@@ -93,25 +109,30 @@ def main() -> None:
     for _ in range(args.repeats):
         for secure in (False, True):
             times[secure] += round_times(args, secure, sites)
+    deployed = {} if args.no_deployment else {
+        secure: statistics.median(deployment_round_times(args, secure)) for secure in (False, True)
+    }
     torch.set_num_threads(1)
     sizes = {secure: bytes_per_site(args, secure) for secure in (False, True)}
 
     plain, secure = statistics.median(times[False]), statistics.median(times[True])
     print(f"{args.model}, {len(sites)} sites, {args.image_size} px, one local epoch, "
           f"{args.rounds} rounds x {args.repeats} repeats per mode (round 1 excluded)")
-    print(f"{'mode':<12}{'round s (sim)':>15}{'MB sent / site':>16}")
+    print(f"{'mode':<12}{'round s (sim)':>15}{'round s (deployed)':>20}{'MB sent / site':>16}")
     for name, secure_mode in (("plain", False), ("SecAgg+", True)):
         median = statistics.median(times[secure_mode])
-        print(f"{name:<12}{median:>15.2f}{sizes[secure_mode] / 1e6:>16.2f}")
+        deployed_s = f"{deployed[secure_mode]:.2f}" if deployed else "-"
+        print(f"{name:<12}{median:>15.2f}{deployed_s:>20}{sizes[secure_mode] / 1e6:>16.2f}")
     result = {
         "time_ratio": round(secure / plain, 3),
-        "time_ratio_deployment": None,
+        "time_ratio_deployment": round(deployed[True] / deployed[False], 3) if deployed else None,
         "bytes_ratio": round(sizes[True] / sizes[False], 3),
         "round_s_plain": plain,
         "round_s_secure": secure,
         "bytes_per_site_plain": int(sizes[False]),
         "bytes_per_site_secure": int(sizes[True]),
-        "deployment_note": "not measured: deployment engine (SuperLink/SuperNodes) not run",
+        "round_s_deployment_plain": deployed.get(False),
+        "round_s_deployment_secure": deployed.get(True),
     }
     print("RESULT " + json.dumps(result))
 

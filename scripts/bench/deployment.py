@@ -1,0 +1,169 @@
+"""A round's wall time in deployment (SuperLink + SuperNodes) against simulation, and where
+the difference goes.
+
+    python scripts/bench/deployment.py                       # demo experiment, 3 sites, 64 px
+    python scripts/bench/deployment.py --rounds 4 --model small_cnn
+
+The same experiment (``experiment=demo`` with one local epoch per round) federates the same
+three demo sites three ways, one after the other in one run:
+
+* simulation: Flower's simulation engine, every site a Ray actor in one long-lived process;
+* deployment with TLS and SuperNode authentication (the default), coordinator and sites as
+  separate processes on loopback (:class:`pipeline.deployment.loopback.LoopbackDeployment`);
+* the same deployment in plain text (``deployment.insecure=true``).
+
+A round's wall time is ``wall_s`` of ``rounds.jsonl``; round 1 is excluded (start-up). Where
+the difference goes: Flower 1.41's SuperNode starts a fresh ``flwr-clientapp`` process for
+every message (``--isolation process`` only moves that launch outside the SuperNode; there is
+no long-lived ClientApp mode), so each message pays Python start-up and the import of
+fedrad's ClientApp (torch, Lightning, MONAI, Opacus), measured here; TLS is the difference
+between the two deployments; serialisation is the measured protobuf round trip of one model
+message.
+
+The last line is ``RESULT {json}`` with ``ratio`` (deployment / simulation round time) and the
+components.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import serde
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from hydra import compose, initialize_config_dir
+
+from pipeline.demo_sites import prepare_demo_sites
+from pipeline.deployment.loopback import LoopbackDeployment
+from pipeline.federation.loopback import LoopbackGrid
+from pipeline.federation.resume import round_wall_times
+from pipeline.federation.run_config import CONFIG_KEY, experiment_yaml
+from pipeline.federation.simulation import simulate
+from pipeline.preprocess import preprocess_site
+from pipeline.sites import SitePaths
+from pipeline.training import build_classifier
+
+REPO = Path(__file__).resolve().parents[2]
+SITES = ["site1", "site2", "site3"]
+CORES = 2  # these machines; the sites share them
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="resnet18")
+    return parser.parse_args()
+
+
+def overrides(args: argparse.Namespace, sites_root: Path, output_dir: Path) -> list[str]:
+    return [
+        "experiment=demo", f"model={args.model}", f"data.image_size={args.image_size}",
+        f"data.sites_root={sites_root}", "data.prepare_demo=false", "federation.local_epochs=1",
+        f"federation.num_rounds={args.rounds}", "federation.min_sites=3", f"output_dir={output_dir}",
+    ]
+
+
+def compose_config(items: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=items)
+
+
+def simulation_times(args: argparse.Namespace, sites: list[SitePaths], work: Path) -> list[float]:
+    cfg = compose_config(overrides(args, sites[0].work_dir.parents[1], work / "simulation"))
+    simulate(cfg, sites, work / "simulation")
+    return round_wall_times(work / "simulation")[1:]
+
+
+def deployment_times(args: argparse.Namespace, sites_root: Path, work: Path, insecure: bool) -> list[float]:
+    name = "insecure" if insecure else "tls"
+    deployment = LoopbackDeployment(
+        work / name, overrides(args, sites_root, work / name / "run"), SITES, insecure=insecure
+    )
+    deployment.run()
+    return round_wall_times(work / name / "run")[1:]
+
+
+def clientapp_startup_s(repeats: int = 3) -> float:
+    """Median wall time of a fresh process importing fedrad's ClientApp."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import pipeline.federation.client_app"], check=True, cwd=REPO)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def serialisation_s(cfg) -> float:
+    """Median protobuf round trip of one training message carrying the model."""
+    LoopbackGrid(partitions=1)  # sets Flower's task identity, as a runtime would
+    state = build_classifier(cfg, seed=0).net.state_dict()
+    message = Message(
+        RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({CONFIG_KEY: experiment_yaml(cfg)})}),
+        dst_node_id=1, message_type="train",
+    )
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        data = serde.message_to_proto(message).SerializeToString()
+        serde.message_from_proto(ProtoMessage.FromString(data))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    sites_root = REPO / "outputs" / "bench" / f"deployment_sites_{args.image_size}px"
+    sites = [SitePaths.under(sites_root, name) for name in SITES]
+    prepare_demo_sites(sites_root, n_sites=len(sites))
+    cfg = compose_config(overrides(args, sites_root, Path("unused")))
+    for site in sites:
+        preprocess_site(site, cfg.preprocess)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        simulation = statistics.median(simulation_times(args, sites, work))
+        tls = statistics.median(deployment_times(args, sites_root, work, insecure=False))
+        plain = statistics.median(deployment_times(args, sites_root, work, insecure=True))
+    torch.set_num_threads(1)
+    startup = clientapp_startup_s()
+    serialise = serialisation_s(cfg)
+    messages_per_site = 2  # a training and an evaluation message per round
+    startup_per_round = messages_per_site * startup * max(1.0, len(SITES) / CORES)
+
+    print(f"{args.model}, {len(SITES)} sites, {args.image_size} px, one local epoch, "
+          f"{args.rounds} rounds per mode (round 1 excluded), {CORES} cores")
+    print(f"{'mode':<26}{'round s':>10}")
+    for name, value in (("simulation", simulation), ("deployment (TLS + auth)", tls),
+                        ("deployment (plain text)", plain)):
+        print(f"{name:<26}{value:>10.2f}")
+    print(f"ClientApp process start-up per message: {startup:.2f} s "
+          f"(x {messages_per_site} messages per site per round, {len(SITES)} sites on {CORES} cores: "
+          f"~{startup_per_round:.1f} s per round)")
+    print(f"TLS: {tls - plain:+.2f} s per round; model message serialisation round trip: "
+          f"{serialise * 1e3:.1f} ms")
+    result = {
+        "ratio": round(tls / simulation, 3),
+        "round_s_simulation": simulation,
+        "round_s_deployment": tls,
+        "round_s_deployment_insecure": plain,
+        "tls_s_per_round": round(tls - plain, 3),
+        "clientapp_startup_s": round(startup, 3),
+        "startup_s_per_round_estimate": round(startup_per_round, 3),
+        "serialisation_ms_per_message": round(serialise * 1e3, 3),
+    }
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
