@@ -25,7 +25,7 @@ test: setup
 	$(PY) -m pytest
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not deployment"
 
 bench: setup
 	$(PY) scripts/bench/train_loop.py
