@@ -39,6 +39,7 @@ from tqdm import tqdm
 from pipeline.acceptance import AcceptanceRules, rejection_reason
 from pipeline.cache import ARRAYS_DIR, MANIFEST_NAME, SPLITS
 from pipeline.files import atomic_write
+from pipeline.governance.revocation import CONSENT_REVOKED, revoked_patients
 from pipeline.labels import CLASS_NAMES, label_index
 from pipeline.pseudonym import ensure_secret, image_key, keyed_hash, load_secret, patient_key
 from pipeline.readers import UnreadableImage, image_format, not_image_reason, open_image, special_file_reason
@@ -393,11 +394,17 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
             stem = patient_ids.get(rel, "")
             record.patient_key = patient_key(secret, stem.strip() or Path(rel).name.split(".")[0])
 
+    revoked = revoked_patients(paths.work_dir)
+    for record in records.values():
+        if record.status == "accepted" and record.patient_key in revoked:
+            record.status, record.reason = "rejected", CONSENT_REVOKED
     accepted = [records[rel] for rel in files if records[rel].status == "accepted"]
-    label_of = {r.file: label_index(labels[r.file]) for r in accepted}
+    # Revoked patients still take part in the split, so that no other patient changes split.
+    withdrawn = [records[rel] for rel in files if records[rel].reason == CONSENT_REVOKED]
+    label_of = {r.file: label_index(labels[r.file]) for r in accepted + withdrawn}
     split_cfg = cfg["split"]
     split_of = assign_splits(
-        patient_labels((r.patient_key, label_of[r.file]) for r in accepted),
+        patient_labels((r.patient_key, label_of[r.file]) for r in accepted + withdrawn),
         float(split_cfg["val_fraction"]), float(split_cfg["test_fraction"]), int(split_cfg["seed"]),
     )
     manifest = pd.DataFrame(

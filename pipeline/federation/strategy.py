@@ -12,6 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from pipeline.governance.heads import record_heads
+
 log = logging.getLogger("fedrad.federation")
 
 SiteMetrics = dict[str, dict[str, float]]
@@ -31,6 +33,15 @@ def _site_metrics(replies: list[Message]) -> SiteMetrics:
         record = next(iter(reply.content.metric_records.values()))
         per_site[str(reply.metadata.src_node_id)] = {k: float(v) for k, v in record.items()}
     return per_site
+
+
+def _ledger_heads(replies: list[Message]) -> dict[str, dict]:
+    """The ledger head (seq, head, ledger key id) each replying site reported, by node id."""
+    return {
+        str(reply.metadata.src_node_id): dict(reply.content.config_records["ledger"])
+        for reply in replies
+        if not reply.has_error() and "ledger" in reply.content.config_records
+    }
 
 
 def _format(metrics: dict[str, float]) -> str:
@@ -117,8 +128,12 @@ class RecordingFedAvg(FedAvg):
     ) -> MetricRecord | None:
         replies = list(replies)
         per_site = _site_metrics(replies)
+        heads = _ledger_heads(replies)
+        record_heads(self.rounds_file.parent, self.run_round(server_round), heads)
         metrics = super().aggregate_evaluate(server_round, replies)
-        self._round.update({"val_per_site": per_site, "val": dict(metrics or {})})
+        self._round.update(
+            {"val_per_site": per_site, "val": dict(metrics or {}), "ledger_heads": heads}
+        )
         log.info(
             "round %d  global model on sites' validation data  %s",
             self.run_round(server_round), _format(dict(metrics or {})),

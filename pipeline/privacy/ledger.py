@@ -1,18 +1,24 @@
-"""A site's persistent privacy ledger: every DP-SGD round it trained, on its own disk.
+"""A site's persistent privacy accounting: every DP-SGD round it trained, on its own disk.
 
-``<site work dir>/privacy_ledger.json`` (next to the site's ``cache`` folder) holds one entry
-per round, keyed by run id and round so that a round is never charged twice: the Opacus
-accountant history of the round, and the cumulative epsilon at the site's delta after it.
-Nothing resets it: a restarted site, or a new federation run, keeps adding to the same ledger,
-and the site refuses to train once the next round would take it past its budget.
+The rounds themselves are ``round`` entries of the site's signed ledger
+(:mod:`pipeline.governance.ledger`), each with the Opacus accountant history of the round and
+the cumulative epsilon at the site's delta after it. ``<site work dir>/privacy_ledger.json``
+(next to the site's ``cache`` folder) lists which ``run:round`` keys count against the budget;
+for each, the latest signed entry of that key is read, so that a round trained again replaces
+its charge instead of adding to it. Nothing resets it: a restarted site, or a new federation
+run, keeps adding to the same ledger, and the site refuses to train once the next round would
+take it past its budget.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from pipeline.files import atomic_write
+from pipeline.governance.ledger import LEDGER_NAME as SIGNED_LEDGER_NAME
+from pipeline.governance.ledger import SiteLedger
+from pipeline.governance.rounds import round_key
 from pipeline.privacy.dp import RoundPlan, epsilon_of
 
 LEDGER_NAME = "privacy_ledger.json"
@@ -23,14 +29,14 @@ class PrivacyBudgetExhausted(RuntimeError):
 
 
 class PrivacyLedger:
-    """The ledger file of one site (see the module docstring)."""
+    """The privacy accounting of one site (see the module docstring)."""
 
     def __init__(self, path: Path, accountant: str) -> None:
         self.path = Path(path)
         self.accountant = accountant
-        self.entries: list[dict] = (
-            json.loads(self.path.read_text())["rounds"] if self.path.is_file() else []
-        )
+        self.signed = SiteLedger(self.path.parent / SIGNED_LEDGER_NAME)
+        keys = json.loads(self.path.read_text())["rounds"] if self.path.is_file() else []
+        self.entries: list[dict] = self._signed_rounds(keys)
 
     @classmethod
     def for_cache(cls, cache_dir: Path, accountant: str) -> "PrivacyLedger":
@@ -39,7 +45,21 @@ class PrivacyLedger:
 
     @staticmethod
     def key(run_id: str, server_round: int) -> str:
-        return f"{run_id}:{server_round}"
+        return round_key(run_id, server_round)
+
+    def _signed_rounds(self, keys: list[str]) -> list[dict]:
+        """The body (with its ``key``) of the latest signed DP round entry of each key."""
+        latest = {
+            self.key(e["body"]["run"], e["body"]["round"]): e["body"]
+            for e in self.signed.entries() if e["kind"] == "round" and "history" in e["body"]
+        }
+        missing = [k for k in keys if k not in latest]
+        if missing:
+            raise ValueError(
+                f"{self.path} charges rounds {missing} that have no DP round entry in "
+                f"{self.signed.path}: check it with scripts/ledger.py action=verify"
+            )
+        return [latest[k] | {"key": k} for k in keys]
 
     def history(self, excluding: str | None = None) -> list[list]:
         """Accountant history of every recorded round (optionally all but one key)."""
@@ -63,17 +83,20 @@ class PrivacyLedger:
             )
         return after
 
-    def record(self, run_id: str, server_round: int, history: list, delta: float) -> float:
-        """Charge a trained round (replacing an entry with the same key); returns the
-        cumulative epsilon at ``delta``. The file is replaced atomically."""
-        key = self.key(run_id, server_round)
-        self.entries = [e for e in self.entries if e["key"] != key]
-        self.entries.append({"key": key, "run": run_id, "round": server_round,
-                             "history": [list(step) for step in history]})
-        epsilon = self.spent(delta)
-        self.entries[-1].update(epsilon=epsilon, delta=delta, accountant=self.accountant)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".json.partial")
-        partial.write_text(json.dumps({"rounds": self.entries}, indent=1))
-        os.replace(partial, self.path)
-        return epsilon
+    def charge(self, run_id: str, server_round: int, history: list, delta: float) -> dict:
+        """The privacy fields of a trained round's ledger entry: its accountant ``history``
+        and the cumulative ``epsilon`` at ``delta`` once it replaces any charge of its key."""
+        history = [list(step) for step in history]
+        before = self.history(excluding=self.key(run_id, server_round))
+        epsilon = epsilon_of(before + history, delta, self.accountant)
+        return {"epsilon": epsilon, "delta": delta, "accountant": self.accountant, "history": history}
+
+    def record(self, entry: dict) -> float:
+        """Count a signed ``round`` entry (made with :meth:`charge`'s fields) against the
+        budget, replacing the charge of the same ``run:round``; returns the cumulative epsilon.
+        The key list is replaced atomically."""
+        key = self.key(entry["body"]["run"], entry["body"]["round"])
+        keys = [e["key"] for e in self.entries if e["key"] != key] + [key]
+        self.entries = self._signed_rounds(keys)
+        atomic_write(self.path, json.dumps({"rounds": keys}, indent=1).encode())
+        return float(entry["body"]["epsilon"])

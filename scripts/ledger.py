@@ -1,0 +1,51 @@
+"""List or verify a site's tamper-evident ledger.
+
+    python scripts/ledger.py +site=demo_site1                       # list every entry
+    python scripts/ledger.py +site=demo_site1 action=verify         # check hashes, links, signatures
+    python scripts/ledger.py +site=demo_site1 action=verify \
+        heads=outputs/runs/X/ledger_heads.jsonl                   # and against the coordinator
+
+With ``heads`` (the coordinator's copy of the heads the site reported each round) a truncated or
+rewritten tail is caught too; with ``public_key`` (a copy of the site's ledger_signing.pub kept
+elsewhere) a ledger re-signed with a replaced key is caught as well. Exits with status 1 and
+names each entry when tampering is found.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.deployment.site import configured_site
+from pipeline.governance.heads import verify_site_ledger
+from pipeline.governance.keys import load_public_key
+from pipeline.governance.ledger import SiteLedger, describe
+
+ACTIONS = ("show", "verify")
+
+
+@hydra.main(config_path="../conf", config_name="ledger", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if cfg.action not in ACTIONS:
+        raise ValueError(f"action={cfg.action}: expected one of {ACTIONS}")
+    work_dir = configured_site(cfg).work_dir
+    public_key = load_public_key(Path(cfg.public_key)) if cfg.public_key else None
+    ledger = SiteLedger.for_reading(work_dir, public_key)
+    problems = verify_site_ledger(work_dir, Path(cfg.heads) if cfg.heads else None, public_key)
+    if cfg.action == "show":
+        for entry in ledger.entries():
+            print(describe(entry))
+    for problem in problems:
+        print(f"TAMPERED: {problem}")
+    if problems:
+        sys.exit(1)
+    seq, head = ledger.head()
+    against = f", consistent with {cfg.heads}" if cfg.heads else ""
+    print(f"{ledger.path}: intact{against}; {seq} entries, head {head[:12]}..., key {ledger.key_id}")
+
+
+if __name__ == "__main__":
+    main()

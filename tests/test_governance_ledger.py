@@ -1,0 +1,324 @@
+"""The site ledger: tampering of each kind is caught; a federated round and a consent
+revocation are recorded in it; a revoked patient leaves the cache and every later round."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from pipeline.cache import MANIFEST_NAME, SiteCache
+from pipeline.checkpoints import load_checkpoint
+from pipeline.datamodule import CacheDataModule
+from pipeline.federation.site_task import train_site
+from pipeline.governance.code_hash import code_hash
+from pipeline.governance.heads import HEADS_NAME, coordinator_heads, verify_site_ledger
+from pipeline.governance.keys import private_key_path
+from pipeline.governance.ledger import GENESIS, LedgerCorrupted, SiteLedger, canonical_json, entry_hash
+from pipeline.governance.revocation import CONSENT_REVOKED
+from pipeline.governance.rounds import experiment_sha256, rows_sha256, state_sha256, trained_patients
+from pipeline.preprocess import preprocess_site
+from pipeline.privacy.ledger import PrivacyLedger
+from pipeline.pseudonym import load_secret, patient_key
+from pipeline.sites import SitePaths
+from pipeline.training import build_classifier
+
+from tests.conftest import DEMO_IMAGE_SIZE, FAST_FEDERATION, compose_config
+
+pytestmark = pytest.mark.governance
+
+REPO = Path(__file__).resolve().parents[1]
+Lines = list[str]
+
+
+@pytest.fixture
+def ledger(tmp_path) -> SiteLedger:
+    """A site ledger with five entries."""
+    ledger = SiteLedger.for_site(tmp_path)
+    for n in range(1, 6):
+        ledger.append("note", {"n": n})
+    return ledger
+
+
+def rewrite(ledger: SiteLedger, change: Callable[[Lines], Lines]) -> None:
+    """Tamper with the ledger file: replace its lines with ``change(lines)``."""
+    lines = ledger.path.read_text().splitlines(keepends=True)
+    ledger.path.write_text("".join(change(lines)))
+
+
+def resigned(lines: Lines, key: Ed25519PrivateKey, start: int, body: dict) -> Lines:
+    """The lines with entry ``start`` given ``body`` and it and every later entry re-hashed,
+    re-linked and re-signed with ``key``: a forgery that is consistent apart from the key."""
+    entries = [json.loads(line) for line in lines]
+    entries[start - 1]["body"] = body
+    prev = entries[start - 2]["hash"] if start > 1 else GENESIS
+    for entry in entries[start - 1:]:
+        entry["prev"] = prev
+        entry["hash"] = prev = entry_hash(entry)
+        entry["signature"] = key.sign(bytes.fromhex(entry["hash"])).hex()
+    return [canonical_json(e).decode() + "\n" for e in entries]
+
+
+def edit_body(lines: Lines) -> Lines:
+    entry = json.loads(lines[2])
+    entry["body"]["n"] = 99
+    return lines[:2] + [canonical_json(entry).decode() + "\n"] + lines[3:]
+
+
+TAMPERING = {
+    "edited body": (edit_body, ["entry 3 (note, line 3): its hash does not match its contents"]),
+    "reordered": (
+        lambda lines: [lines[0], lines[2], lines[1], *lines[3:]],
+        ["entry 3 (note, line 2): sequence number 3 where 2", "entry 3 (note, line 2): does not link",
+         "entry 2 (note, line 3): sequence number 2 where 4", "entry 2 (note, line 3): does not link",
+         "entry 4 (note, line 4): sequence number 4 where 3", "entry 4 (note, line 4): does not link"],
+    ),
+    "middle entry removed": (
+        lambda lines: lines[:2] + lines[3:],
+        ["entry 4 (note, line 3): sequence number 4 where 3", "entry 4 (note, line 3): does not link"],
+    ),
+    "forged with another key": (
+        lambda lines: resigned(lines, Ed25519PrivateKey.generate(), 3, {"n": 99}),
+        [f"entry {n} (note, line {n}): signature is not the site key's" for n in (3, 4, 5)],
+    ),
+    "line not JSON": (
+        lambda lines: lines[:1] + ["{garbage\n"] + lines[2:],
+        ["line 2 (expected entry 2): not a ledger entry", "entry 3 (note, line 3): does not link"],
+    ),
+}
+
+
+def test_intact_ledger_verifies(ledger):
+    entries = ledger.entries()
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
+    assert entries[0]["prev"] == GENESIS and entries[1]["prev"] == entries[0]["hash"]
+    assert ledger.head() == (5, entries[-1]["hash"])
+    assert ledger.verify([(5, entries[-1]["hash"])]) == []
+    assert SiteLedger.for_reading(ledger.path.parent).verify() == []  # with the published key
+    assert private_key_path(ledger.path.parent).stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("kind", TAMPERING)
+def test_tampering_is_detected_and_named(ledger, kind):
+    change, expected = TAMPERING[kind]
+    rewrite(ledger, change)
+    problems = ledger.verify()
+    for start in expected:
+        assert any(p.startswith(start) for p in problems), (start, problems)
+    assert len(problems) == len(expected), problems
+
+
+def test_truncated_or_rewritten_tail_is_caught_by_the_reported_heads(ledger):
+    heads = [(e["seq"], e["hash"]) for e in ledger.entries()]
+    rewrite(ledger, lambda lines: lines[:3])
+    assert ledger.verify() == []  # a shortened chain is still a valid chain ...
+    problems = ledger.verify(heads)  # ... but not the one the coordinator was told about
+    assert [p.split(" was")[0] for p in problems] == ["entry 4", "entry 5"]
+    assert "its tail was removed" in problems[-1]
+
+    ledger.append("note", {"n": 40})  # a new tail, signed with the site's own key
+    ledger.append("note", {"n": 50})
+    assert ledger.verify() == []
+    problems = ledger.verify(heads)
+    assert problems == [
+        f"entry {n} differs from the head reported to the coordinator ({heads[n - 1][1][:12]}...): "
+        "history was rewritten" for n in (4, 5)
+    ]
+
+
+def test_torn_last_line_stops_appends(ledger):
+    with ledger.path.open("a") as handle:
+        handle.write('{"seq": 6, "ti')
+    with pytest.raises(LedgerCorrupted, match="last line is not a whole entry"):
+        ledger.append("note", {"n": 6})
+    assert any(p.startswith("line 6 (expected entry 6): not a ledger entry") for p in ledger.verify())
+
+
+def _append_many(work_dir: Path, count: int) -> None:
+    ledger = SiteLedger.for_site(work_dir)
+    for n in range(count):
+        ledger.append("note", {"writer": os.getpid(), "n": n})
+
+
+def test_concurrent_appends_from_threads_and_processes_keep_the_chain(tmp_path):
+    context = multiprocessing.get_context("fork")
+    workers = [threading.Thread(target=_append_many, args=(tmp_path, 25)) for _ in range(3)]
+    workers += [context.Process(target=_append_many, args=(tmp_path, 25)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    ledger = SiteLedger.for_site(tmp_path)
+    assert [e["seq"] for e in ledger.entries()] == list(range(1, 126))
+    assert ledger.verify() == []
+
+
+# --- a real federated round and a consent revocation on the demo sites -----------------------
+
+
+def run_id_of(demo_run: Path) -> str:
+    return json.loads((demo_run / "run.json").read_text())["run_id"]
+
+
+def round_entries(work_dir: Path, run_id: str) -> list[dict]:
+    entries = SiteLedger.for_reading(work_dir).entries()
+    return [e for e in entries if e["kind"] == "round" and e["body"]["run"] == run_id]
+
+
+@pytest.mark.slow  # shares the session's demo federation (tests/conftest.py demo_run)
+def test_federated_round_is_signed_into_each_site_ledger_and_heads_reach_the_coordinator(
+    demo_run, demo_sites
+):
+    run_id = run_id_of(demo_run)
+    heads_file = demo_run / HEADS_NAME
+    aggregate, _ = load_checkpoint(demo_run / "checkpoints" / "round_001.pt")
+    cfg = compose_config(*FAST_FEDERATION, f"data.sites_root={demo_sites.root}",
+                         "data.prepare_demo=false", "federation.num_rounds=1")  # as demo_run ran
+    received, reported = set(), []
+    for site in demo_sites.sites:
+        [entry] = round_entries(site.work_dir, run_id)
+        body = entry["body"]
+        manifest = SiteCache(site.cache_dir).manifest()
+        train_rows = manifest[manifest["split"] == "train"]
+        assert body["round"] == 1 and body["images"] == len(train_rows)
+        assert body["data_sha256"] == rows_sha256(train_rows)
+        assert body["patients"] == train_rows["patient_key"].nunique()
+        assert body["code_sha256"] == code_hash()
+        assert body["config_sha256"] == experiment_sha256(cfg)
+        received.add(body["global_model_sha256"])
+        patients = trained_patients(site.work_dir)[f"{run_id}:1"]
+        assert patients == sorted(set(train_rows["patient_key"]))
+        # The site entered the aggregate it evaluated, and reported that entry as its head.
+        ledger = SiteLedger.for_reading(site.work_dir)
+        [evaluation] = [e for e in ledger.entries()
+                        if e["kind"] == "evaluation" and e["body"]["run"] == run_id]
+        assert evaluation["body"] == {"run": run_id, "round": 1,
+                                      "global_model_sha256": state_sha256(aggregate)}
+        assert coordinator_heads(heads_file, ledger.key_id) == [(evaluation["seq"], evaluation["hash"])]
+        assert evaluation["seq"] > entry["seq"]
+        reported.append(evaluation["hash"])
+        assert verify_site_ledger(site.work_dir, heads_file) == []
+    assert len(received) == 1  # every site received the same global model
+    rounds = [json.loads(line) for line in (demo_run / "rounds.jsonl").read_text().splitlines()]
+    assert sorted(h["head"] for h in rounds[0]["ledger_heads"].values()) == sorted(reported)
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def trained_patient_id(site: SitePaths) -> tuple[str, str]:
+    """(source PatientID, key) of a patient in the site's train split, from its DICOM headers."""
+    secret = load_secret(site.secret_file)
+    manifest = SiteCache(site.cache_dir).manifest()
+    train_keys = set(manifest.loc[manifest["split"] == "train", "patient_key"])
+    for path in sorted(site.input_dir.glob("*.dcm")):
+        patient_id = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
+        if patient_key(secret, patient_id) in train_keys:
+            return patient_id, patient_key(secret, patient_id)
+    raise AssertionError(f"no train patient found in {site.input_dir}")
+
+
+@pytest.mark.slow  # shares the session's demo federation (tests/conftest.py demo_run)
+def test_revoked_patient_leaves_the_cache_and_every_later_round(demo_run, demo_sites, tmp_path):
+    site = SitePaths.under(tmp_path / "sites", demo_sites.sites[0].name)  # this test's own copy
+    shutil.copytree(demo_sites.sites[0].work_dir.parent, site.work_dir.parent)
+    run_id = run_id_of(demo_run)
+    patient_id, key = trained_patient_id(site)
+    before = SiteCache(site.cache_dir).manifest()
+    images = before.loc[before["patient_key"] == key, "image_key"].tolist()
+    assert images and key in trained_patients(site.work_dir)[f"{run_id}:1"]
+
+    done = run_script("revoke_patient.py", "+site=demo_site1", f"data.sites_root={tmp_path / 'sites'}",
+                      f"patient_id={patient_id}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"patient {key}: {len(images)} images removed" in done.stdout
+    assert f"rounds that trained on this patient: {run_id}:1" in done.stdout
+    [round_one] = round_entries(site.work_dir, run_id)
+    assert f"{run_id}:1  site update sent  {round_one['body']['update_sha256']}" in done.stdout
+    state, _ = load_checkpoint(demo_run / "checkpoints" / "round_001.pt")  # the released aggregate
+    assert f"{run_id}:1  global model received  {state_sha256(state)}" in done.stdout
+
+    after = SiteCache(site.cache_dir).manifest()
+    assert key not in set(after["patient_key"]) and len(after) == len(before) - len(images)
+    assert not any(SiteCache(site.cache_dir).array_path(k).exists() for k in images)
+    revocation = SiteLedger.for_site(site.work_dir).entries()[-1]
+    assert revocation["kind"] == "revocation"
+    assert revocation["body"] == {"patient_key": key, "images_removed": len(images),
+                                  "rounds": [f"{run_id}:1"]}
+
+    # The next round trains without the patient.
+    cfg = compose_config(*FAST_FEDERATION, f"data.sites_root={tmp_path / 'sites'}")
+    datamodule = CacheDataModule.from_config(cfg.data, [site.cache_dir], seed=0)
+    train_rows = after[after["split"] == "train"]
+    assert datamodule.num_train_examples == len(train_rows)
+    _, metrics = train_site(cfg, site.cache_dir, state, server_round=2, run_id=run_id)
+    assert metrics["num-examples"] == len(train_rows)
+    round_two = trained_patients(site.work_dir)[f"{run_id}:2"]
+    assert round_two and key not in round_two
+    assert round_entries(site.work_dir, run_id)[-1]["body"]["global_model_sha256"] == state_sha256(state)
+
+    # Preprocessing again never adds the patient back, and moves no other patient's split.
+    manifest_after_revocation = site.cache_dir.joinpath(MANIFEST_NAME).read_bytes()
+    preprocess_site(site, compose_config(f"data.sites_root={tmp_path / 'sites'}",
+                                         f"data.image_size={DEMO_IMAGE_SIZE}",
+                                         "preprocess.workers=1").preprocess)
+    assert site.cache_dir.joinpath(MANIFEST_NAME).read_bytes() == manifest_after_revocation
+    assert not any(SiteCache(site.cache_dir).array_path(k).exists() for k in images)
+    report = (site.work_dir / "report.csv").read_text()
+    assert report.count(CONSENT_REVOKED) == len(images)
+
+    # The source id is nowhere in what fedrad wrote (nor in Hydra's run folder: there is none).
+    assert SiteLedger.for_reading(site.work_dir).verify() == []
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and site.input_dir not in p.parents
+               and p != site.labels_csv]
+    assert site.work_dir / "ledger.jsonl" in written
+    assert not [p for p in written if patient_id.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow  # shares the session's demo federation (tests/conftest.py demo_run)
+def test_ledger_script_names_tampering_against_the_coordinator_heads(demo_run, demo_sites, tmp_path):
+    site = SitePaths.under(tmp_path / "sites", demo_sites.sites[1].name)
+    shutil.copytree(demo_sites.sites[1].work_dir.parent, site.work_dir.parent)
+    assert verify_site_ledger(site.work_dir, demo_run / HEADS_NAME) == []
+    [entry] = round_entries(site.work_dir, run_id_of(demo_run))
+    ledger = SiteLedger.for_reading(site.work_dir)
+    [(reported, _)] = coordinator_heads(demo_run / HEADS_NAME, ledger.key_id)
+    rewrite(ledger, lambda lines: lines[:entry["seq"] - 1])  # the round never happened, locally
+    assert ledger.verify() == []
+    tampered = run_script("ledger.py", "+site=demo_site2", f"data.sites_root={tmp_path / 'sites'}",
+                          "action=verify", f"heads={demo_run / HEADS_NAME}", cwd=tmp_path)
+    assert tampered.returncode == 1, tampered.stderr[-3000:]
+    assert f"TAMPERED: entry {reported} was reported to the coordinator" in tampered.stdout
+
+
+def test_privacy_budget_is_read_from_the_signed_round_entries(demo_sites, tmp_path):
+    site = SitePaths.under(tmp_path, "site1")
+    shutil.copytree(demo_sites.sites[0].cache_dir, site.cache_dir)
+    cfg = compose_config(*FAST_FEDERATION, f"data.sites_root={tmp_path}", "privacy=dp_sgd",
+                         "privacy.noise_multiplier=1.0", "data.augment.prob=0")
+    initial = build_classifier(cfg, seed=0).net.state_dict()
+    first = train_site(cfg, site.cache_dir, initial, 1, run_id="run-a")[1]["epsilon"]
+    again = train_site(cfg, site.cache_dir, initial, 1, run_id="run-a")[1]["epsilon"]  # re-run round
+    signed = round_entries(site.work_dir, "run-a")
+    assert [e["body"]["round"] for e in signed] == [1, 1]
+    assert [e["body"]["epsilon"] for e in signed] == [first, again] and again == pytest.approx(first)
+    accounting = PrivacyLedger.for_cache(site.cache_dir, "rdp")
+    assert [e["key"] for e in accounting.entries] == ["run-a:1"]  # the latest entry, charged once
+    assert accounting.entries[0]["history"] == signed[-1]["body"]["history"]
+
+    rewrite(SiteLedger.for_site(site.work_dir), lambda lines: [])  # the signed rounds are gone
+    with pytest.raises(ValueError, match=r"charges rounds \['run-a:1'\] that have no DP round entry"):
+        PrivacyLedger.for_cache(site.cache_dir, "rdp")
