@@ -32,13 +32,18 @@ def configured_site(cfg: DictConfig) -> SitePaths:
     return site_from_config(cfg.site)
 
 
-def supernode_command(dep: DictConfig, cache_dir: Path) -> list[str]:
-    """``flower-supernode`` for one site's cache."""
+def supernode_command(dep: DictConfig, cache_dir: Path, governance: DictConfig) -> list[str]:
+    """``flower-supernode`` for one site's cache, with the site's own job-approval policy."""
+    node_config = (
+        f"cache-dir='{cache_dir.resolve()}' "
+        f"require-approval={str(bool(governance.require_approval)).lower()} "
+        f"auto-approve={str(bool(governance.auto_approve_simulated_sites)).lower()}"
+    )
     command = [
         flower_cli.flower_tool("flower-supernode"),
         "--superlink", str(dep.superlink),
         *supernode_security_args(dep),
-        "--node-config", f"cache-dir='{cache_dir.resolve()}'",
+        "--node-config", node_config,
         "--port", str(dep.supernode_port),
     ]
     if dep.max_wait_s is not None:
@@ -49,7 +54,10 @@ def supernode_command(dep: DictConfig, cache_dir: Path) -> list[str]:
 def run_site(cfg: DictConfig) -> NoReturn:
     """Preprocess (unchanged files are skipped), then become the site's SuperNode."""
     site = configured_site(cfg)
-    command = supernode_command(cfg.deployment, site.cache_dir)
+    command = supernode_command(cfg.deployment, site.cache_dir, cfg.governance)
     preprocess_site(site, cfg.preprocess)  # logs the site's summary
     log.info("site %s connecting to the coordinator at %s", site.name, cfg.deployment.superlink)
+    if cfg.governance.auto_approve_simulated_sites:
+        log.warning("site %s approves every undecided job automatically "
+                    "(governance.auto_approve_simulated_sites): for demo sites only", site.name)
     os.execve(command[0], command, flower_cli.flower_env())

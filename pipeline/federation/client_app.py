@@ -6,6 +6,8 @@ No pixel, no identifier and no file name leaves the site. Under secure aggregati
 (:mod:`pipeline.federation.secure_aggregation`) the same handler runs inside Flower's SecAgg+
 mod, which masks the parameters before they leave; under DP-SGD the metrics include the
 site's cumulative ``epsilon``, and a site whose budget is spent replies with an error.
+The reply to an evaluation message holds scalar metrics and the head of the site's ledger
+(:mod:`pipeline.governance.heads`), which the coordinator keeps.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import warnings
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pipeline.federation.run_config import (
@@ -25,6 +27,8 @@ from pipeline.federation.run_config import (
 )
 from pipeline.federation.secure_aggregation import secure_aggregation_mod
 from pipeline.federation.site_task import evaluate_site, train_site
+from pipeline.governance.rounds import evaluation_head
+from pipeline.governance.approval import site_governance
 
 app = ClientApp()
 
@@ -44,6 +48,7 @@ def _unpack(message: Message, context: Context):
     """The experiment config, this site's cache folder and the global model's state."""
     config = message.content["config"]
     cfg = experiment_from_yaml(str(config[CONFIG_KEY]))
+    cfg.governance = site_governance(dict(context.node_config), cfg)
     if "epsilon-budget" in context.node_config and "privacy" in cfg:
         # A deployed site may hold itself to a tighter budget than the coordinator proposes.
         budget = min(float(context.node_config["epsilon-budget"]), float(cfg.privacy.epsilon_budget))
@@ -82,9 +87,14 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Evaluate the received global model on this site's validation split."""
-    cfg, cache_dir, state, _ = _unpack(message, context)
+    """Evaluate the received global model on this site's validation split; the reply also
+    carries the head of the site's ledger (``ledger``: seq, head, key id), in the clear."""
+    cfg, cache_dir, state, server_round = _unpack(message, context)
     metrics = evaluate_site(cfg, cache_dir, state, split="val")
     num_examples = int(metrics.pop("num-examples"))
-    content = RecordDict({"metrics": _metric_record(metrics, num_examples)})
+    run_id = str(message.content["config"].get(RUN_ID_KEY, context.run_id))
+    head = evaluation_head(cache_dir.parent, run_id, server_round, state)
+    content = RecordDict(
+        {"metrics": _metric_record(metrics, num_examples), "ledger": ConfigRecord(head)}
+    )
     return Message(content=content, reply_to=message)

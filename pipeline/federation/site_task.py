@@ -2,7 +2,9 @@
 
 The ClientApp only unpacks Flower messages, calls these functions and packs the reply, so
 the same code trains centrally, locally and federated, with or without secure aggregation.
-With ``privacy.enabled`` the round is DP-SGD, charged to the site's privacy ledger.
+Every trained round is a signed ``round`` entry of the site's ledger
+(:mod:`pipeline.governance.rounds`); with ``privacy.enabled`` the round is DP-SGD, and that
+entry is charged to the site's privacy budget.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.datamodule import CacheDataModule
+from pipeline.governance.approval import enforce_approval
+from pipeline.governance.rounds import TrainedRound
 from pipeline.privacy.dp import DPSettings, PoissonDataModule, PrivateTraining, plan_round
 from pipeline.privacy.ledger import PrivacyLedger
 from pipeline.training import build_classifier, build_trainer, evaluate, train
@@ -37,12 +41,17 @@ def train_site(
     Returns the updated state dict and scalar metrics including ``num-examples`` (and, under
     DP-SGD, the site's cumulative ``epsilon`` at its ``delta``). Under DP-SGD, raises
     :class:`pipeline.privacy.ledger.PrivacyBudgetExhausted` instead of exceeding the budget.
+    Before anything else, raises :class:`pipeline.governance.approval.JobNotApproved` unless
+    the site's data owner approved this job (``cfg.governance``).
     """
+    enforce_approval(cfg, cache_dir.parent)
+    trained = TrainedRound.start(cfg, cache_dir, global_state, server_round, run_id)
     seed = round_seed(cfg, server_round)
     classifier = build_classifier(cfg, seed=seed)
     classifier.net.load_state_dict(global_state)
     datamodule = CacheDataModule.from_config(cfg.data, [cache_dir], seed=seed)
     trainer = build_trainer(cfg, max_epochs=int(cfg.federation.local_epochs), lean=True)
+    ledger, privacy = None, None
     if not cfg.get("privacy", {}).get("enabled"):
         metrics = train(classifier, datamodule, trainer)
     else:
@@ -56,9 +65,12 @@ def train_site(
         classifier.private = PrivateTraining(plan, settings.max_grad_norm, settings.accountant)
         metrics = train(classifier, PoissonDataModule(datamodule), trainer)
         history = classifier.private.accountant.history
-        epsilon = ledger.record(run_id, server_round, history, plan.delta)
-        metrics |= {"epsilon": epsilon, "delta": plan.delta}
+        privacy = ledger.charge(run_id, server_round, history, plan.delta)
+        metrics |= {"epsilon": privacy["epsilon"], "delta": plan.delta}
     state = {k: v.detach().cpu() for k, v in classifier.net.state_dict().items()}
+    entry = trained.record(state, privacy)
+    if ledger is not None:
+        ledger.record(entry)
     return state, metrics
 
 
