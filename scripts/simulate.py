@@ -3,10 +3,13 @@
     python scripts/simulate.py experiment=demo                # the embedded demo, 3 sites
     python scripts/simulate.py experiment=pneumonia_primia    # the study preset
     python scripts/simulate.py federation.num_rounds=10 data.sites=[site1,site2]
+    python scripts/simulate.py -m hparams_search=demo_optuna experiment=demo   # Optuna search
 
 Steps: build the demo sites if asked (``data.prepare_demo``), preprocess every site
 (unchanged files are skipped), federate with Flower, then evaluate the final global model
-on the sites' held-out test patients.
+on the sites' held-out test patients. Returns that test ROC-AUC (pneumonia vs normal) or, when
+``optimized_metric`` is set (hyper-parameter search), the last round's validation metric of
+that name, which the search maximises.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.federation.objective import validation_metric
 from pipeline.federation.simulation import run
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    return run(cfg, Path(cfg.output_dir))
+    output_dir = Path(cfg.output_dir)
+    test_auroc = run(cfg, output_dir)
+    metric = cfg.get("optimized_metric")
+    return validation_metric(output_dir, metric) if metric else test_auroc
 
 
 if __name__ == "__main__":
