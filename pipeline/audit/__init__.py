@@ -1,0 +1,1 @@
+"""Attack-based privacy audit: membership inference, gradient inversion, report and release policy."""

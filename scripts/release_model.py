@@ -1,0 +1,43 @@
+"""Release a model only if its privacy audit exists, is of this exact file and passes the policy.
+
+    python scripts/release_model.py release.model=outputs/runs/X/model.pt
+    python scripts/release_model.py release.model=runs/demo_private/model.pt \
+        release.audit=runs/audit/audit.json audit.release.folder=outputs/releases/v1
+
+The audit (``audit.json`` of ``scripts/audit_privacy.py``; default ``audit/audit.json``
+next to the model) must list the model file's sha256, and its figures must stay within
+``audit.release`` (max membership ROC-AUC, max TPR at 1% FPR, max reconstruction SSIM).
+Then the model and its audit are copied into ``audit.release.folder``; otherwise the
+script exits with status 1 and names every violated threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.audit.release import ReleasePolicy, ReleaseRefused, release_model
+from pipeline.audit.report import AUDIT_JSON
+
+log = logging.getLogger("fedrad.release")
+
+
+@hydra.main(config_path="../conf", config_name="release_model", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    model = Path(cfg.release.model)
+    audit_json = Path(cfg.release.audit or model.parent / "audit" / AUDIT_JSON)
+    try:
+        released = release_model(model, audit_json, ReleasePolicy.from_config(cfg.audit.release),
+                                 Path(cfg.audit.release.folder))
+    except ReleaseRefused as refusal:
+        log.error("%s", refusal)
+        sys.exit(1)
+    log.info("released %s", released)
+
+
+if __name__ == "__main__":
+    main()
