@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +9,8 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from matplotlib.figure import Figure
 
-from pipeline.report.figures import _png as png_bytes
+from pipeline.report.build import write_report_files
+from pipeline.report.figures import png_bytes
 from pipeline.report.html import number
 
 AUDIT_JSON = "audit.json"
@@ -90,11 +89,4 @@ def write_audit_report(audit: dict[str, Any], images: dict[str, np.ndarray], out
         "membership_scores.png": score_figure(audit),
         "inversion.png": inversion_figure(images),
     }
-    for name, png in figures.items():
-        (output_dir / name).write_bytes(png)
-    audit = audit | {"figures": sorted(figures)}
-    (output_dir / AUDIT_JSON).write_text(json.dumps(audit, indent=1) + "\n")
-    embedded = {name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in figures.items()}
-    path = output_dir / AUDIT_HTML
-    path.write_text(render(audit, embedded), encoding="utf-8")
-    return path
+    return write_report_files(output_dir, audit, figures, render, AUDIT_JSON, AUDIT_HTML)

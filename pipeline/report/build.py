@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,11 +90,24 @@ def write_clinical_report(report: dict[str, Any], output_dir: str | Path) -> Pat
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     figures = {name: draw(report) for name, draw in FIGURES.items()}
+    return write_report_files(output_dir, report, figures, render, REPORT_JSON, REPORT_HTML)
+
+
+def write_report_files(
+    output_dir: Path,
+    content: dict[str, Any],
+    figures: dict[str, bytes],
+    render: Callable[[dict[str, Any], dict[str, str]], str],
+    json_name: str,
+    html_name: str,
+) -> Path:
+    """Write the figures (PNG), ``content`` as JSON and the self-contained HTML page (figures
+    embedded as data URIs, rendered by ``render``) into ``output_dir``; return the HTML path."""
     for name, png in figures.items():
         (output_dir / name).write_bytes(png)
-    report = report | {"figures": sorted(figures)}
-    (output_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    content = content | {"figures": sorted(figures)}
+    (output_dir / json_name).write_text(json.dumps(content, indent=2) + "\n")
     embedded = {name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in figures.items()}
-    path = output_dir / REPORT_HTML
-    path.write_text(render(report, embedded), encoding="utf-8")
+    path = output_dir / html_name
+    path.write_text(render(content, embedded), encoding="utf-8")
     return path

@@ -15,7 +15,7 @@ from pipeline.report.analysis import PNEUMONIA_TASK
 DPI = 110
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
@@ -42,7 +42,7 @@ def confusion_matrices(report: dict[str, Any]) -> bytes:
     fig = Figure(figsize=(3.6 * len(panels), 3.6))
     for ax, (title, matrix, columns) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
         _matrix(ax, np.asarray(matrix), columns, title)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def roc(report: dict[str, Any]) -> bytes:
@@ -65,7 +65,7 @@ def roc(report: dict[str, Any]) -> bytes:
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title="Pneumonia vs normal",
            xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)")
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def calibration(report: dict[str, Any]) -> bytes:
@@ -81,7 +81,7 @@ def calibration(report: dict[str, Any]) -> bytes:
     edges = np.linspace(0, 1, data["bins"] + 1)
     bottom.bar(edges[:-1], data["images_per_bin"], width=np.diff(edges), align="edge", edgecolor="white")
     bottom.set(xlabel="predicted probability of pneumonia", ylabel="images")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 FIGURES = {"confusion_matrices.png": confusion_matrices, "roc.png": roc, "calibration.png": calibration}
