@@ -41,12 +41,12 @@ def certs_dir(tmp_path_factory) -> Path:
     return root
 
 
-def experiment_overrides(sites_root: Path, output_dir: Path) -> list[str]:
+def experiment_overrides(sites_root: Path, output_dir: Path, min_sites: int = 3) -> list[str]:
     """Two quick rounds; no federated evaluation (each message starts a ClientApp process)."""
     return [
         *FAST_FEDERATION, f"data.sites_root={sites_root}", "data.sites=[site1,site2,site3]",
-        "federation.num_rounds=2", "federation.fraction_evaluate=0.0", "federation.min_sites=3",
-        f"output_dir={output_dir}",
+        "federation.num_rounds=2", "federation.fraction_evaluate=0.0",
+        f"federation.min_sites={min_sites}", f"output_dir={output_dir}",
     ]
 
 
@@ -54,6 +54,16 @@ def experiment_overrides(sites_root: Path, output_dir: Path) -> list[str]:
 def deployment(demo_sites, tmp_path, certs_dir) -> Iterator[LoopbackDeployment]:
     """Two rounds over the demo sites, coordinator and sites on loopback."""
     overrides = experiment_overrides(demo_sites.root, tmp_path / "run")
+    deployment = LoopbackDeployment(tmp_path, overrides, SITES, certs_dir=certs_dir)
+    yield deployment
+    deployment.close()
+
+
+@pytest.fixture
+def dropout_deployment(demo_sites, tmp_path, certs_dir) -> Iterator[LoopbackDeployment]:
+    """Two rounds that accept two sites' updates but start only when all three are connected."""
+    overrides = [*experiment_overrides(demo_sites.root, tmp_path / "run", min_sites=2),
+                 "federation.min_available_sites=3"]
     deployment = LoopbackDeployment(tmp_path, overrides, SITES, certs_dir=certs_dir)
     yield deployment
     deployment.close()
@@ -79,16 +89,35 @@ def test_certificates_chain_and_site_keys(certs_dir):
         assert oct(keys.private_key.stat().st_mode & 0o777) == "0o600"
 
 
-def test_three_sites_two_rounds_with_tls_and_auth(deployment):
+def _wait_for_log(deployment: LoopbackDeployment, name: str, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in deployment.log(name):
+        assert time.monotonic() < deadline, f"{name} never logged {text!r}:\n" + deployment.log(name)[-4000:]
+        assert deployment.processes["coordinator"].poll() is None, deployment.log("coordinator")[-4000:]
+        time.sleep(0.2)
+
+
+def test_three_sites_with_tls_and_auth_and_a_killed_site_rejoins(dropout_deployment):
+    """Three TLS-authenticated sites; site1 is SIGKILLed while training round 1 and restarted
+    at once: round 1 goes on without it, and it trains again in round 2."""
+    deployment = dropout_deployment
     deployment.start_coordinator()
     deployment.register_sites()
     for site in SITES:
         deployment.start_site(site)
-    assert deployment.wait_coordinator(timeout=420) == 0, deployment.log("coordinator")[-4000:]
+    _wait_for_log(deployment, "site1", "Start `flwr-clientapp` process")  # training its first round
+    deployment.kill("site1")
+    before_restart = len(deployment.log("site1"))
+    deployment.start_site("site1")
+    assert deployment.wait_coordinator(timeout=600) == 0, deployment.log("coordinator")[-4000:]
     output_dir = deployment.work_dir / "run"
     rounds = round_records(output_dir)
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["sites_trained"] == 3 for r in rounds)
+    assert [r["sites_trained"] for r in rounds] == [2, 3]
+    assert "Node Unavailable" in deployment.log("coordinator")
+    restarted = deployment.log("site1")[before_restart:]
+    assert "a restarted site is refused" in restarted  # refused while its old session looks alive
+    assert "Receiving: train message" in restarted  # then rejoined
     assert (output_dir / "checkpoints" / "round_002.pt").is_file()
     assert (output_dir / "model.pt").is_file()
     assert "deployment.insecure=true" not in deployment.log("coordinator")
@@ -175,9 +204,10 @@ def test_unregistered_site_and_foreign_ca_are_refused(deployment, tmp_path):
     deployment.register_sites(["site1"])
     foreign = tmp_path / "foreign"
     make_federation_certs(foreign, [], ["site1"])
-    unregistered = deployment.start_site("site2", ["deployment.max_wait_s=20"])
+    no_retry = ["deployment.max_wait_s=20", "deployment.rejoin_wait_s=0"]
+    unregistered = deployment.start_site("site2", no_retry)
     wrong_ca = deployment.start_site(
-        "site1", ["deployment.max_wait_s=20", f"deployment.root_certificate={foreign / 'ca.crt'}"]
+        "site1", [*no_retry, f"deployment.root_certificate={foreign / 'ca.crt'}"]
     )
     assert unregistered.wait(timeout=120) != 0
     assert "Failed to activate SuperNode" in deployment.log("site2")

@@ -8,7 +8,11 @@ and runs fedrad's ClientApp on ``cache-dir`` for every message it receives.
 from __future__ import annotations
 
 import logging
-import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -51,6 +55,61 @@ def supernode_command(dep: DictConfig, cache_dir: Path, governance: DictConfig) 
     return command
 
 
+# What flower-supernode prints (it exits with status 1) when the SuperLink cannot be reached or
+# refuses to activate the node, e.g. a restarted site whose previous session still looks alive.
+CONNECTION_ERROR = "Exit Code: 305"
+REJOIN_RETRY_S = 5.0
+
+
+def _supernode_refused(command: list[str]) -> tuple[int, bool]:
+    """Run the SuperNode, echoing its output; (exit status, whether its connection was refused).
+
+    The SuperNode is reaped as soon as it exits (its SuperExec helper, which shares the output
+    pipe, only stops once its parent is gone). SIGTERM is passed on to the SuperNode.
+    """
+    process = subprocess.Popen(command, env=flower_cli.flower_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    refused = threading.Event()
+
+    def echo() -> None:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if CONNECTION_ERROR in line:
+                refused.set()
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    code = process.wait()
+    reader.join(timeout=10)
+    return code, refused.is_set()
+
+
+def run_supernode(command: list[str], site: str, rejoin_wait_s: float) -> int:
+    """Run the SuperNode until it exits; retry a refused connection for ``rejoin_wait_s``.
+
+    Flower keeps a node "online" until it misses two heartbeats (30 s apart), and refuses to
+    activate the same key again meanwhile: a site restarted after a crash is refused for up to
+    a minute, then rejoins.
+    """
+    deadline = time.monotonic() + rejoin_wait_s
+    while True:
+        code, refused = _supernode_refused(command)
+        if not refused:
+            return code
+        if time.monotonic() >= deadline:
+            log.error("site %s could not join: check that its key is registered at the coordinator "
+                      "(flwr supernode register), the address and the CA certificate", site)
+            return code
+        log.warning(
+            "site %s: the coordinator refused or could not be reached; a restarted site is refused "
+            "until its previous session misses two heartbeats (about a minute). Retrying in %.0f s "
+            "(deployment.rejoin_wait_s)", site, REJOIN_RETRY_S,
+        )
+        time.sleep(REJOIN_RETRY_S)
+
+
 def run_site(cfg: DictConfig) -> NoReturn:
     """Preprocess (unchanged files are skipped), then become the site's SuperNode."""
     site = configured_site(cfg)
@@ -60,4 +119,4 @@ def run_site(cfg: DictConfig) -> NoReturn:
     if cfg.governance.auto_approve_simulated_sites:
         log.warning("site %s approves every undecided job automatically "
                     "(governance.auto_approve_simulated_sites): for demo sites only", site.name)
-    os.execve(command[0], command, flower_cli.flower_env())
+    sys.exit(run_supernode(command, site.name, float(cfg.deployment.rejoin_wait_s)))

@@ -26,9 +26,12 @@ from pipeline.federation.run_config import (
     site_cache_dir,
 )
 from pipeline.federation.secure_aggregation import secure_aggregation_mod
-from pipeline.federation.site_task import evaluate_site, train_site
 from pipeline.governance.rounds import evaluation_head
 from pipeline.governance.approval import site_governance
+
+# Deployed, every message runs in a fresh process that imports this module: the training
+# stack (Lightning, MONAI, Opacus) is imported only by the handlers that train or evaluate,
+# not by the three SecAgg+ stages that only exchange keys, shares and masks.
 
 app = ClientApp()
 
@@ -74,6 +77,8 @@ def _test_only_dropout(cfg, context: Context, server_round: int) -> None:
 @app.train(mods=[secure_aggregation_mod])
 def train(message: Message, context: Context) -> Message:
     """Train the received global model locally and reply with the update."""
+    from pipeline.federation.site_task import train_site
+
     cfg, cache_dir, state, server_round = _unpack(message, context)
     _test_only_dropout(cfg, context, server_round)
     run_id = str(message.content["config"].get(RUN_ID_KEY, context.run_id))
@@ -89,6 +94,8 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split; the reply also
     carries the head of the site's ledger (``ledger``: seq, head, key id), in the clear."""
+    from pipeline.federation.site_task import evaluate_site
+
     cfg, cache_dir, state, server_round = _unpack(message, context)
     metrics = evaluate_site(cfg, cache_dir, state, split="val")
     num_examples = int(metrics.pop("num-examples"))

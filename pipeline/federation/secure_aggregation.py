@@ -48,7 +48,6 @@ from omegaconf import DictConfig
 
 from pipeline.federation.run_config import CONFIG_KEY, experiment_from_yaml
 from pipeline.federation.strategy import RecordingFedAvg, TooFewSites
-from pipeline.privacy.ledger import PrivacyBudgetExhausted
 from pipeline.privacy.secagg import SecAggSettings, num_sites
 
 log = logging.getLogger("fedrad.federation")
@@ -200,6 +199,8 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def _stop_if_budgets_spent(self, server_round: int, state: WorkflowState) -> None:
         """Sites out of privacy budget never train again: stop when too few are left."""
+        # Imported here: the ClientApp imports this module, and Opacus with the ledger is slow.
+        from pipeline.privacy.ledger import PrivacyBudgetExhausted
         refused = {str(f) for f in state.failures if PrivacyBudgetExhausted.__name__ in str(f)}
         able = len(state.sampled_node_ids) - len(refused)
         if able < self.recorder.min_train_nodes:

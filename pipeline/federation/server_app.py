@@ -76,7 +76,7 @@ def run_federation(
         fraction_evaluate=float(fed.fraction_evaluate),
         min_train_nodes=int(fed.min_sites),
         min_evaluate_nodes=int(fed.min_sites),
-        min_available_nodes=int(fed.min_sites),
+        min_available_nodes=int(fed.get("min_available_sites") or fed.min_sites),
     )
     shared = {CONFIG_KEY: experiment_yaml(cfg), RUN_ID_KEY: run_id}
     checkpointer = RoundCheckpointer(output_dir, cfg, start.completed_round)

@@ -44,6 +44,18 @@ def _ledger_heads(replies: list[Message]) -> dict[str, dict]:
     }
 
 
+def wait_for_sites(grid: Grid, count: int) -> None:
+    """Block until ``count`` sites are connected.
+
+    Flower's FedAvg sizes its sample (``fraction_train`` of the connected sites) *before* it
+    waits for ``min_available_nodes``: a round configured while sites are still connecting
+    would leave some out. Waiting here first makes the fraction apply to all of them.
+    """
+    while (connected := len(list(grid.get_node_ids()))) < count:
+        log.info("waiting for sites to connect: %d of %d", connected, count)
+        time.sleep(2)
+
+
 def _format(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k != "num-examples")
 
@@ -74,11 +86,13 @@ class RecordingFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        wait_for_sites(grid, self.min_available_nodes)
         return super().configure_train(self.run_round(server_round), arrays, config, grid)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        wait_for_sites(grid, self.min_available_nodes)
         return super().configure_evaluate(self.run_round(server_round), arrays, config, grid)
 
     def aggregate_train(
