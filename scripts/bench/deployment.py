@@ -16,7 +16,9 @@ A round's wall time is ``wall_s`` of ``rounds.jsonl``; round 1 is excluded (star
 the difference goes: Flower 1.41's SuperNode starts a fresh ``flwr-clientapp`` process for
 every message (``--isolation process`` only moves that launch outside the SuperNode; there is
 no long-lived ClientApp mode), so each message pays Python start-up and the import of
-fedrad's ClientApp (torch, Lightning, MONAI, Opacus), measured here; TLS is the difference
+fedrad's ClientApp: torch, Lightning, MONAI and Opacus for a message that trains or
+evaluates, torch alone for one that does not (SecAgg+ key and share stages); both are
+measured here. TLS is the difference
 between the two deployments; serialisation is the measured protobuf round trip of one model
 message.
 
@@ -93,12 +95,12 @@ def deployment_times(args: argparse.Namespace, sites_root: Path, work: Path, ins
     return round_wall_times(work / name / "run")[1:]
 
 
-def clientapp_startup_s(repeats: int = 3) -> float:
-    """Median wall time of a fresh process importing fedrad's ClientApp."""
+def startup_s(modules: str, repeats: int = 3) -> float:
+    """Median wall time of a fresh Python process importing ``modules``."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import pipeline.federation.client_app"], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-c", f"import {modules}"], check=True, cwd=REPO)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -136,7 +138,8 @@ def main() -> None:
         tls = statistics.median(deployment_times(args, sites_root, work, insecure=False))
         plain = statistics.median(deployment_times(args, sites_root, work, insecure=True))
     torch.set_num_threads(1)
-    startup = clientapp_startup_s()
+    startup = startup_s("pipeline.federation.client_app, pipeline.federation.site_task")
+    light_startup = startup_s("pipeline.federation.client_app")
     serialise = serialisation_s(cfg)
     messages_per_site = 2  # a training and an evaluation message per round
     startup_per_round = messages_per_site * startup * max(1.0, len(SITES) / CORES)
@@ -147,9 +150,11 @@ def main() -> None:
     for name, value in (("simulation", simulation), ("deployment (TLS + auth)", tls),
                         ("deployment (plain text)", plain)):
         print(f"{name:<26}{value:>10.2f}")
-    print(f"ClientApp process start-up per message: {startup:.2f} s "
+    print(f"ClientApp process start-up per training/evaluation message: {startup:.2f} s "
           f"(x {messages_per_site} messages per site per round, {len(SITES)} sites on {CORES} cores: "
           f"~{startup_per_round:.1f} s per round)")
+    print(f"ClientApp process start-up for a message that does not train (SecAgg+ stages): "
+          f"{light_startup:.2f} s")
     print(f"TLS: {tls - plain:+.2f} s per round; model message serialisation round trip: "
           f"{serialise * 1e3:.1f} ms")
     result = {
@@ -159,6 +164,7 @@ def main() -> None:
         "round_s_deployment_insecure": plain,
         "tls_s_per_round": round(tls - plain, 3),
         "clientapp_startup_s": round(startup, 3),
+        "clientapp_startup_s_no_training": round(light_startup, 3),
         "startup_s_per_round_estimate": round(startup_per_round, 3),
         "serialisation_ms_per_message": round(serialise * 1e3, 3),
     }
