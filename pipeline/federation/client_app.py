@@ -8,6 +8,10 @@ mod, which masks the parameters before they leave; under DP-SGD the metrics incl
 site's cumulative ``epsilon``, and a site whose budget is spent replies with an error.
 The reply to an evaluation message holds scalar metrics and the head of the site's ledger
 (:mod:`pipeline.governance.heads`), which the coordinator keeps.
+
+Deployed, every message runs in a fresh process that imports this module: the training stack
+(Lightning, MONAI, Opacus) is imported only by the handlers that train or evaluate, not by the
+three SecAgg+ stages that only exchange keys, shares and masks.
 """
 
 from __future__ import annotations
@@ -28,10 +32,6 @@ from pipeline.federation.run_config import (
 from pipeline.federation.secure_aggregation import secure_aggregation_mod
 from pipeline.governance.rounds import evaluation_head
 from pipeline.governance.approval import site_governance
-
-# Deployed, every message runs in a fresh process that imports this module: the training
-# stack (Lightning, MONAI, Opacus) is imported only by the handlers that train or evaluate,
-# not by the three SecAgg+ stages that only exchange keys, shares and masks.
 
 app = ClientApp()
 

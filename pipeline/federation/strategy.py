@@ -49,7 +49,8 @@ def wait_for_sites(grid: Grid, count: int) -> None:
 
     Flower's FedAvg sizes its sample (``fraction_train`` of the connected sites) *before* it
     waits for ``min_available_nodes``: a round configured while sites are still connecting
-    would leave some out. Waiting here first makes the fraction apply to all of them.
+    would sample from none of them and take only ``min_train_nodes``. Waiting here first
+    sizes the sample from at least ``count`` connected sites.
     """
     while (connected := len(list(grid.get_node_ids()))) < count:
         log.info("waiting for sites to connect: %d of %d", connected, count)
