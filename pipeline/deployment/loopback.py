@@ -124,9 +124,20 @@ class LoopbackDeployment:
             pass
         process.wait()
 
+    def stop(self, name: str, grace_s: float = 20) -> None:
+        """SIGTERM process ``name``'s group and let it shut down cleanly; SIGKILL it after
+        ``grace_s`` (a site shut down cleanly does not wait out a crashed session when restarted)."""
+        process = self.processes[name]
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=grace_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        self.kill(name)
+
     def close(self) -> None:
         for name in list(self.processes):
-            self.kill(name)
+            self.stop(name)
 
     def run(self, timeout: float = 1800) -> None:
         """The whole federation: coordinator, registrations, sites, until the run ends."""

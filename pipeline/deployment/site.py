@@ -8,6 +8,7 @@ and runs fedrad's ClientApp on ``cache-dir`` for every message it receives.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def _supernode_refused(command: list[str]) -> tuple[int, bool]:
     """
     process = subprocess.Popen(command, env=flower_cli.flower_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate())
     refused = threading.Event()
 
     def echo() -> None:
@@ -82,6 +83,7 @@ def _supernode_refused(command: list[str]) -> tuple[int, bool]:
     reader = threading.Thread(target=echo, daemon=True)
     reader.start()
     code = process.wait()
+    signal.signal(signal.SIGTERM, previous)
     reader.join(timeout=10)
     return code, refused.is_set()
 
@@ -90,8 +92,8 @@ def run_supernode(command: list[str], site: str, rejoin_wait_s: float) -> int:
     """Run the SuperNode until it exits; retry a refused connection for ``rejoin_wait_s``.
 
     Flower keeps a node "online" until it misses two heartbeats (30 s apart), and refuses to
-    activate the same key again meanwhile: a site restarted after a crash is refused for up to
-    a minute, then rejoins.
+    activate the same key again meanwhile: a site started while an earlier session of its key
+    still looks alive is refused for up to a minute, then joins.
     """
     deadline = time.monotonic() + rejoin_wait_s
     while True:
@@ -103,11 +105,29 @@ def run_supernode(command: list[str], site: str, rejoin_wait_s: float) -> int:
                       "(flwr supernode register), the address and the CA certificate", site)
             return code
         log.warning(
-            "site %s: the coordinator refused or could not be reached; a restarted site is refused "
-            "until its previous session misses two heartbeats (about a minute). Retrying in %.0f s "
-            "(deployment.rejoin_wait_s)", site, REJOIN_RETRY_S,
+            "site %s: the coordinator refused or could not be reached; it refuses a site while an "
+            "earlier session of its key misses fewer than two heartbeats (about a minute). "
+            "Retrying in %.0f s (deployment.rejoin_wait_s)", site, REJOIN_RETRY_S,
         )
         time.sleep(REJOIN_RETRY_S)
+
+
+SESSION_MARKER = "supernode_session"
+
+
+def _wait_out_crashed_session(site: SitePaths, delay_s: float) -> None:
+    """After a crash, stay away until the coordinator has dropped the dead session.
+
+    A message the dead session had received is never answered: the coordinator only gives up
+    on it (``Node Unavailable``, the round goes on without the site) if it sees the node
+    offline, which Flower decides after two missed heartbeats (30 s apart). Reconnecting
+    sooner would keep the node "online" and leave that round waiting for its timeout.
+    """
+    if (site.private_dir / SESSION_MARKER).is_file():
+        log.warning("site %s: its previous session did not end cleanly (killed or crashed); "
+                    "waiting %.0f s so that the coordinator drops it before the site rejoins "
+                    "(deployment.rejoin_delay_s)", site.name, delay_s)
+        time.sleep(delay_s)
 
 
 def run_site(cfg: DictConfig) -> NoReturn:
@@ -115,8 +135,16 @@ def run_site(cfg: DictConfig) -> NoReturn:
     site = configured_site(cfg)
     command = supernode_command(cfg.deployment, site.cache_dir, cfg.governance)
     preprocess_site(site, cfg.preprocess)  # logs the site's summary
+    _wait_out_crashed_session(site, float(cfg.deployment.rejoin_delay_s))
     log.info("site %s connecting to the coordinator at %s", site.name, cfg.deployment.superlink)
     if cfg.governance.auto_approve_simulated_sites:
         log.warning("site %s approves every undecided job automatically "
                     "(governance.auto_approve_simulated_sites): for demo sites only", site.name)
-    sys.exit(run_supernode(command, site.name, float(cfg.deployment.rejoin_wait_s)))
+    marker = site.private_dir / SESSION_MARKER
+    marker.write_text(f"{os.getpid()}\n")  # removed on any exit but a kill
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        code = run_supernode(command, site.name, float(cfg.deployment.rejoin_wait_s))
+    finally:
+        marker.unlink(missing_ok=True)
+    sys.exit(code)
