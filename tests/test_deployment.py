@@ -204,7 +204,7 @@ def test_unregistered_site_and_foreign_ca_are_refused(deployment, tmp_path):
     deployment.register_sites(["site1"])
     foreign = tmp_path / "foreign"
     make_federation_certs(foreign, [], ["site1"])
-    no_retry = ["deployment.max_wait_s=20", "deployment.rejoin_wait_s=0"]
+    no_retry = ["deployment.max_wait_s=20", "deployment.rejoin_delay_s=0"]
     unregistered = deployment.start_site("site2", no_retry)
     wrong_ca = deployment.start_site(
         "site1", [*no_retry, f"deployment.root_certificate={foreign / 'ca.crt'}"]

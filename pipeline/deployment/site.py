@@ -59,7 +59,6 @@ def supernode_command(dep: DictConfig, cache_dir: Path, governance: DictConfig) 
 # What flower-supernode prints (it exits with status 1) when the SuperLink cannot be reached or
 # refuses to activate the node, e.g. a restarted site whose previous session still looks alive.
 CONNECTION_ERROR = "Exit Code: 305"
-REJOIN_RETRY_S = 5.0
 
 
 def _supernode_refused(command: list[str]) -> tuple[int, bool]:
@@ -88,28 +87,25 @@ def _supernode_refused(command: list[str]) -> tuple[int, bool]:
     return code, refused.is_set()
 
 
-def run_supernode(command: list[str], site: str, rejoin_wait_s: float) -> int:
-    """Run the SuperNode until it exits; retry a refused connection for ``rejoin_wait_s``.
+def run_supernode(command: list[str], site: str, rejoin_delay_s: float) -> int:
+    """Run the SuperNode until it exits; if its connection is refused, try once more after
+    ``rejoin_delay_s``.
 
-    Flower keeps a node "online" until it misses two heartbeats (30 s apart), and refuses to
-    activate the same key again meanwhile: a site started while an earlier session of its key
-    still looks alive is refused for up to a minute, then joins.
+    Flower refuses to activate a key whose earlier session has not yet missed two heartbeats
+    (30 s apart). Waiting the same delay as after a crash (:func:`_wait_out_crashed_session`)
+    lets the coordinator see that session offline before this one takes its place.
     """
-    deadline = time.monotonic() + rejoin_wait_s
-    while True:
+    code, refused = _supernode_refused(command)
+    if refused:
+        log.warning("site %s: the coordinator refused the connection or could not be reached (it "
+                    "refuses a key whose earlier session still looks alive); retrying once in "
+                    "%.0f s (deployment.rejoin_delay_s)", site, rejoin_delay_s)
+        time.sleep(rejoin_delay_s)
         code, refused = _supernode_refused(command)
-        if not refused:
-            return code
-        if time.monotonic() >= deadline:
-            log.error("site %s could not join: check that its key is registered at the coordinator "
-                      "(flwr supernode register), the address and the CA certificate", site)
-            return code
-        log.warning(
-            "site %s: the coordinator refused or could not be reached; it refuses a site while an "
-            "earlier session of its key misses fewer than two heartbeats (about a minute). "
-            "Retrying in %.0f s (deployment.rejoin_wait_s)", site, REJOIN_RETRY_S,
-        )
-        time.sleep(REJOIN_RETRY_S)
+    if refused:
+        log.error("site %s could not join: check that its key is registered at the coordinator "
+                  "(flwr supernode register), the address and the CA certificate", site)
+    return code
 
 
 SESSION_MARKER = "supernode_session"
@@ -144,7 +140,7 @@ def run_site(cfg: DictConfig) -> NoReturn:
     marker.write_text(f"{os.getpid()}\n")  # removed on any exit but a kill
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        code = run_supernode(command, site.name, float(cfg.deployment.rejoin_wait_s))
+        code = run_supernode(command, site.name, float(cfg.deployment.rejoin_delay_s))
     finally:
         marker.unlink(missing_ok=True)
     sys.exit(code)
