@@ -45,8 +45,7 @@ from pipeline.pseudonym import ensure_secret, image_key, keyed_hash, load_secret
 from pipeline.readers import UnreadableImage, image_format, not_image_reason, open_image, special_file_reason
 from pipeline.sites import SitePaths
 from pipeline.splits import assign_splits, patient_labels
-from transforms.dicom import dicom_to_unit
-from transforms.image import resize_square
+from transforms.dicom import dicom_to_unit_square
 
 log = logging.getLogger("fedrad.preprocess")
 
@@ -249,7 +248,7 @@ def process_file(
     except UnreadableImage as error:
         record.reason = str(error)
         return record
-    image = resize_square(dicom_to_unit(loaded.pixels, loaded.dicom), settings.image_size)
+    image = dicom_to_unit_square(loaded.pixels, loaded.dicom, settings.image_size)
     _write_array(arrays_dir / f"{key}.npy", image)
     record.status, record.image_key = "accepted", key
     return record
@@ -283,6 +282,14 @@ def _run_tasks(tasks: list, worker: Callable[[Any], FileRecord], workers: int,
             for record in pool.map(worker, tasks, chunksize=chunk):
                 yield record
                 bar.update()
+
+
+def _file_size(path: Path) -> int:
+    """Size of ``path`` in bytes (0 when it cannot be read: the worker reports why)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _read_index(path: Path) -> dict[str, dict[str, Any]]:
@@ -378,10 +385,13 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
             tasks.append((rel, previous.get(rel)))
         else:
             records[rel] = triaged
+    workers = int(cfg.get("workers", 1))
+    if workers > 1:  # largest first, so that no big file is left to one worker at the end
+        tasks.sort(key=lambda task: -_file_size(paths.input_dir / task[0]))
     worker = partial(process_file, input_dir=paths.input_dir, arrays_dir=arrays_dir,
                      settings=settings, secret=secret)
     with open(progress_path, "a") as journal:
-        for record in _run_tasks(tasks, worker, int(cfg.get("workers", 1)), paths.name):
+        for record in _run_tasks(tasks, worker, workers, paths.name):
             records[record.file] = record
             if not record.reused:
                 journal.write(json.dumps(vars(record)) + "\n")

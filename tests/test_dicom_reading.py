@@ -10,9 +10,10 @@ import pytest
 import torch
 from pydicom import uid
 
+import transforms.dicom as dicom_module
 from pipeline.acceptance import AcceptanceRules, rejection_reason
 from pipeline.readers import UnreadableImage, image_format, open_image, read_image
-from transforms.dicom import VOILUT, ModalityLUT, dicom_pipeline, dicom_to_unit
+from transforms.dicom import VOILUT, ModalityLUT, dicom_pipeline, dicom_to_unit, dicom_to_unit_square
 from transforms.image import build_augmentation, resize_square
 
 DICOM_DIR = Path(__file__).resolve().parents[1] / "data" / "dicom"
@@ -192,6 +193,24 @@ def test_value_table_path_equals_the_per_pixel_pipeline(path):
     loaded = read_image(path)
     per_pixel = dicom_pipeline()({"image": loaded.pixels, "dicom": loaded.dicom})["image"]
     np.testing.assert_allclose(dicom_to_unit(loaded.pixels, loaded.dicom), per_pixel, atol=1e-6)
+
+
+# (file, whether its LUTs are affine over its value range so the image is resized first)
+RESIZE_FIRST_CASES = [(SIIM_CHEST, True), (FAKE_MONO1, True), (J2K_CHEST, True), (TIBIA, False)]
+
+
+@pytest.mark.parametrize("path, affine", RESIZE_FIRST_CASES, ids=lambda c: getattr(c, "name", str(c)))
+def test_resizing_before_an_affine_lut_equals_transforming_first(path, affine, monkeypatch):
+    loaded = read_image(path)
+    reference = resize_square(dicom_to_unit(loaded.pixels, loaded.dicom), 64)
+    lookups = []
+    original = dicom_module._to_unit
+    monkeypatch.setattr(dicom_module, "_to_unit", lambda *a: lookups.append(1) or original(*a))
+    out = dicom_to_unit_square(loaded.pixels, loaded.dicom, 64)
+    assert bool(lookups) is not affine  # the TIBIA window clips its range: no shortcut
+    assert out.dtype == np.float32 and out.shape == (64, 64)
+    np.testing.assert_allclose(out, reference, atol=1e-5)
+    assert out.std() > 0.05
 
 
 def test_multi_frame_reads_the_first_frame_only(tmp_path):

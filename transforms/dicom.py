@@ -24,6 +24,8 @@ from monai.transforms import Compose, Transform
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from transforms.image import resize_square
+
 Sample = dict[str, Any]
 
 
@@ -105,16 +107,61 @@ def unit_table(low: int, high: int, dtype: np.dtype, dataset: Dataset) -> np.nda
     return InvertMonochrome1()(ScaleToUnit()({"image": values, "dicom": dataset}))["image"]
 
 
+def _image_table(image: np.ndarray, dataset: Dataset | None) -> tuple[np.ndarray, int] | None:
+    """The :func:`unit_table` of an integer DICOM image's value range and its first value, or None."""
+    if dataset is None or not np.issubdtype(image.dtype, np.integer) or not image.size:
+        return None
+    low, high = int(image.min()), int(image.max())
+    if high - low >= MAX_TABLE_ENTRIES:
+        return None
+    table = unit_table(low, high, image.dtype, dataset)
+    return None if table is None else (table, low)
+
+
 def dicom_to_unit(image: np.ndarray, dataset: Dataset | None) -> np.ndarray:
     """Stored pixel values (H, W) -> float32 (H, W) in [0, 1], bright = dense.
 
     Integer images take the table path (:func:`unit_table`), which gives the same values as
     :func:`dicom_pipeline` with one lookup per pixel.
     """
-    if dataset is not None and np.issubdtype(image.dtype, np.integer) and image.size:
-        low, high = int(image.min()), int(image.max())
-        if high - low < MAX_TABLE_ENTRIES:
-            table = unit_table(low, high, image.dtype, dataset)
-            if table is not None:
-                return table[image - np.asarray(low, image.dtype)] if low else table[image]
-    return dicom_pipeline()({"image": image, "dicom": dataset})["image"]
+    return _to_unit(image, dataset, _image_table(image, dataset))
+
+
+def _to_unit(image: np.ndarray, dataset: Dataset | None,
+             found: tuple[np.ndarray, int] | None) -> np.ndarray:
+    """:func:`dicom_to_unit` given the image's table (``found``, from :func:`_image_table`)."""
+    if found is None:
+        return dicom_pipeline()({"image": image, "dicom": dataset})["image"]
+    table, low = found
+    return table[image - np.asarray(low, image.dtype)] if low else table[image]
+
+
+AFFINE_TOLERANCE = 1e-6  # in [0, 1] units: a few float32 roundings of the table
+
+
+def _affine(table: np.ndarray) -> tuple[float, float] | None:
+    """``(first value, step)`` when ``table[i] == first + i * step`` within AFFINE_TOLERANCE, else None."""
+    step = float(table[-1] - table[0]) / (len(table) - 1) if len(table) > 1 else 0.0
+    line = float(table[0]) + step * np.arange(len(table))
+    return (float(table[0]), step) if np.abs(table - line).max() <= AFFINE_TOLERANCE else None
+
+
+def dicom_to_unit_square(image: np.ndarray, dataset: Dataset | None, size: int) -> np.ndarray:
+    """``resize_square(dicom_to_unit(image, dataset), size)``, without a lookup per source pixel
+    when it can.
+
+    When the composed LUTs are affine over the image's value range (rescale only, a window
+    wider than the image, no VOI LUT curve), the stored values are resized first and the
+    affine map is applied to the small image: area averaging commutes with an affine map, so
+    only float32 rounding differs. Otherwise the full-size image is transformed first.
+    """
+    found = _image_table(image, dataset)
+    line = None if found is None else _affine(found[0])
+    if line is None:
+        return resize_square(_to_unit(image, dataset, found), size)
+    first, step = line
+    resized = resize_square(np.asarray(image, np.float32), size)
+    resized -= found[1]
+    resized *= step
+    resized += first
+    return np.clip(resized, 0.0, 1.0, out=resized)
