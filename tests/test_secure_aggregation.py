@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, f
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from pipeline.cache import SiteCache
+from pipeline.federation.allocator import keep_large_blocks
 from pipeline.checkpoints import load_checkpoint
 from pipeline.federation.loopback import LoopbackGrid
 from pipeline.federation.server_app import run_federation
@@ -64,6 +67,21 @@ def test_quantisation_error_within_the_stated_bound():
     bound = settings.error_bound(counts)
     assert error <= bound
     assert error > bound / 1000  # the bound is not vacuous
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_model_sized_arrays_stay_in_the_heap():
+    def churn() -> None:  # eight 8 MiB temporaries, written and freed, as in masking
+        arrays = [np.ones(2**20) for _ in range(8)]
+        del arrays
+
+    assert keep_large_blocks()
+    churn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        churn()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 2**20 * 8 // 4096  # fewer than one array's pages (glibc's default: ~40 000)
 
 
 def test_site_refuses_to_send_what_would_be_clipped():

@@ -46,6 +46,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
+from pipeline.federation.allocator import keep_large_blocks
 from pipeline.federation.run_config import CONFIG_KEY, experiment_from_yaml
 from pipeline.federation.strategy import RecordingFedAvg, TooFewSites
 from pipeline.privacy.secagg import SecAggSettings, num_sites
@@ -63,6 +64,7 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
     """Run Flower's ``secaggplus_mod`` for SecAgg+ training messages; pass others through."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
+    keep_large_blocks()  # the masking's model-sized temporaries, see pipeline.federation.allocator
 
     def train_handler(fit_msg: Message, fit_ctxt: Context) -> Message:
         fit_msg.content = _training_content(fit_msg.content)
@@ -260,6 +262,7 @@ def run_secure_federation(
         settings.num_shares, settings.reconstruction_threshold, settings.clipping_range,
         settings.quantization_range, settings.max_weight,
     )
+    keep_large_blocks()  # unmasking makes model-sized temporaries too
     strategy = SecureFitStrategy(recorder, initial, shared_config, checkpointer)
     legacy = LegacyContext(
         context,
