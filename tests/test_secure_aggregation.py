@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import sys
 
 import numpy as np
@@ -20,7 +21,9 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.federation.loopback import LoopbackGrid
 from pipeline.federation.server_app import run_federation
 from pipeline.federation.site_task import train_site
+from pipeline.privacy.ledger import PrivacyLedger
 from pipeline.privacy.secagg import MODULUS_RANGE, SecAggSettings
+from pipeline.sites import SitePaths
 from pipeline.training import build_classifier
 
 from tests.conftest import FAST_FEDERATION, compose_config
@@ -157,3 +160,33 @@ def test_round_with_three_dropouts_fails_cleanly_and_the_next_runs(five_site_rou
     assert any("round 2  no aggregate released" in m for m in messages)
     assert rounds[2]["sites_trained"] == 5
     assert (out / "checkpoints" / "round_003.pt").is_file()
+
+
+@pytest.mark.slow
+def test_secagg_and_dp_sgd_together_report_each_sites_epsilon(demo_sites, tmp_path):
+    """The demo_private preset (SecAgg+ and DP-SGD) on copies of the demo sites, small CNN:
+    every round releases an aggregate, every site reports its cumulative epsilon beside the
+    masked vector, and each site's ledger on its own disk holds the same figure."""
+    for site in demo_sites.sites:
+        shutil.copytree(site.cache_dir, SitePaths.under(tmp_path, site.name).cache_dir)
+    cfg = compose_config(
+        "experiment=demo_private", "model=small_cnn", f"data.sites_root={tmp_path}",
+        "federation.num_rounds=2", "federation.fraction_evaluate=0.0",
+        "privacy.noise_multiplier=1.0", "privacy.epsilon_budget=1000",
+    )
+    out = tmp_path / "run"
+    torch.set_num_threads(1)
+    run_federation(LoopbackGrid(partitions=3), cfg, out)
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["sites_trained"] for r in rounds] == [3, 3]
+    epsilons = [sorted(m["epsilon"] for m in r["train_per_site"].values()) for r in rounds]
+    assert all(0 < first < second for first, second in zip(*epsilons))  # spent, and growing
+    reported = sorted((m["delta"], m["epsilon"]) for m in rounds[-1]["train_per_site"].values())
+    ledgers = []
+    for site in demo_sites.sites:
+        cache = SitePaths.under(tmp_path, site.name).cache_dir
+        delta = 1.0 / (10 * len(SiteCache(cache).load_split("train").labels))  # privacy.delta: null
+        ledgers.append((delta, PrivacyLedger.for_cache(cache, "rdp").spent(delta)))
+    assert [d for d, _ in sorted(ledgers)] == pytest.approx([d for d, _ in reported])
+    assert [e for _, e in sorted(ledgers)] == pytest.approx([e for _, e in reported], rel=1e-6)
+    assert load_checkpoint(out / "model.pt")[1]["round"] == 2
