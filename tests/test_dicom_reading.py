@@ -213,6 +213,15 @@ def test_resizing_before_an_affine_lut_equals_transforming_first(path, affine, m
     assert out.std() > 0.05
 
 
+def test_stored_values_beyond_float32_precision_are_not_resized_first():
+    ds = pydicom.Dataset()
+    ds.PhotometricInterpretation, ds.BitsStored, ds.PixelRepresentation = "MONOCHROME2", 32, 1
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -(2**25)  # an affine LUT over stored values ...
+    image = (2**25 + np.arange(64 * 64).reshape(64, 64) % 7).astype(np.int32)  # ... float32 can't hold
+    reference = resize_square(dicom_to_unit(image, ds), 32)
+    np.testing.assert_allclose(dicom_to_unit_square(image, ds, 32), reference, atol=1e-5)
+
+
 def test_multi_frame_reads_the_first_frame_only(tmp_path):
     pixels = chest_pixels()
     ds = chest_dataset(np.stack([pixels, pixels[::-1]]))

@@ -9,7 +9,8 @@ inversion.
 Integer stored values (every DICOM radiograph: pydicom has already masked them to
 BitsStored and sign-extended them per PixelRepresentation) go through the modality and VOI
 steps as a lookup table over the image's value range: the same functions, evaluated once
-per distinct value instead of once per pixel.
+per distinct value instead of once per pixel. When that table is affine,
+:func:`dicom_to_unit_square` resizes the stored values first and maps only the small image.
 
 VOI fallback: without a VOI LUT Sequence and without Window Center/Width, the image's own
 min-max range of modality values is used. With several windows the first one is used.
@@ -137,10 +138,14 @@ def _to_unit(image: np.ndarray, dataset: Dataset | None,
 
 
 AFFINE_TOLERANCE = 1e-6  # in [0, 1] units: a few float32 roundings of the table
+EXACT_FLOAT32 = 2**24  # integers of smaller magnitude are exact in float32
 
 
-def _affine(table: np.ndarray) -> tuple[float, float] | None:
-    """``(first value, step)`` when ``table[i] == first + i * step`` within AFFINE_TOLERANCE, else None."""
+def _affine(table: np.ndarray, low: int) -> tuple[float, float] | None:
+    """``(first value, step)`` when ``table[i] == first + i * step`` within AFFINE_TOLERANCE
+    and the stored values ``low ..`` are exact in float32, else None."""
+    if max(abs(low), abs(low + len(table) - 1)) >= EXACT_FLOAT32:
+        return None
     step = float(table[-1] - table[0]) / (len(table) - 1) if len(table) > 1 else 0.0
     line = float(table[0]) + step * np.arange(len(table))
     return (float(table[0]), step) if np.abs(table - line).max() <= AFFINE_TOLERANCE else None
@@ -156,7 +161,7 @@ def dicom_to_unit_square(image: np.ndarray, dataset: Dataset | None, size: int) 
     only float32 rounding differs. Otherwise the full-size image is transformed first.
     """
     found = _image_table(image, dataset)
-    line = None if found is None else _affine(found[0])
+    line = None if found is None else _affine(*found)
     if line is None:
         return resize_square(_to_unit(image, dataset, found), size)
     first, step = line
