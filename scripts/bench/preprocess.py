@@ -3,13 +3,13 @@
     python scripts/bench/preprocess.py                  # both file sets below
     python scripts/bench/preprocess.py --repeats 5 --copies 16 --image-size 128
 
-Two sets of real chest radiographs, measured in the same run:
+Two sets of real radiographs, measured in the same run:
 
 - ``dicom`` (the headline figures): the real CR DICOM files of ``data/dicom`` as a PACS
   export holds them: a 1024 px JPEG baseline chest film (and its MONOCHROME1 twin), a
-  1955x1841 JPEG 2000 chest CR, and two 1760 px JPEG 2000 CRs (lossy and lossless, whose
-  body part the benchmark's rules accept so that every file is processed). ``--copies``
-  times each (default 8).
+  1955x1841 JPEG 2000 chest CR, and two 1760 px JPEG 2000 CRs of a lower leg (lossy and
+  lossless, whose body part the benchmark's rules accept so that every file is processed).
+  ``--copies`` times each (default 8).
 - ``thumbnails``: every DICOM file of the three demo sites (``prepare_demo_sites``: Kermany
   images of 256 px or less wrapped as 12-bit DICOM), ``--thumbnail-copies`` times each
   (default 3). At this size the fixed cost per file (hashing, header, LUTs, cache write)
