@@ -134,7 +134,7 @@ def _to_unit(image: np.ndarray, dataset: Dataset | None,
     if found is None:
         return dicom_pipeline()({"image": image, "dicom": dataset})["image"]
     table, low = found
-    return table[image - np.asarray(low, image.dtype)] if low else table[image]
+    return np.take(table, image - np.asarray(low, image.dtype) if low else image)
 
 
 AFFINE_TOLERANCE = 1e-6  # in [0, 1] units: a few float32 roundings of the table
