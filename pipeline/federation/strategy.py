@@ -52,8 +52,11 @@ def wait_for_sites(grid: Grid, count: int) -> None:
     would sample from none of them and take only ``min_train_nodes``. Waiting here first
     sizes the sample from at least ``count`` connected sites.
     """
+    reported = None
     while (connected := len(list(grid.get_node_ids()))) < count:
-        log.info("waiting for sites to connect: %d of %d", connected, count)
+        if connected != reported:  # one line per change, not one every poll
+            log.info("waiting for sites to connect: %d of %d", connected, count)
+            reported = connected
         time.sleep(2)
 
 
