@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from models.registry import build_network
 from pipeline.labels import CLASS_NAMES
 
 StateDict = Mapping[str, torch.Tensor]
@@ -66,6 +66,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network described in ``path`` and load its weights (in eval mode)."""
     state, info = load_checkpoint(path)
-    net = hydra.utils.instantiate(info["config"]["net"])
+    net = build_network(info["config"]["net"], where=f"{path}: config.net")
     net.load_state_dict(state)
     return net.eval(), info

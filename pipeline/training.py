@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+from models.registry import build_network, build_optimizer
 from models.weights import load_weights
 from pipeline.classifier import XrayClassifier
 from pipeline.datamodule import CacheDataModule
@@ -26,16 +26,20 @@ NUM_EXAMPLES = "num-examples"
 NEVER = 2**31 - 1  # an epoch interval no run reaches
 
 
-def build_classifier(cfg: DictConfig, seed: int | None = None) -> XrayClassifier:
-    """Seed everything (``seed``, else ``cfg.seed``), then instantiate ``cfg.model``.
+def build_classifier(cfg: DictConfig, seed: int | None = None, load_pretrained: bool = True) -> XrayClassifier:
+    """Seed everything (``seed``, else ``cfg.seed``), then build ``cfg.model`` from the
+    allow-list of :mod:`models.registry`.
 
-    Loads ``cfg.model.weights_path`` when set (``cfg.model.weights_strict``, default true).
+    Loads ``cfg.model.weights_path`` when set and ``load_pretrained`` (``cfg.model.weights_strict``,
+    default true); a federated site passes ``load_pretrained=False``: it starts from the global
+    model it received and never opens a path named in a received config.
     """
     pl.seed_everything(int(cfg.seed if seed is None else seed), workers=True, verbose=False)
-    net = hydra.utils.instantiate(cfg.model.net)
-    if cfg.model.get("weights_path"):
-        load_weights(net, cfg.model.weights_path, strict=bool(cfg.model.get("weights_strict", True)))
-    optimizer = hydra.utils.instantiate(cfg.model.optimizer)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    net = build_network(model["net"])
+    if load_pretrained and model.get("weights_path"):
+        load_weights(net, model["weights_path"], strict=bool(model.get("weights_strict", True)))
+    optimizer = build_optimizer(model["optimizer"])
     return XrayClassifier(net, optimizer, num_classes=len(CLASS_NAMES))
 
 

@@ -14,7 +14,9 @@ from models.resnet import resnet18
 from models.small_cnn import SmallCNN
 from pipeline.federation.site_task import train_site
 from pipeline.privacy.clipping import PerSampleClipper
+from pipeline.cache import SiteCache
 from pipeline.privacy.dp import PrivateTraining, RoundPlan, check_dp_compatible
+from pipeline.privacy.randomness import SecureRandom
 from pipeline.privacy.ledger import PrivacyBudgetExhausted, PrivacyLedger
 from pipeline.sites import SitePaths
 from pipeline.training import build_classifier
@@ -67,7 +69,7 @@ def test_noise_zero_equals_clipped_sgd():
     norms = torch.cat([g.flatten(1) for g in per_sample], 1).norm(dim=1)
     before = [p.detach().clone() for p in net.parameters()]
     plan = RoundPlan(noise_multiplier=0.0, sample_rate=0.25, steps=1, delta=1e-5, expected_batch_size=8)
-    private = PrivateTraining(plan, max_grad_norm=0.5, accountant="rdp")
+    private = PrivateTraining(plan, max_grad_norm=0.5, accountant="rdp", source=SecureRandom())
     optimizer = private.optimizer(net, torch.optim.SGD(net.parameters(), lr=1.0))
     optimizer.zero_grad()
     private.backward(F.cross_entropy(net(images), labels))
@@ -99,15 +101,16 @@ def dp_config(root, *overrides):
     )
 
 
-def test_different_seeds_give_different_updates(private_site, tmp_path):
+def test_a_round_asked_again_is_replayed_and_a_new_run_draws_fresh_noise(private_site, tmp_path):
     cfg = dp_config(tmp_path, "privacy.noise_multiplier=1.0")
     initial = build_classifier(cfg, seed=0).net.state_dict()
-    first, _ = train_site(cfg, private_site.cache_dir, initial, server_round=1, run_id="a")
-    again, _ = train_site(cfg, private_site.cache_dir, initial, server_round=1, run_id="a")
-    cfg.seed = 7
-    other, _ = train_site(cfg, private_site.cache_dir, initial, 1, run_id="a")
-    assert all(torch.equal(first[k], again[k]) for k in first)  # reproducible per seed
-    assert any(not torch.equal(first[k], other[k]) for k in first)
+    first, charged = train_site(cfg, private_site.cache_dir, initial, server_round=1, run_id="a")
+    again, replayed = train_site(cfg, private_site.cache_dir, initial, server_round=1, run_id="a")
+    other, fresh = train_site(cfg, private_site.cache_dir, initial, 1, run_id="b")  # same seed
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the same bytes, uncharged
+    assert replayed["epsilon"] == charged["epsilon"]
+    assert any(not torch.equal(first[k], other[k]) for k in first)  # fresh noise, not the seed's
+    assert fresh["epsilon"] > charged["epsilon"]
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -116,8 +119,7 @@ def test_epsilon_ledger_refusal_and_restart(private_site, tmp_path, accountant):
     cfg = dp_config(tmp_path, f"privacy.noise_multiplier={noise}",
                     f"privacy.accountant={accountant}", "data.batch_size=16")
     initial = build_classifier(cfg, seed=0).net.state_dict()
-    n = int(train_site(cfg, private_site.cache_dir, initial, 1, run_id="probe")[1]["num-examples"])
-    (private_site.cache_dir.parent / "privacy_ledger.json").unlink()  # start the ledger afresh
+    n = int((SiteCache(private_site.cache_dir).manifest()["split"] == "train").sum())
     batches = -(-n // 16)
     delta = 1.0 / (10 * n)
     independent = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
@@ -136,9 +138,9 @@ def test_epsilon_ledger_refusal_and_restart(private_site, tmp_path, accountant):
     with pytest.raises(PrivacyBudgetExhausted, match=f"round {rounds + 1} would bring it"):
         train_site(cfg, private_site.cache_dir, initial, rounds + 1, run_id="run-a")
 
-    # Retraining a charged round replaces its entry: never charged twice.
+    # A charged round asked again gets its release back, as released: never charged twice.
     _, metrics = train_site(cfg, private_site.cache_dir, initial, 1, run_id="run-a")
-    assert metrics["epsilon"] == pytest.approx(expected[rounds - 1], rel=1e-6)
+    assert metrics["epsilon"] == pytest.approx(expected[0], rel=1e-6)
 
     # A restarted site (a new process, a new run) reads the same spent budget and refuses.
     restarted = PrivacyLedger.for_cache(private_site.cache_dir, accountant)

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from pipeline.privacy.dp import PrivateTraining, RoundPlan
+from pipeline.privacy.randomness import SecureRandom
 
 Gradient = list[torch.Tensor]
 
@@ -57,7 +58,7 @@ def site_update(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, dp: 
     if dp is None:
         return [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(images), labels), params)]
     plan = RoundPlan(dp.noise_multiplier, sample_rate=1.0, steps=1, delta=0.0, expected_batch_size=len(labels))
-    private = PrivateTraining(plan, dp.max_grad_norm, accountant="rdp")
+    private = PrivateTraining(plan, dp.max_grad_norm, accountant="rdp", source=SecureRandom())
     optimizer = private.optimizer(net, torch.optim.SGD(params, lr=1.0))
     try:
         optimizer.zero_grad()

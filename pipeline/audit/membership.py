@@ -38,6 +38,7 @@ from pipeline.cache import SplitArrays, load_splits
 from pipeline.classifier import XrayClassifier
 from pipeline.datamodule import CacheDataModule
 from pipeline.privacy.dp import DPSettings, PoissonDataModule, PrivateTraining, plan_round
+from pipeline.privacy.randomness import SecureRandom
 from pipeline.training import build_classifier, build_trainer, train
 
 log = logging.getLogger("fedrad.audit")
@@ -142,8 +143,9 @@ def train_like_run(config: DictConfig, split: SplitArrays, epochs: int, seed: in
     if config.get("privacy", {}).get("enabled"):
         settings = DPSettings.from_config(config.privacy)
         plan = plan_round(settings, len(split.labels), int(config.data.batch_size), epochs, num_rounds=1)
-        classifier.private = PrivateTraining(plan, settings.max_grad_norm, settings.accountant)
-        train(classifier, PoissonDataModule(datamodule), trainer)
+        source = SecureRandom()
+        classifier.private = PrivateTraining(plan, settings.max_grad_norm, settings.accountant, source)
+        train(classifier, PoissonDataModule(datamodule, source), trainer)
     else:
         train(classifier, datamodule, trainer)
     return classifier

@@ -7,11 +7,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from models.registry import build_network
 from pipeline.audit.inversion import DPUpdate, InversionSettings, chance_similarity, inversion_attack, resize
 from pipeline.audit.membership import membership_audit, membership_data
 from pipeline.audit.release import ReleasePolicy, check_release, release_metrics
@@ -68,7 +68,7 @@ def inversion_section(
     results, shown = {}, {"original": images.numpy()}
     for protection in (None, dp):
         torch.manual_seed(int(cfg.audit.seed))
-        net = hydra.utils.instantiate(options.net)
+        net = build_network(OmegaConf.to_container(options.net, resolve=True), where="audit.inversion.net")
         name = "none" if protection is None else "dp-sgd"
         log.info("gradient inversion of a %d-image update, protection: %s", count, name)
         results[name], reconstructed = inversion_attack(net, images, labels, protection, settings)

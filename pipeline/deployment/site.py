@@ -42,7 +42,9 @@ def supernode_command(dep: DictConfig, cache_dir: Path, governance: DictConfig) 
     node_config = (
         f"cache-dir='{cache_dir.resolve()}' "
         f"require-approval={str(bool(governance.require_approval)).lower()} "
-        f"auto-approve={str(bool(governance.auto_approve_simulated_sites)).lower()}"
+        f"auto-approve={str(bool(governance.auto_approve_simulated_sites)).lower()} "
+        f"allow-seeded-noise={str(bool(governance.get('allow_seeded_noise', False))).lower()} "
+        f"retrain-round='{governance.get('retrain_round', 'refuse')}'"
     )
     command = [
         flower_cli.flower_tool("flower-supernode"),

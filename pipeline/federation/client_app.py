@@ -1,12 +1,19 @@
 """A site's Flower ClientApp: adapts Flower messages to :mod:`pipeline.federation.site_task`.
 
+Every message, of every kind (training, evaluation, each SecAgg+ stage, anything added later),
+first passes :func:`approval_gate`: the experiment it carries must be one this site's data owner
+approved, and must name only components on the site's allow-list
+(:mod:`pipeline.federation.experiment_schema`), before any model is built or any data file is
+opened. A message whose records carry two different experiments is refused.
+
 The reply to a training message holds exactly three things: the updated model parameters
 (arrays with the model's own shapes), the number of training examples, and scalar metrics.
 No pixel, no identifier and no file name leaves the site. Under secure aggregation
 (:mod:`pipeline.federation.secure_aggregation`) the same handler runs inside Flower's SecAgg+
-mod, which masks the parameters before they leave; under DP-SGD the metrics include the
-site's cumulative ``epsilon``, and a site whose budget is spent replies with an error.
-The reply to an evaluation message holds scalar metrics and the head of the site's ledger
+mod, which masks the parameters before they leave, and a job that requires secure aggregation
+is never answered in the clear; under DP-SGD the metrics include the site's cumulative
+``epsilon``, and a site whose budget is spent replies with an error. The reply to an evaluation
+message holds scalar metrics and the head of the site's ledger
 (:mod:`pipeline.governance.heads`), which the coordinator keeps.
 
 Deployed, every message runs in a fresh process that imports this module: the training stack
@@ -23,21 +30,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pipeline.federation.run_config import (
-    CONFIG_KEY,
-    RUN_ID_KEY,
-    experiment_from_yaml,
-    site_cache_dir,
-)
+from pipeline.federation.experiment_schema import InvalidExperiment
+from pipeline.federation.releases import MASKING_NEIGHBOURS
 from pipeline.federation.secure_aggregation import secure_aggregation_mod
-from pipeline.governance.rounds import evaluation_head
-from pipeline.governance.approval import site_governance
-
-app = ClientApp()
+from pipeline.federation.site_gate import approval_gate, received_experiment
 
 # A site's console shows Flower's round messages, not Lightning's start-up chatter.
 logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+app = ClientApp(mods=[approval_gate])
 
 
 def _metric_record(metrics: dict[str, float], num_examples: int) -> MetricRecord:
@@ -45,21 +47,6 @@ def _metric_record(metrics: dict[str, float], num_examples: int) -> MetricRecord
     record = {key.replace("/", "_"): float(value) for key, value in metrics.items()}
     record["num-examples"] = int(num_examples)
     return MetricRecord(record)
-
-
-def _unpack(message: Message, context: Context):
-    """The experiment config, this site's cache folder and the global model's state."""
-    config = message.content["config"]
-    cfg = experiment_from_yaml(str(config[CONFIG_KEY]))
-    cfg.governance = site_governance(dict(context.node_config), cfg)
-    if "epsilon-budget" in context.node_config and "privacy" in cfg:
-        # A deployed site may hold itself to a tighter budget than the coordinator proposes.
-        budget = min(float(context.node_config["epsilon-budget"]), float(cfg.privacy.epsilon_budget))
-        cfg.privacy.epsilon_budget = budget
-    torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
-    cache_dir = site_cache_dir(dict(context.node_config), cfg)
-    state = message.content["arrays"].to_torch_state_dict()
-    return cfg, cache_dir, state, int(config["server-round"])
 
 
 class SimulatedDropout(RuntimeError):
@@ -79,10 +66,16 @@ def train(message: Message, context: Context) -> Message:
     """Train the received global model locally and reply with the update."""
     from pipeline.federation.site_task import train_site
 
-    cfg, cache_dir, state, server_round = _unpack(message, context)
-    _test_only_dropout(cfg, context, server_round)
-    run_id = str(message.content["config"].get(RUN_ID_KEY, context.run_id))
-    new_state, metrics = train_site(cfg, cache_dir, state, server_round, run_id)
+    received = received_experiment(message, context)
+    cfg = received.cfg
+    if cfg.federation.get("secure_aggregation") and MASKING_NEIGHBOURS.get() is None:
+        raise InvalidExperiment("this job requires secure aggregation (SecAgg+): the site does not "
+                                "send its update in the clear")
+    torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
+    _test_only_dropout(cfg, context, received.server_round)
+    state = message.content["arrays"].to_torch_state_dict()
+    new_state, metrics = train_site(cfg, received.cache_dir, state, received.server_round,
+                                    received.run_id, received.policy)
     num_examples = int(metrics.pop("num-examples"))
     content = RecordDict(
         {"arrays": ArrayRecord(new_state), "metrics": _metric_record(metrics, num_examples)}
@@ -94,13 +87,15 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split; the reply also
     carries the head of the site's ledger (``ledger``: seq, head, key id), in the clear."""
-    from pipeline.federation.site_task import evaluate_site
+    from pipeline.federation.site_task import evaluate_round
 
-    cfg, cache_dir, state, server_round = _unpack(message, context)
-    metrics = evaluate_site(cfg, cache_dir, state, split="val")
+    received = received_experiment(message, context)
+    torch.set_num_threads(max(1, int(received.cfg.federation.client_cpus)))
+    state = message.content["arrays"].to_torch_state_dict()
+    metrics, head = evaluate_round(received.cfg, received.cache_dir, state,
+                                   received.server_round, received.run_id)
+    metrics = dict(metrics)
     num_examples = int(metrics.pop("num-examples"))
-    run_id = str(message.content["config"].get(RUN_ID_KEY, context.run_id))
-    head = evaluation_head(cache_dir.parent, run_id, server_round, state)
     content = RecordDict(
         {"metrics": _metric_record(metrics, num_examples), "ledger": ConfigRecord(head)}
     )

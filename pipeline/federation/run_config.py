@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.federation.experiment_schema import InvalidExperiment, check_experiment
 from pipeline.sites import SitePaths
 
 CONFIG_KEY = "fedrad-config"
@@ -23,18 +24,25 @@ SHARED_SECTIONS = ("seed", "model", "trainer", "data", "federation", "privacy", 
 
 
 def experiment_yaml(cfg: DictConfig) -> str:
-    """The resolved, site-independent part of the config, as one line of YAML (JSON)."""
+    """The resolved, site-independent part of the config, as one line of YAML (JSON).
+
+    Raises :class:`pipeline.federation.experiment_schema.InvalidExperiment` for a config no site
+    would accept (a component outside the allow-list), so that the coordinator fails first."""
     keys = [key for key in SHARED_SECTIONS if key in cfg]
     shared = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+    check_experiment(shared)
     return json.dumps(shared, separators=(",", ":"))
 
 
 def experiment_from_yaml(text: str) -> DictConfig:
-    """Parse the YAML text written by :func:`experiment_yaml`."""
-    cfg = OmegaConf.create(text)
-    if not isinstance(cfg, DictConfig):
-        raise ValueError(f"{CONFIG_KEY} must be a YAML mapping")
-    return cfg
+    """The experiment in the JSON text written by :func:`experiment_yaml`, checked by
+    :func:`pipeline.federation.experiment_schema.check_experiment` before anything is built."""
+    try:
+        experiment = json.loads(text)
+    except (TypeError, ValueError) as error:
+        raise InvalidExperiment(f"{CONFIG_KEY} is not the JSON of an experiment ({error})") from None
+    check_experiment(experiment)
+    return OmegaConf.create(experiment)
 
 
 def site_cache_dir(node_config: dict, cfg: DictConfig) -> Path:

@@ -9,7 +9,13 @@ round records stay the same in both modes:
 
 * :func:`secure_aggregation_mod` (site): translates a SecAgg+ training message into the
   ordinary ``arrays`` + ``config`` message, and the handler's ``arrays`` + ``metrics`` reply
-  into the legacy fit result the SecAgg+ mod masks. Plain messages pass through untouched.
+  into the legacy fit result the SecAgg+ mod masks. Plain messages pass through untouched. It
+  tells the handler which sites the update is masked against
+  (:data:`pipeline.federation.releases.MASKING_NEIGHBOURS`), and before the unmasking stage
+  checks that a round released before is unmasked with the same survivors and dropped sites
+  (:class:`pipeline.federation.releases.ReleaseStore`).
+* :class:`ExperimentStampingGrid` (coordinator): adds the experiment, run and round to every
+  SecAgg+ stage message, so that each site's approval gate can check every stage.
 * :class:`SecureFitStrategy` (coordinator): the legacy strategy SecAgg+ drives; it only ever
   receives the unmasked *sum* (already divided by the summed weight), never a site's update.
 * :func:`run_secure_federation`: the rounds, with evaluation and checkpoints as in plain mode.
@@ -18,7 +24,7 @@ round records stay the same in both modes:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 import numpy as np
@@ -34,7 +40,12 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key as SecAggKey,
+    Stage,
+)
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.client_proxy import ClientProxy
@@ -47,13 +58,16 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from pipeline.federation.allocator import keep_large_blocks
+from pipeline.federation.releases import MASKING_NEIGHBOURS, ReleaseStore
 from pipeline.federation.run_config import CONFIG_KEY, experiment_from_yaml
+from pipeline.federation.site_gate import received_experiment
 from pipeline.federation.strategy import RecordingFedAvg, TooFewSites
 from pipeline.privacy.secagg import SecAggSettings, num_sites
 
 log = logging.getLogger("fedrad.federation")
 
 ARRAY_NAMES = "array-names"  # legacy parameters are unnamed: the names travel in the config
+STAMP = "fedrad"  # the config record with the experiment, run and round on every stage message
 Checkpointer = Callable[[int, ArrayRecord], None]
 
 
@@ -65,15 +79,39 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
     keep_large_blocks()  # the masking's model-sized temporaries, see pipeline.federation.allocator
+    stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(SecAggKey.STAGE)
+    if stage == Stage.UNMASK:
+        _check_unmasking(msg, ctxt)
 
     def train_handler(fit_msg: Message, fit_ctxt: Context) -> Message:
         fit_msg.content = _training_content(fit_msg.content)
-        reply = call_next(fit_msg, fit_ctxt)
+        token = MASKING_NEIGHBOURS.set(_neighbours(fit_ctxt))
+        try:
+            reply = call_next(fit_msg, fit_ctxt)
+        finally:
+            MASKING_NEIGHBOURS.reset(token)
         if not reply.has_error():
             reply.content = _fit_result(reply.content, fit_msg.content)
         return reply
 
     return secaggplus_mod(msg, ctxt, train_handler)
+
+
+def _neighbours(ctxt: Context) -> list[int]:
+    """The sites whose keys this site received in the share-keys stage (it masks against them)."""
+    state = ctxt.state.config_records.get(RECORD_KEY_STATE) or {}
+    return sorted(int(node) for node in cast(list[int], state.get("public_keys_dict:K", [])))
+
+
+def _check_unmasking(msg: Message, ctxt: Context) -> None:
+    """Refuse to unmask a round this site released before with other survivors or dropouts."""
+    received = received_experiment(msg, ctxt)
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    ReleaseStore(received.cache_dir.parent / "private").unmasking(
+        received.run_id, received.server_round,
+        [int(n) for n in cast(list[int], configs[SecAggKey.ACTIVE_NODE_ID_LIST])],
+        [int(n) for n in cast(list[int], configs[SecAggKey.DEAD_NODE_ID_LIST])],
+    )
 
 
 def _training_content(content: RecordDict) -> RecordDict:
@@ -169,10 +207,52 @@ def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return (np.rint(array) if np.issubdtype(dtype, np.integer) else array).astype(dtype)
 
 
-class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow that says why a round halted and records it."""
+class ExperimentStampingGrid(Grid):
+    """A grid that adds the experiment record to every message it sends, delegating the rest."""
 
-    def __init__(self, settings: SecAggSettings, recorder: RecordingFedAvg) -> None:
+    def __init__(self, grid: Grid, stamp: ConfigRecord) -> None:
+        self.grid = grid
+        self.stamp = stamp
+
+    def _stamped(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        for message in messages:
+            message.content.config_records[STAMP] = ConfigRecord(dict(self.stamp))
+        return messages
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(self._stamped(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        return self.grid.send_and_receive(self._stamped(messages), timeout=timeout)
+
+
+class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow that says why a round halted and records it; every stage's
+    messages carry the experiment (:class:`ExperimentStampingGrid`)."""
+
+    def __init__(self, settings: SecAggSettings, recorder: RecordingFedAvg,
+                 shared_config: dict[str, str]) -> None:
         super().__init__(
             num_shares=settings.num_shares,
             reconstruction_threshold=settings.reconstruction_threshold,
@@ -182,10 +262,13 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
             timeout=settings.timeout_s,
         )
         self.recorder = recorder
+        self.shared_config = shared_config
 
     def __call__(self, grid: Grid, context: Context) -> None:
         context = cast(LegacyContext, context)
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        stamp = {**self.shared_config, "server-round": self.recorder.run_round(server_round)}
+        grid = ExperimentStampingGrid(grid, ConfigRecord(stamp))
         state = WorkflowState()
         stages = {
             "setup": self.setup_stage,
@@ -270,7 +353,7 @@ def run_secure_federation(
         strategy=strategy,
     )
     workflow = DefaultWorkflow(
-        fit_workflow=ReportingSecAggPlusWorkflow(settings, recorder),
+        fit_workflow=ReportingSecAggPlusWorkflow(settings, recorder, shared_config),
         evaluate_workflow=evaluation_workflow(
             recorder, strategy, ConfigRecord(shared_config), float(fed.round_timeout_s)
         ),

@@ -8,6 +8,10 @@ pseudonymous key with the site secret at once and never stored. Revoking a patie
    that a rerun never adds the images back;
 3. appends a ``revocation`` entry (patient key, images removed, rounds that included the
    patient) to the site's signed ledger;
+
+all under the site's round lock (:func:`pipeline.governance.rounds.round_lock`): a revocation
+during a round waits for it, so the round in flight is listed too, and every later round reads
+the cache without the patient. A stored update that trained on the patient is never sent again.
 4. reports which ``run:round`` trained on the patient and which global models the site
    received after those rounds (models that include its updates from the patient's images,
    up to the last model of each run, which the site receives to evaluate).
@@ -23,7 +27,7 @@ from pathlib import Path
 from pipeline.cache import ARRAYS_DIR, MANIFEST_NAME
 from pipeline.files import atomic_write
 from pipeline.governance.ledger import SiteLedger
-from pipeline.governance.rounds import round_key, trained_patients
+from pipeline.governance.rounds import round_key, round_lock, trained_patients
 from pipeline.pseudonym import load_secret, patient_key
 from pipeline.sites import SitePaths
 
@@ -126,17 +130,20 @@ def revoke_patient(site: SitePaths, patient_id: str) -> Revocation:
             f"site {site.name} has no image of this patient (key {key}): check the PatientID "
             f"(it is the source files' PatientID, or the labels' patient_id column)"
         )
-    images = _drop_from_manifest(site.cache_dir, key)
-    for image in images:
-        (site.cache_dir / ARRAYS_DIR / f"{image}.npy").unlink(missing_ok=True)
-    if key not in revoked_patients(site.work_dir):
-        site.private_dir.mkdir(parents=True, exist_ok=True)
-        with (site.private_dir / REVOKED_NAME).open("a") as handle:
-            handle.write(key + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    rounds = [k for k, patients in trained_patients(site.work_dir).items() if key in patients]
-    SiteLedger.for_site(site.work_dir).append(
-        "revocation", {"patient_key": key, "images_removed": len(images), "rounds": rounds}
-    )
+    waiting = (f"site {site.name}: a round is in progress; the revocation waits for it to finish "
+               "and then lists it among the rounds that trained on the patient")
+    with round_lock(site.work_dir, waiting=waiting):
+        images = _drop_from_manifest(site.cache_dir, key)
+        for image in images:
+            (site.cache_dir / ARRAYS_DIR / f"{image}.npy").unlink(missing_ok=True)
+        if key not in revoked_patients(site.work_dir):
+            site.private_dir.mkdir(parents=True, exist_ok=True)
+            with (site.private_dir / REVOKED_NAME).open("a") as handle:
+                handle.write(key + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        rounds = [k for k, patients in trained_patients(site.work_dir).items() if key in patients]
+        SiteLedger.for_site(site.work_dir).append(
+            "revocation", {"patient_key": key, "images_removed": len(images), "rounds": rounds}
+        )
     return Revocation(key, len(images), rounds, _models_including(site.work_dir, rounds))

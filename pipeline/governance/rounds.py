@@ -13,14 +13,23 @@ After each round's aggregation the site also receives the new global model to ev
 model of a run, the one released, is in the ledger too.
 
 ``<work dir>/private/trained_patients.jsonl`` lists, per ``run:round``, the patient keys trained
-on (the latest line of a ``run:round`` wins); it stays at the site and serves consent revocation.
+on; it stays at the site and serves consent revocation. A round holds the site's round lock
+(:func:`round_lock`) from before it reads its training rows until its entry is written, and a
+revocation takes the same lock, so a revocation never misses a round in flight.
+
+Every head a site reports (with its evaluation replies) is also kept at the site in
+``<work dir>/private/reported_heads.jsonl``; :func:`verified_entries` checks the ledger against
+them before each round, so a ledger cut back to before a reported head blocks training.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +41,13 @@ from pipeline.cache import SiteCache
 from pipeline.federation.run_config import experiment_yaml
 from pipeline.governance.code_hash import code_hash
 from pipeline.governance.heads import site_head
-from pipeline.governance.ledger import SiteLedger
+from pipeline.governance.ledger import LedgerCorrupted, SiteLedger
+
+log = logging.getLogger("fedrad.governance")
 
 TRAINED_PATIENTS_NAME = "trained_patients.jsonl"
+REPORTED_HEADS_NAME = "reported_heads.jsonl"
+ROUND_LOCK_NAME = "round.lock"
 DATA_COLUMNS = ["image_key", "patient_key", "label"]
 
 
@@ -71,12 +84,58 @@ def trained_patients_path(work_dir: Path) -> Path:
 
 
 def trained_patients(work_dir: Path) -> dict[str, list[str]]:
-    """``run:round`` -> patient keys trained on in that round (latest record per round)."""
+    """``run:round`` -> patient keys trained on in that round (every training of it)."""
     path = trained_patients_path(work_dir)
     if not path.is_file():
         return {}
     rows: Iterator[dict] = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {row["key"]: row["patients"] for row in rows}
+    patients: dict[str, set[str]] = {}
+    for row in rows:
+        patients.setdefault(row["key"], set()).update(row["patients"])
+    return {key: sorted(keys) for key, keys in patients.items()}
+
+
+@contextmanager
+def round_lock(work_dir: Path, waiting: str = "") -> Iterator[None]:
+    """Hold the site's round lock (``private/round.lock``): one round or revocation at a time.
+
+    ``waiting``: logged when another holder has it (e.g. a revocation waiting for a round)."""
+    path = Path(work_dir) / "private" / ROUND_LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                log.warning("%s", waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def reported_heads(work_dir: Path) -> list[tuple[int, str]]:
+    """The (seq, hash) heads this site has reported to a coordinator."""
+    path = Path(work_dir) / "private" / REPORTED_HEADS_NAME
+    if not path.is_file():
+        return []
+    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [(int(h["seq"]), str(h["head"])) for h in lines]
+
+
+def verified_entries(work_dir: Path) -> list[dict]:
+    """The site's ledger entries once the whole ledger verifies with the site's own key and
+    against every head it reported; raises :class:`LedgerCorrupted` (naming the first problem)
+    otherwise: a ledger that does not verify blocks training."""
+    ledger = SiteLedger.for_site(work_dir)
+    problems = ledger.verify(reported_heads(work_dir))
+    if problems:
+        raise LedgerCorrupted(
+            f"{ledger.path} does not verify ({problems[0]}; {len(problems)} problems): this site "
+            "does not train until it is inspected (python scripts/ledger.py action=verify)"
+        )
+    return ledger.entries()
 
 
 @dataclass(frozen=True)
@@ -126,7 +185,13 @@ class TrainedRound:
 def evaluation_head(work_dir: Path, run_id: str, server_round: int,
                     global_state: dict[str, torch.Tensor]) -> dict[str, str | int]:
     """Append the ``evaluation`` entry of the global model the site received to evaluate, then
-    return the ledger head the site reports with its evaluation reply (that entry included)."""
+    return the ledger head the site reports with its evaluation reply (that entry included),
+    kept at the site too (``private/reported_heads.jsonl``)."""
     body = {"run": run_id, "round": server_round, "global_model_sha256": state_sha256(global_state)}
     SiteLedger.for_site(work_dir).append("evaluation", body)
-    return site_head(work_dir)
+    head = site_head(work_dir)
+    path = Path(work_dir) / "private" / REPORTED_HEADS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps({"seq": head["seq"], "head": head["head"]}) + "\n")
+    return head

@@ -7,6 +7,9 @@ per-sample clipping by :class:`pipeline.privacy.clipping.PerSampleClipper`.
 ``noise_multiplier * max_grad_norm`` on the clipped sum, the accountant's step hook) and its
 ``backward`` hook calls :meth:`PrivateTraining.backward` (per-sample clipping). The data
 module is wrapped by :class:`PoissonDataModule` (Opacus's ``DPLightningDataModule``).
+
+Noise and Poisson sampling come from the round's :data:`pipeline.privacy.randomness.RandomSource`
+(a fresh cryptographically secure stream at the site), never from a seed in the job's config.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import torch
 from omegaconf import DictConfig
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import wrap_collate_with_empty
 from opacus.lightning import DPLightningDataModule
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
+from torch.utils.data import DataLoader
 
 from pipeline.privacy.clipping import PerSampleClipper
+from pipeline.privacy.randomness import RandomSource, SecurePoissonSampler
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -136,23 +143,48 @@ def check_dp_compatible(net: nn.Module) -> None:
         )
 
 
-class PrivateTraining:
-    """DP-SGD state of one site's round: clipping, noise and the accountant."""
+class SourcedNoiseOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus's optimizer for already clipped and summed gradients, whose Gaussian noise comes
+    from a :data:`RandomSource` (one draw per step for all parameters) instead of torch's
+    global generator."""
 
-    def __init__(self, plan: RoundPlan, max_grad_norm: float, accountant: str) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, *, source: RandomSource, **kwargs) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.source = source
+
+    def add_noise(self) -> None:
+        """Add N(0, (noise_multiplier x max_grad_norm)^2) to every summed gradient."""
+        multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        std = multiplier * self.max_grad_norm
+        sizes = [p.summed_grad.numel() for p in self.params]
+        noise = self.source.normal(sum(sizes), std) if std > 0 else torch.zeros(sum(sizes))
+        for p, chunk in zip(self.params, noise.split(sizes)):
+            _check_processed_flag(p.summed_grad)
+            summed = p.summed_grad
+            p.grad = (summed + chunk.to(summed.device, summed.dtype).view_as(summed)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+class PrivateTraining:
+    """DP-SGD state of one site's round: clipping, noise, sampling randomness and the accountant."""
+
+    def __init__(self, plan: RoundPlan, max_grad_norm: float, accountant: str,
+                 source: RandomSource) -> None:
         self.plan = plan
         self.max_grad_norm = max_grad_norm
         self.accountant: IAccountant = create_accountant(accountant)
+        self.source = source
         self.clipper: PerSampleClipper | None = None
 
-    def optimizer(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> DPOptimizerFastGradientClipping:
+    def optimizer(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> SourcedNoiseOptimizer:
         """Attach per-sample clipping to ``net``; wrap ``optimizer`` to add noise and account."""
         check_dp_compatible(net)
         if self.clipper is not None:
             self.clipper.remove()
         self.clipper = PerSampleClipper(net, self.max_grad_norm)
-        private = DPOptimizerFastGradientClipping(
+        private = SourcedNoiseOptimizer(
             optimizer,
+            source=self.source,
             noise_multiplier=self.plan.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.plan.expected_batch_size,
@@ -169,8 +201,31 @@ class PrivateTraining:
 
 
 class PoissonDataModule(DPLightningDataModule):
-    """Opacus's Lightning data module (Poisson-sampled training batches) that still reports
+    """Opacus's Lightning data module (Poisson-sampled training batches, each example in a
+    batch with probability 1 / number of batches) with coins from ``source``; it still reports
     the wrapped module's training-set size."""
+
+    def __init__(self, datamodule, source: RandomSource) -> None:
+        super().__init__(datamodule)
+        self.source = source
+
+    def train_dataloader(self) -> DataLoader:
+        loader = self.datamodule.train_dataloader()
+        dataset = loader.dataset
+        sampler = SecurePoissonSampler(
+            num_samples=len(dataset), sample_rate=1 / len(loader), source=self.source
+        )
+        sample = dataset[0]
+        collate = wrap_collate_with_empty(
+            collate_fn=loader.collate_fn, batch_first=True, rand_on_empty=False,
+            sample_empty_shapes=[(0, *x.shape) for x in sample],
+            dtypes=[x.dtype for x in sample],
+        )
+        return DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loader.num_workers,
+            worker_init_fn=loader.worker_init_fn, pin_memory=loader.pin_memory,
+            persistent_workers=loader.persistent_workers,
+        )
 
     @property
     def num_train_examples(self) -> int:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from train_loop import REPO, load_images
 
 from pipeline.privacy.dp import PrivateTraining, RoundPlan
+from pipeline.privacy.randomness import SecureRandom
 
 Step = Callable[[], None]
 DEMO_IMAGES = REPO / "data" / "demo" / "kermany"
@@ -67,7 +68,7 @@ def plain_step(net: nn.Module, optimizer_factory, images, labels) -> Step:
 def private_step(net: nn.Module, optimizer_factory, images, labels) -> Step:
     plan = RoundPlan(noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1e-5,
                      expected_batch_size=len(labels))
-    private = PrivateTraining(plan, max_grad_norm=1.0, accountant="rdp")
+    private = PrivateTraining(plan, max_grad_norm=1.0, accountant="rdp", source=SecureRandom())
     optimizer = private.optimizer(net, optimizer_factory(net.parameters()))
 
     def step() -> None:

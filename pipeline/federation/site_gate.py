@@ -1,0 +1,71 @@
+"""The gate every message to a site passes first: an approved experiment, or nothing runs.
+
+:func:`received_experiment` finds the experiment a message carries (in every config record that
+holds one: they must all agree), checks it against the allow-list
+(:mod:`pipeline.federation.experiment_schema`), applies the site's own policy, and requires the
+site's data owner's approval of exactly that job, before any model is built or any data file is
+opened. :func:`approval_gate` is the ClientApp-wide Flower mod that runs it for every message kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context, Message
+from omegaconf import DictConfig
+
+from pipeline.federation.experiment_schema import InvalidExperiment
+from pipeline.federation.run_config import CONFIG_KEY, RUN_ID_KEY, experiment_from_yaml, site_cache_dir
+from pipeline.federation.site_policy import SitePolicy
+from pipeline.governance.approval import enforce_approval, site_governance
+
+ROUND_KEY = "server-round"
+
+
+@dataclass(frozen=True)
+class ReceivedExperiment:
+    """The approved experiment a message carries, and where this site keeps its cache."""
+
+    cfg: DictConfig
+    cache_dir: Path
+    run_id: str
+    server_round: int
+    policy: SitePolicy
+
+
+def received_experiment(message: Message, context: Context) -> ReceivedExperiment:
+    """The message's experiment, checked against the allow-list and the site's approvals.
+
+    Every config record that carries an experiment must carry the same one (and the same run and
+    round); raises :class:`InvalidExperiment` or
+    :class:`pipeline.governance.approval.JobNotApproved` otherwise.
+    """
+    carried = [dict(record) for record in message.content.config_records.values()
+               if CONFIG_KEY in record]
+    if not carried:
+        raise InvalidExperiment("the message carries no experiment: this site answers only "
+                                "messages of a job its data owner approved")
+    identity = {(str(r[CONFIG_KEY]), str(r.get(RUN_ID_KEY)), r.get(ROUND_KEY)) for r in carried}
+    if len(identity) != 1:
+        raise InvalidExperiment("the message carries different experiments, runs or rounds in "
+                                "its records: refused")
+    text, run_id, server_round = identity.pop()
+    cfg = experiment_from_yaml(text)
+    node_config = dict(context.node_config)
+    cfg.governance = site_governance(node_config, cfg)
+    if "epsilon-budget" in node_config and "privacy" in cfg:
+        # A deployed site may hold itself to a tighter budget than the coordinator proposes.
+        budget = min(float(node_config["epsilon-budget"]), float(cfg.privacy.epsilon_budget))
+        cfg.privacy.epsilon_budget = budget
+    cache_dir = site_cache_dir(node_config, cfg)
+    enforce_approval(cfg, cache_dir.parent)
+    run = run_id if run_id != "None" else str(context.run_id)
+    return ReceivedExperiment(cfg, cache_dir, run, int(server_round or 0),
+                              SitePolicy.for_site(node_config, cfg))
+
+
+def approval_gate(message: Message, context: Context, call_next) -> Message:
+    """Refuse any message whose experiment this site has not approved (see the module docstring)."""
+    received_experiment(message, context)
+    return call_next(message, context)
