@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_federated_round_is_example_weighted_average(demo_run, demo_sites):
     initial = build_classifier(cfg, seed=int(cfg.seed)).net.state_dict()
     updates, weights = [], []
     for site in demo_sites.sites:
-        state, metrics = train_site(cfg, site.cache_dir, initial, server_round=1)
+        state, metrics = train_site(cfg, site.cache_dir, initial, server_round=1, run_id=f"check-{uuid4()}")
         updates.append(state)
         weights.append(metrics["num-examples"])
     assert len(set(weights)) > 1, "sites should differ in size for this test to mean something"

@@ -8,6 +8,7 @@ import logging
 import resource
 import shutil
 import sys
+from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -128,7 +129,7 @@ def test_round_with_two_dropouts_releases_the_survivors_fedavg(five_site_rounds,
     initial = build_classifier(cfg, seed=int(cfg.seed)).net.state_dict()
     updates, counts = [], []
     for site in demo_sites.sites:  # partitions 0, 1, 2 survive round 1
-        state, metrics = train_site(cfg, site.cache_dir, initial, server_round=1)
+        state, metrics = train_site(cfg, site.cache_dir, initial, server_round=1, run_id=f"check-{uuid4()}")
         updates.append(state)
         counts.append(int(metrics["num-examples"]))
     assert counts == [len(SiteCache(s.cache_dir).load_split("train").labels) for s in demo_sites.sites]
