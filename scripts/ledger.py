@@ -8,7 +8,8 @@
 With ``heads`` (the coordinator's copy of the heads the site reported each round) a truncated or
 rewritten tail is caught too; with ``public_key`` (a copy of the site's ledger_signing.pub kept
 elsewhere) a ledger re-signed with a replaced key is caught as well. Exits with status 1 and
-names each entry when tampering is found.
+names each entry when tampering is found; with status 2 and one line (the file and the fix)
+when it cannot check at all (a missing, unreadable or garbage key file, a missing heads file).
 """
 
 from __future__ import annotations
@@ -22,13 +23,19 @@ from omegaconf import DictConfig
 from pipeline.deployment.site import configured_site
 from pipeline.governance.heads import verify_site_ledger
 from pipeline.governance.keys import load_public_key
-from pipeline.governance.ledger import SiteLedger, describe
+from pipeline.governance.ledger import LedgerCorrupted, SiteLedger, describe
 
 ACTIONS = ("show", "verify")
+# What the tool reports as one line (file and fix) instead of a traceback; KeyFileError is a ValueError.
+ONE_LINE_ERRORS = (ValueError, LookupError, OSError, LedgerCorrupted)
 
 
-@hydra.main(config_path="../conf", config_name="ledger", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def run(cfg: DictConfig) -> int:
+    """List and/or verify; the exit status (0 intact, 1 tampered)."""
     if cfg.action not in ACTIONS:
         raise ValueError(f"action={cfg.action}: expected one of {ACTIONS}")
     work_dir = configured_site(cfg).work_dir
@@ -36,15 +43,30 @@ def main(cfg: DictConfig) -> None:
     ledger = SiteLedger.for_reading(work_dir, public_key)
     problems = verify_site_ledger(work_dir, Path(cfg.heads) if cfg.heads else None, public_key)
     if cfg.action == "show":
-        for entry in ledger.entries():
-            print(describe(entry))
+        for line_no, entry in enumerate(ledger.entries(), start=1):
+            try:
+                print(describe(entry))
+            except (KeyError, TypeError, AttributeError, ValueError):
+                print(f"{'?':>5}  line {line_no} is not a ledger entry")
     for problem in problems:
         print(f"TAMPERED: {problem}")
     if problems:
-        sys.exit(1)
+        return 1
     seq, head = ledger.head()
     against = f", consistent with {cfg.heads}" if cfg.heads else ""
     print(f"{ledger.path}: intact{against}; {seq} entries, head {head[:12]}..., key {ledger.key_id}")
+    return 0
+
+
+@hydra.main(config_path="../conf", config_name="ledger", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        status = run(cfg)
+    except ONE_LINE_ERRORS as error:
+        print(f"ledger.py: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,43 @@
-"""A site's data owner reviews the training jobs proposed to the site, and approves or rejects them.
+"""A site's data owner reviews the training jobs proposed to the site: approves, rejects, withdraws.
 
-    python scripts/review_job.py +site=demo_site1                                # pending jobs
+    python scripts/review_job.py +site=demo_site1                                # pending and decided jobs
     python scripts/review_job.py +site=demo_site1 action=show job=3f2a9c1d       # read one
     python scripts/review_job.py +site=demo_site1 action=approve job=3f2a9c1d    # or action=reject
+    python scripts/review_job.py +site=demo_site1 action=withdraw job=3f2a9c1d   # withdraw an approval
 
-The site trains only in a job whose exact hash its data owner approved: the decision is signed
-with the site's key, kept in <work dir>/approvals/, entered in the site's ledger and sent back
-to the coordinator. Requests arrive through job_requests=folder (default) or job_requests=syft.
+The site trains only in a job whose exact hash its data owner approved: each decision is signed
+with the site's key, entered in the site's ledger (the latest decision there counts), kept in
+<work dir>/approvals/ and sent back to the coordinator. An approval can be withdrawn at any time
+(action=withdraw, or action=reject on an approved job); from then on the site refuses the job
+until its data owner approves it again with action=approve. Requests arrive through
+job_requests=folder (default) or job_requests=syft. Errors (a bad key file, a ledger that does
+not verify, an unknown job) are printed as one line, with exit status 2.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from pipeline.deployment.site import configured_site
+from pipeline.governance.ledger import LedgerCorrupted
 from pipeline.governance.review import review
+
+# KeyFileError is a ValueError; JobNotApproved a PermissionError (an OSError).
+ONE_LINE_ERRORS = (ValueError, LookupError, OSError, LedgerCorrupted)
 
 
 @hydra.main(config_path="../conf", config_name="job_review", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    site = configured_site(cfg)
-    print(review(cfg, site.name, Path(site.work_dir)))
+    try:
+        site = configured_site(cfg)
+        print(review(cfg, site.name, Path(site.work_dir)))
+    except ONE_LINE_ERRORS as error:
+        print(f"review_job.py: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

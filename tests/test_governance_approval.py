@@ -18,10 +18,29 @@ from pipeline.federation.loopback import LoopbackGrid
 from pipeline.federation.run_config import CONFIG_KEY, experiment_yaml
 from pipeline.federation.server_app import run_federation
 from pipeline.federation.site_task import train_site
-from pipeline.governance.approval import JobDecision, JobNotApproved, decide, decision_path
+from pipeline.governance.approval import (
+    JobDecision,
+    JobNotApproved,
+    current_decision,
+    decide,
+    decision_history,
+    decision_path,
+    enforce_approval,
+    require_approval,
+    withdraw,
+)
+from pipeline.governance.code_hash import (
+    CODE_HASH_COVERS,
+    code_files,
+    code_hash,
+    digest_of,
+    installed_distributions,
+    scripts_folder,
+)
 from pipeline.governance.job import Job
 from pipeline.governance.keys import site_signing_key
 from pipeline.governance.ledger import SiteLedger
+from pipeline.governance import review as review_module
 from pipeline.governance.review import job_status, review, submit_job
 from pipeline.sites import SitePaths
 from pipeline.training import build_classifier
@@ -258,4 +277,231 @@ def test_deployed_site_passes_its_own_policy_to_its_supernode(sites_root):
         cfg = compose_config("+site=demo_site1", "deployment.insecure=true", *overrides)
         command = supernode_command(cfg.deployment, site.cache_dir, cfg.governance)
         node_config = command[command.index("--node-config") + 1]
-        assert node_config == f"cache-dir='{site.cache_dir.resolve()}' {expected}"
+        assert node_config == (f"cache-dir='{site.cache_dir.resolve()}' {expected} "
+                               "allow-seeded-noise=false retrain-round='refuse'")
+
+
+# --- withdrawal: the latest decision in the site's signed ledger counts ------------------------
+
+
+def test_withdrawn_approval_stands_even_when_the_old_approval_file_is_restored(sites_root):
+    cfg = strict_config(sites_root)
+    site = SitePaths.under(sites_root, "site1")
+    job = Job.from_config(cfg)
+    approval = decide(site.work_dir, job, "approval", "data owner of site1")
+    assert require_approval(site.work_dir, job) == approval
+    approval_file = decision_path(site.work_dir, job.job_hash).read_bytes()
+
+    record = withdraw(site.work_dir, job.job_hash, "data owner of site1 (Dr Rossi)")
+    assert record.decision == "withdrawal"
+    record.verify(site_signing_key(site.work_dir).public_key())  # signed over the withdrawal
+    assert JobDecision.signed_bytes(job.job_hash, "withdrawal") == f"fedrad job withdrawal\n{job.job_hash}".encode()
+    entries = SiteLedger.for_site(site.work_dir).entries()
+    assert [e["kind"] for e in entries] == ["approval", "withdrawal"]
+    when = entries[-1]["time"]
+    refusal = f"withdrew the approval of job {job.job_hash} on {when} \\(data owner of site1 \\(Dr Rossi\\)"
+    with pytest.raises(JobNotApproved, match=refusal):
+        require_approval(site.work_dir, job)
+
+    decision_path(site.work_dir, job.job_hash).write_bytes(approval_file)  # rolled back
+    assert JobDecision.from_json(approval_file.decode()).decision == "approval"
+    with pytest.raises(JobNotApproved, match=refusal):
+        require_approval(site.work_dir, job)
+    with pytest.raises(JobNotApproved, match="withdrew the approval"):
+        train_site(cfg, site.cache_dir, initial_state(cfg), server_round=1)
+    assert trained_rounds(site.work_dir) == []
+    with pytest.raises(LookupError, match="no approval to withdraw"):
+        withdraw(site.work_dir, job.job_hash, "data owner of site1")
+
+    # The simulated data owner never approves a withdrawn job again ...
+    auto = strict_config(sites_root, "governance.auto_approve_simulated_sites=true")
+    with pytest.raises(JobNotApproved, match="withdrew the approval"):
+        enforce_approval(auto, site.work_dir)
+    assert [d.decision for d in decision_history(site.work_dir, job.job_hash)] == ["approval", "withdrawal"]
+    # ... only an explicit new approval does, and it is then the latest decision.
+    decide(site.work_dir, job, "approval", "data owner of site1")
+    assert current_decision(site.work_dir, job.job_hash).decision == "approval"
+    require_approval(site.work_dir, job)
+    enforce_approval(auto, site.work_dir)
+
+
+def test_approval_counts_only_with_both_the_ledger_entry_and_the_signed_file(sites_root):
+    cfg = strict_config(sites_root, "governance.auto_approve_simulated_sites=true")
+    site = SitePaths.under(sites_root, "site1")
+    job = Job.from_config(cfg)
+    decide(site.work_dir, job, "approval", "data owner of site1")
+    path = decision_path(site.work_dir, job.job_hash)
+    approval_file = path.read_bytes()
+
+    path.unlink()  # the ledger approves, the signed file is gone
+    with pytest.raises(JobNotApproved, match=f"ledger approves job {job.job_hash} .* is missing"):
+        require_approval(site.work_dir, job)
+    path.write_bytes(approval_file)
+    require_approval(site.work_dir, job)
+
+    ledger = SiteLedger.for_site(site.work_dir)
+    ledger.path.write_text("")  # the signed file is there, the ledger's decision is gone
+    with pytest.raises(JobNotApproved, match="has not approved job .*the site's ledger, which is the authority, "
+                                             "has no decision on this job"):
+        require_approval(site.work_dir, job)
+    with pytest.raises(JobNotApproved, match="has no decision on this job"):
+        enforce_approval(cfg, site.work_dir)  # and no automatic approval over an existing file
+    assert ledger.entries() == []
+
+
+def test_a_ledger_that_does_not_verify_blocks_every_approval(sites_root):
+    """Approved, then rejected; someone turns the signed rejection back into an approval."""
+    cfg = strict_config(sites_root)
+    site = SitePaths.under(sites_root, "site1")
+    job = Job.from_config(cfg)
+    decide(site.work_dir, job, "approval", "data owner of site1")
+    approval_file = decision_path(site.work_dir, job.job_hash).read_bytes()
+    decide(site.work_dir, job, "rejection", "data owner of site1")
+    ledger = SiteLedger.for_site(site.work_dir)
+    lines = ledger.path.read_text().splitlines(keepends=True)
+    assert lines[1].count('"kind":"rejection"') == 1
+    ledger.path.write_text(lines[0] + lines[1].replace('"kind":"rejection"', '"kind":"approval"'))
+    decision_path(site.work_dir, job.job_hash).write_bytes(approval_file)
+    with pytest.raises(JobNotApproved, match=f"while this site's ledger does not verify.*{ledger.path} does not "
+                                             r"verify: entry 2 \(approval, line 2\): its hash does not match"):
+        require_approval(site.work_dir, job)
+    # An unsigned field claiming an approval is refused the same way.
+    ledger.path.write_text(lines[0] + lines[1][:-2] + ',"decision_override":"approval"}\n')
+    with pytest.raises(JobNotApproved, match="unsigned field 'decision_override'"):
+        require_approval(site.work_dir, job)
+
+
+def tool_config(sites_root: Path, *overrides: str):
+    return compose_config(*FAST_FEDERATION, f"data.sites_root={sites_root}", "federation.num_rounds=1",
+                          "+job_requests=folder", *overrides)
+
+
+def test_data_owner_withdraws_and_approves_again_through_review(sites_root):
+    job = Job.from_config(strict_config(sites_root))
+    submit_job(tool_config(sites_root))
+    site = SitePaths.under(sites_root, "site2")
+    prefix = f"+job={job.job_hash[:10]}"
+
+    def act(action: str) -> str:
+        return review(tool_config(sites_root, f"+action={action}", prefix), "site2", site.work_dir)
+
+    with pytest.raises(LookupError, match="no approval to withdraw"):
+        act("withdraw")  # pending, never approved
+    assert "approval of job" in act("approve")
+    assert "already approved" in act("approve")  # nothing signed twice
+    # A rejection of an approved job withdraws the approval; it reaches the coordinator.
+    assert f"site2: withdrawal of job {job.job_hash} signed with the site's key and sent" == act("reject")
+    assert "site2: withdrawal (" in job_status(tool_config(sites_root))
+    with pytest.raises(JobNotApproved, match="withdrew the approval .*data owner of site2"):
+        require_approval(site.work_dir, job)
+    assert "withdrawal on" in act("show") and "Approve it again with action=approve" in act("show")
+    listing = review(tool_config(sites_root, "+action=list"), "site2", site.work_dir)
+    assert "no job waits" in listing and f"{job.job_hash[:16]}  withdrawal on" in listing
+    with pytest.raises(LookupError, match="no approval to withdraw"):
+        act("withdraw")
+
+    assert "approval of job" in act("approve")  # an explicit new approval
+    require_approval(site.work_dir, job)
+    assert "withdrawal of job" in act("withdraw")
+    with pytest.raises(JobNotApproved, match="withdrew the approval"):
+        require_approval(site.work_dir, job)
+    kinds = [e["kind"] for e in SiteLedger.for_site(site.work_dir).entries()]
+    assert kinds == ["approval", "withdrawal", "approval", "withdrawal"]
+
+
+class _NoReturnChannel:
+    """A channel that cannot carry a decision on a request that is no longer pending (as syft)."""
+
+    def pending(self) -> list[Job]:
+        return []
+
+    def answer(self, work_dir, job_hash, decision, decided_by):
+        raise LookupError(f"job {job_hash} is not a pending request (status approved)")
+
+
+def test_withdrawal_is_signed_at_the_site_when_the_channel_cannot_carry_it(sites_root, monkeypatch):
+    site = SitePaths.under(sites_root, "site1")
+    job = Job.from_config(strict_config(sites_root))
+    decide(site.work_dir, job, "approval", "data owner of site1")
+    monkeypatch.setattr(review_module, "open_channel", lambda *args, **kwargs: _NoReturnChannel())
+    report = review(tool_config(sites_root, "+action=reject", f"+job={job.job_hash[:12]}"), "site1", site.work_dir)
+    assert report.startswith(f"site1: withdrawal of job {job.job_hash} signed with the site's key at this site")
+    assert "status approved" in report
+    with pytest.raises(JobNotApproved, match="withdrew the approval"):
+        require_approval(site.work_dir, job)
+
+
+def test_review_script_withdraws_and_prints_one_line_errors(sites_root):
+    from tests.test_governance_ledger import run_script
+
+    site = SitePaths.under(sites_root, "site1")
+    job = Job.from_config(strict_config(sites_root))
+    decide(site.work_dir, job, "approval", "data owner of site1")
+    args = ("+site=demo_site1", f"data.sites_root={sites_root}")
+    done = run_script("review_job.py", *args, "action=withdraw", f"job={job.job_hash[:16]}", cwd=sites_root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"site1: withdrawal of job {job.job_hash} signed with the site's key" in done.stdout
+    assert current_decision(site.work_dir, job.job_hash).decision == "withdrawal"
+
+    again = run_script("review_job.py", *args, "action=withdraw", f"job={job.job_hash[:16]}", cwd=sites_root)
+    private = site.work_dir / "private" / "ledger_signing.key"
+    private.write_bytes(b"garbage")
+    bad_key = run_script("review_job.py", *args, "action=list", cwd=sites_root)
+    for done, text in [(again, "no approval to withdraw"), (bad_key, f"{private} is not a PEM private key")]:
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith("review_job.py: ") and text in line, line
+
+
+# --- the code hash covers everything that runs at the site ---------------------------------------
+
+
+def test_code_hash_covers_packages_scripts_and_installed_versions(tmp_path):
+    from importlib.metadata import version
+
+    names = [name for name, _ in code_files()]
+    assert "pipeline/governance/approval.py" in names and "models/__init__.py" in names
+    assert "scripts/review_job.py" in names and "scripts/ledger.py" in names  # a checkout
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    distributions = installed_distributions()
+    assert distributions == sorted(distributions) and len(distributions) == len(set(distributions))
+    for package in ("fedrad", "cryptography", "torch", "flwr"):
+        assert f"{package}=={version(package)}" in distributions
+    # What code_hash() computes (uncached: others may edit the tree while a session runs).
+    files = code_files()
+    baseline = digest_of(files, distributions)
+    assert code_hash.__wrapped__() == baseline
+    first = code_hash()
+    hits = code_hash.cache_info().hits
+    assert code_hash() == code_hash() == first and code_hash.cache_info().hits == hits + 2  # cached
+
+    # Any script, any package version changes the hash.
+    copy = tmp_path / "review_job.py"
+    copy.write_bytes(dict(files)["scripts/review_job.py"].read_bytes())
+    with_copy = [(name, copy if name == "scripts/review_job.py" else path) for name, path in files]
+    assert digest_of(with_copy, distributions) == baseline
+    copy.write_bytes(copy.read_bytes() + b"\n# edited\n")
+    assert digest_of(with_copy, distributions) != baseline
+    bumped = [line + ".post1" if line.startswith("torch==") else line for line in distributions]
+    assert digest_of(files, bumped) != baseline
+    assert digest_of([f for f in files if not f[0].startswith("scripts/")], distributions) != baseline
+
+
+def test_scripts_are_found_only_next_to_a_checkouts_package(tmp_path):
+    package = tmp_path / "site-packages" / "pipeline"
+    package.mkdir(parents=True)
+    (tmp_path / "site-packages" / "scripts").mkdir()  # no pyproject.toml: not a checkout
+    assert scripts_folder(package) is None
+    (tmp_path / "site-packages" / "pyproject.toml").write_text("[project]\nname = 'fedrad'\n")
+    assert scripts_folder(package) == (tmp_path / "site-packages" / "scripts").resolve()
+    assert scripts_folder() == Path(__file__).resolve().parents[1] / "scripts"
+
+
+def test_job_text_says_what_the_code_hash_covers(sites_root):
+    text = Job.from_config(strict_config(sites_root)).render()
+    code = text[text.index("\nCode\n"):text.index("Full experiment configuration")]
+    for covered in ("pipeline/, models/ and transforms/ sources", "scripts/", "name==version of every",
+                    "installed Python distribution"):
+        assert covered in " ".join(code.split()), code
+    assert "scripts/" in CODE_HASH_COVERS and "name==version" in CODE_HASH_COVERS

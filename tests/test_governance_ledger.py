@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pipeline.cache import MANIFEST_NAME, SiteCache
@@ -23,7 +25,14 @@ from pipeline.datamodule import CacheDataModule
 from pipeline.federation.site_task import train_site
 from pipeline.governance.code_hash import code_hash
 from pipeline.governance.heads import HEADS_NAME, coordinator_heads, verify_site_ledger
-from pipeline.governance.keys import private_key_path
+from pipeline.governance.keys import (
+    KeyFileError,
+    load_public_key,
+    private_key_path,
+    public_key_path,
+    site_public_key,
+    site_signing_key,
+)
 from pipeline.governance.ledger import GENESIS, LedgerCorrupted, SiteLedger, canonical_json, entry_hash
 from pipeline.governance.revocation import CONSENT_REVOKED
 from pipeline.governance.rounds import experiment_sha256, rows_sha256, state_sha256, trained_patients
@@ -142,6 +151,152 @@ def test_torn_last_line_stops_appends(ledger):
     with pytest.raises(LedgerCorrupted, match="last line is not a whole entry"):
         ledger.append("note", {"n": 6})
     assert any(p.startswith("line 6 (expected entry 6): not a ledger entry") for p in ledger.verify())
+
+
+def with_field(lines: Lines, index: int, **fields) -> Lines:
+    """Line ``index`` (0-based) with ``fields`` added to its entry, still canonical JSON."""
+    entry = json.loads(lines[index]) | fields
+    return lines[:index] + [canonical_json(entry).decode() + "\n"] + lines[index + 1:]
+
+
+def test_an_unsigned_field_added_to_an_entry_is_named(ledger):
+    rewrite(ledger, lambda lines: with_field(lines, 2, approved_by="coordinator"))
+    assert json.loads(ledger.path.read_text().splitlines()[2])["approved_by"] == "coordinator"
+    # Hash, signature and links are all still right: only the extra field is wrong.
+    assert ledger.verify() == [
+        "entry 3 (note, line 3): unsigned field 'approved_by' that neither its hash nor its "
+        "signature covers (added after signing)"
+    ]
+
+
+def test_entries_not_in_canonical_json_are_caught(ledger):
+    lines = ledger.path.read_text().splitlines(keepends=True)
+    # A duplicate key: Python reads the last value (the signed one), another reader the first.
+    duplicate = lines[2].replace('"body":{"n":3}', '"body":{"n":7,"n":3}')
+    assert json.loads(duplicate) == json.loads(lines[2]) and duplicate != lines[2]
+    spaced = json.dumps(json.loads(lines[3]), sort_keys=True) + "\n"  # same content, re-serialised
+    ledger.path.write_text("".join([*lines[:2], duplicate, spaced, *lines[4:]]))
+    assert ledger.verify() == [
+        f"entry {n} (note, line {n}): not in the canonical JSON the site writes (re-serialised, "
+        "a duplicate key, or edited)" for n in (3, 4)
+    ]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "1e400"])
+def test_a_body_value_that_does_not_round_trip_is_caught(ledger, value):
+    lines = ledger.path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace('"body":{"n":2}', f'"body":{{"n":{value}}}')
+    ledger.path.write_text("".join(lines))
+    problems = ledger.verify()
+    assert problems[0].startswith("entry 2 (note, line 2): its body is not plain JSON that round-trips")
+    assert all(p.startswith("entry 2 ") for p in problems), problems
+
+
+def test_append_refuses_what_verify_would_reject(ledger):
+    before = ledger.path.read_bytes()
+    for body in ({"epsilon": float("nan")}, {"epsilon": float("inf")}):
+        with pytest.raises(ValueError, match="must be plain JSON"):
+            ledger.append("note", body)
+    assert ledger.path.read_bytes() == before
+    ledger.append("note", {"steps": (1, 2)})  # a tuple is stored as the list JSON holds
+    assert ledger.verified_entries()[-1]["body"] == {"steps": [1, 2]}
+
+
+def test_verified_entries_are_the_signed_fields_of_an_intact_ledger(ledger):
+    entries = ledger.verified_entries()
+    assert entries == ledger.entries() and [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
+    assert all(set(e) == {"seq", "time", "kind", "body", "prev", "hash", "signature"} for e in entries)
+    ledger.append("round", {"run": "r", "round": 1})
+    assert [e["body"] for e in ledger.verified_entries(kind="round")] == [{"run": "r", "round": 1}]
+    assert ledger.verified_entries(kind="evaluation") == []
+    heads = [(e["seq"], e["hash"]) for e in ledger.entries()]
+    assert len(ledger.verified_entries(expected_heads=heads)) == 6
+    assert SiteLedger.for_site(ledger.path.parent / "elsewhere").verified_entries() == []  # no ledger
+
+
+@pytest.mark.parametrize("change, first_problem", [
+    (edit_body, "entry 3 (note, line 3): its hash does not match its contents (edited)"),
+    (lambda lines: with_field(lines, 1, epsilon=0.0), "entry 2 (note, line 2): unsigned field 'epsilon'"),
+    (lambda lines: lines[:1] + ["{garbage\n"] + lines[2:], "line 2 (expected entry 2): not a ledger entry"),
+])
+def test_verified_entries_refuse_a_ledger_that_does_not_verify(ledger, change, first_problem):
+    rewrite(ledger, change)
+    with pytest.raises(LedgerCorrupted) as refused:
+        ledger.verified_entries()
+    message = str(refused.value)
+    assert message.startswith(f"{ledger.path} does not verify: {first_problem}")
+    assert "\n" not in message and "scripts/ledger.py" in message
+
+
+def test_verified_entries_check_the_expected_heads(ledger):
+    heads = [(e["seq"], e["hash"]) for e in ledger.entries()]
+    rewrite(ledger, lambda lines: lines[:3])  # a shorter chain is still a valid chain
+    assert len(ledger.verified_entries()) == 3
+    with pytest.raises(LedgerCorrupted, match=r"does not verify: entry 4 was reported .* \(and 1 more\)"):
+        ledger.verified_entries(expected_heads=heads)
+
+
+def test_a_site_verifies_its_own_ledger_with_its_private_key_not_the_published_one(ledger):
+    """Someone re-signs the whole ledger with their own key and replaces ledger_signing.pub."""
+    work_dir, forger = ledger.path.parent, Ed25519PrivateKey.generate()
+    rewrite(ledger, lambda lines: resigned(lines, forger, 1, {"n": 1}))
+    public_key_path(work_dir).write_bytes(forger.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert SiteLedger.for_reading(work_dir).verify() == []  # the published key is the forger's
+    with pytest.raises(LedgerCorrupted, match="entry 1 \\(note, line 1\\): signature is not the site key's"):
+        SiteLedger.for_site(work_dir).verified_entries()
+
+
+# --- key files: one line naming the file and the fix, never a traceback -----------------------
+
+
+def test_missing_or_garbage_public_key_is_one_line_naming_the_file(tmp_path):
+    missing = tmp_path / "site" / "ledger_signing.pub"
+    with pytest.raises(KeyFileError, match=f"no ledger public key at {missing}: .*public_key="):
+        site_public_key(missing.parent)
+    with pytest.raises(KeyFileError, match=f"no ledger public key at {missing}: give a copy"):
+        load_public_key(missing)
+    garbage = tmp_path / "garbage.pub"
+    garbage.write_bytes(b"-----BEGIN PUBLIC KEY-----\nnot base64 at all\n-----END PUBLIC KEY-----\n")
+    rsa_pub = tmp_path / "rsa.pub"
+    rsa_pub.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+                        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    folder = tmp_path / "a_folder.pub"
+    folder.mkdir()
+    for path, problem in [(garbage, "is not a PEM public key"), (rsa_pub, "is not an Ed25519 public key"),
+                          (folder, "cannot read the ledger public key")]:
+        with pytest.raises(KeyFileError) as refused:
+            load_public_key(path)
+        message = str(refused.value)
+        assert isinstance(refused.value, ValueError) and "\n" not in message
+        assert message.startswith(f"{path} {problem}" if "cannot" not in problem else f"{problem} {path}")
+        assert "ledger_signing.pub" in message  # the fix
+
+
+def test_a_garbage_signing_key_is_one_line_and_is_never_replaced(tmp_path):
+    path = private_key_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"garbage")
+    for open_ledger in (site_signing_key, SiteLedger.for_site):
+        with pytest.raises(KeyFileError, match=f"^{path} is not a PEM private key .*: restore the site's key"):
+            open_ledger(tmp_path)
+    assert path.read_bytes() == b"garbage" and not public_key_path(tmp_path).exists()
+
+
+def test_ledger_script_prints_one_line_for_a_bad_key_file(tmp_path):
+    garbage = tmp_path / "copy.pub"
+    garbage.write_text("not a key\n")
+    runs = {
+        "garbage": (run_script("ledger.py", "+site=demo_site1", f"data.sites_root={tmp_path}",
+                               "action=verify", f"public_key={garbage}", cwd=tmp_path), garbage),
+        "missing": (run_script("ledger.py", "+site=demo_site1", f"data.sites_root={tmp_path}",
+                               "action=verify", cwd=tmp_path), public_key_path(tmp_path / "site1" / "fedrad")),
+    }
+    for name, (done, path) in runs.items():
+        assert done.returncode == 2, (name, done.stdout, done.stderr)
+        assert "Traceback" not in done.stdout + done.stderr, name
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith("ledger.py: ") and str(path) in line, (name, line)
 
 
 def _append_many(work_dir: Path, count: int) -> None:
@@ -313,14 +468,18 @@ def test_privacy_budget_is_read_from_the_signed_round_entries(demo_sites, tmp_pa
                          "privacy.noise_multiplier=1.0", "data.augment.prob=0")
     initial = build_classifier(cfg, seed=0).net.state_dict()
     first = train_site(cfg, site.cache_dir, initial, 1, run_id="run-a")[1]["epsilon"]
-    again = train_site(cfg, site.cache_dir, initial, 1, run_id="run-a")[1]["epsilon"]  # re-run round
+    again = train_site(cfg, site.cache_dir, initial, 1, run_id="run-a")[1]["epsilon"]  # same request
     signed = round_entries(site.work_dir, "run-a")
-    assert [e["body"]["round"] for e in signed] == [1, 1]
-    assert [e["body"]["epsilon"] for e in signed] == [first, again] and again == pytest.approx(first)
+    assert [e["body"]["round"] for e in signed] == [1]  # released once, not trained again
+    assert signed[0]["body"]["epsilon"] == first == again
     accounting = PrivacyLedger.for_cache(site.cache_dir, "rdp")
-    assert [e["key"] for e in accounting.entries] == ["run-a:1"]  # the latest entry, charged once
-    assert accounting.entries[0]["history"] == signed[-1]["body"]["history"]
+    assert accounting.entries == [signed[0]["body"]]
+    assert accounting.history() == signed[0]["body"]["history"]
+    assert accounting.spent(signed[0]["body"]["delta"]) == pytest.approx(first)
 
-    rewrite(SiteLedger.for_site(site.work_dir), lambda lines: [])  # the signed rounds are gone
-    with pytest.raises(ValueError, match=r"charges rounds \['run-a:1'\] that have no DP round entry"):
+    # A field added to the signed round entry is covered by no signature: no accounting from it.
+    ledger = SiteLedger.for_site(site.work_dir)
+    index = next(i for i, e in enumerate(ledger.entries()) if e["seq"] == signed[0]["seq"])
+    rewrite(ledger, lambda lines: with_field(lines, index, history_override=[]))
+    with pytest.raises(LedgerCorrupted, match="unsigned field 'history_override'"):
         PrivacyLedger.for_cache(site.cache_dir, "rdp")

@@ -1,9 +1,23 @@
-"""A data owner's decision on a job, signed with the site's own key, and the gate before training.
+"""A data owner's decisions on a job, signed with the site's own key, and the gate before training.
 
-The decision is an Ed25519 signature by the site's key (:mod:`pipeline.governance.keys`) over
-the decision and the job hash, stored in ``<work dir>/approvals/<job hash>.json`` and entered in
-the site's ledger. Whatever channel carried the request, a site trains only in a job whose
-exact hash it approved with its own key.
+A decision (``approval``, ``rejection`` or ``withdrawal`` of an approval) is an Ed25519 signature
+by the site's key (:mod:`pipeline.governance.keys`) over ``fedrad job <decision>\n<job hash>``.
+Each decision is entered in the site's signed ledger (kind = the decision; body: job hash,
+summary, who decided) and the latest one is kept, signed, in ``<work dir>/approvals/<job
+hash>.json`` (what goes back to the coordinator). The ledger holds the history and is the
+authority: a site trains in a job only if
+
+* the site's ledger verifies (every entry, against the key derived from the site's own private
+  key), and the latest decision entry on exactly that job hash is an ``approval``; and
+* ``approvals/<job hash>.json`` is that approval, validly signed by the site's key.
+
+So a withdrawal (or a rejection) stands even if an older approval file is restored, and a
+withdrawn job trains again only after a new, explicit approval, which is then the latest
+decision. Whatever channel carried the request, a site trains only in a job whose exact hash it
+approved with its own key. What no local check can catch: someone with write access to the
+site's files who cuts the ledger back to before a withdrawal (a truncated tail is a valid chain)
+and restores the approval file; verifying against the heads reported to the coordinator
+(``scripts/ledger.py heads=...``) catches that only up to the last reported head.
 """
 
 from __future__ import annotations
@@ -11,6 +25,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,18 +35,21 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from omegaconf import DictConfig
 
+from pipeline.files import atomic_write
 from pipeline.governance.job import Job
 from pipeline.governance.keys import site_signing_key
-from pipeline.governance.ledger import SiteLedger
+from pipeline.governance.ledger import Head, LedgerCorrupted, SiteLedger
 
 log = logging.getLogger("fedrad.governance")
 
 APPROVALS_DIR = "approvals"
-Decision = Literal["approval", "rejection"]
+Decision = Literal["approval", "rejection", "withdrawal"]
+DECISIONS: tuple[Decision, ...] = ("approval", "rejection", "withdrawal")
 REVIEW_HINT = (
     "the site's data owner reviews it with `python scripts/review_job.py +site=<this site> "
     "action=show job={job}` and decides with action=approve or action=reject"
 )
+JOB_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 class JobNotApproved(PermissionError):
@@ -39,7 +58,7 @@ class JobNotApproved(PermissionError):
 
 @dataclass(frozen=True)
 class JobDecision:
-    """What ``approvals/<job hash>.json`` holds."""
+    """What ``approvals/<job hash>.json`` holds: the latest decision, signed."""
 
     job_hash: str
     decision: Decision
@@ -50,7 +69,8 @@ class JobDecision:
 
     @staticmethod
     def signed_bytes(job_hash: str, decision: Decision) -> bytes:
-        """What the site key signs: the decision is signed too, so a rejection is never an approval."""
+        """What the site key signs: the decision is signed too, so a rejection or a withdrawal
+        is never an approval."""
         return f"fedrad job {decision}\n{job_hash}".encode()
 
     def verify(self, public_key: Ed25519PublicKey) -> None:
@@ -65,47 +85,114 @@ class JobDecision:
         return cls(**json.loads(text))
 
 
+@dataclass(frozen=True)
+class LedgerDecision:
+    """One decision on a job as an entry of the site's verified ledger holds it."""
+
+    job_hash: str
+    decision: Decision
+    summary: str
+    decided_by: str
+    time: str  # when it was entered in the ledger (UTC)
+    seq: int  # its entry number
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> "LedgerDecision":
+        body = entry["body"]
+        return cls(job_hash=str(body.get("job_hash")), decision=entry["kind"],
+                   summary=str(body.get("summary", "")), decided_by=str(body.get("decided_by", "?")),
+                   time=entry["time"], seq=entry["seq"])
+
+
 def decision_path(work_dir: Path, job_hash: str) -> Path:
+    if not JOB_HASH.fullmatch(str(job_hash)):
+        raise ValueError(f"{job_hash!r} is not a job hash (64 lowercase hex digits)")
     return Path(work_dir) / APPROVALS_DIR / f"{job_hash}.json"
 
 
-def decide(work_dir: Path, job: Job, decision: Decision, decided_by: str) -> JobDecision:
-    """Sign ``decision`` on ``job`` with the site's key, store it and enter it in the ledger."""
-    if decision not in ("approval", "rejection"):
-        raise ValueError(f"decision must be 'approval' or 'rejection', not {decision!r}")
+def sign_decision(work_dir: Path, job_hash: str, summary: str, decision: Decision,
+                  decided_by: str) -> JobDecision:
+    """Sign ``decision`` on ``job_hash`` with the site's key, enter it in the site's ledger (the
+    authority), then keep it as the job's latest decision file; returns the signed decision."""
+    if decision not in DECISIONS:
+        raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
+    path = decision_path(work_dir, job_hash)
     key = site_signing_key(Path(work_dir))
     record = JobDecision(
-        job_hash=job.job_hash,
+        job_hash=job_hash,
         decision=decision,
-        summary=job.summary(),
+        summary=summary,
         decided_by=decided_by,
         decided_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        signature=key.sign(JobDecision.signed_bytes(job.job_hash, decision)).hex(),
+        signature=key.sign(JobDecision.signed_bytes(job_hash, decision)).hex(),
     )
-    path = decision_path(work_dir, job.job_hash)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(record.to_json())
     SiteLedger.for_site(work_dir).append(
-        decision, {"job_hash": job.job_hash, "summary": record.summary, "decided_by": decided_by}
+        decision, {"job_hash": job_hash, "summary": summary, "decided_by": decided_by}
     )
-    log.info("job %s: %s by %s (%s)", job.job_hash, decision, decided_by, record.summary)
+    atomic_write(path, record.to_json().encode())
+    log.info("job %s: %s by %s (%s)", job_hash, decision, decided_by, summary)
     return record
 
 
-def recorded_decision(work_dir: Path, job_hash: str) -> JobDecision | None:
-    """The stored decision on ``job_hash`` if its signature is the site's own; else ``None``.
+def decide(work_dir: Path, job: Job, decision: Decision, decided_by: str) -> JobDecision:
+    """Sign ``decision`` on ``job`` with the site's key, enter it in the ledger and store it."""
+    return sign_decision(work_dir, job.job_hash, job.summary(), decision, decided_by)
 
-    Raises :class:`JobNotApproved` when a decision file exists but is not validly signed.
+
+def withdraw(work_dir: Path, job_hash: str, decided_by: str) -> JobDecision:
+    """Withdraw the site's approval of ``job_hash``: sign a ``withdrawal`` and enter it in the
+    ledger; from then on :func:`require_approval` refuses the job until a new approval.
+    Raises ``LookupError`` unless the job's latest decision in the verified ledger is an approval."""
+    latest = current_decision(work_dir, job_hash)
+    if latest is None or latest.decision != "approval":
+        state = "undecided" if latest is None else f"its latest decision is a {latest.decision} of {latest.time}"
+        raise LookupError(f"job {job_hash} is not approved at this site ({state}): no approval to withdraw")
+    return sign_decision(work_dir, job_hash, latest.summary, "withdrawal", decided_by)
+
+
+def ledger_decisions(work_dir: Path, expected_heads: Iterable[Head] | None = None) -> list[LedgerDecision]:
+    """Every decision on any job in the site's ledger, oldest first, once the whole ledger
+    verifies against the site's own key (and ``expected_heads``, e.g. the heads the site
+    reported); raises :class:`LedgerCorrupted` (one line) otherwise."""
+    entries = SiteLedger.for_site(work_dir).verified_entries(expected_heads)
+    return [LedgerDecision.from_entry(e) for e in entries if e["kind"] in DECISIONS]
+
+
+def decision_history(work_dir: Path, job_hash: str,
+                     expected_heads: Iterable[Head] | None = None) -> list[LedgerDecision]:
+    """The decisions on ``job_hash`` in the site's verified ledger, oldest first."""
+    return [d for d in ledger_decisions(work_dir, expected_heads) if d.job_hash == job_hash]
+
+
+def current_decision(work_dir: Path, job_hash: str,
+                     expected_heads: Iterable[Head] | None = None) -> LedgerDecision | None:
+    """The latest decision on ``job_hash`` in the site's verified ledger (``None``: undecided).
+
+    This is the job's state at the site: ``approval`` (the site trains in it, given a valid
+    approval file), ``rejection`` or ``withdrawal``. Raises :class:`LedgerCorrupted`."""
+    history = decision_history(work_dir, job_hash, expected_heads)
+    return history[-1] if history else None
+
+
+def recorded_decision(work_dir: Path, job_hash: str) -> JobDecision | None:
+    """The stored decision file on ``job_hash`` if its signature is the site's own; else ``None``.
+
+    Raises :class:`JobNotApproved` when a decision file exists but is not validly signed. On its
+    own it says nothing about the job's state (an older file may have been restored): see
+    :func:`current_decision` and :func:`require_approval`.
     """
     path = decision_path(work_dir, job_hash)
     if not path.is_file():
         return None
+    public_key = site_signing_key(Path(work_dir)).public_key()  # a bad key file is its own error
     try:
         record = JobDecision.from_json(path.read_text())
         if record.job_hash != job_hash:
             raise ValueError(f"it is about job {record.job_hash}")
-        record.verify(site_signing_key(Path(work_dir)).public_key())
-    except (InvalidSignature, ValueError, TypeError, KeyError) as problem:
+        if record.decision not in DECISIONS:
+            raise ValueError(f"unknown decision {record.decision!r}")
+        record.verify(public_key)
+    except (InvalidSignature, ValueError, TypeError, KeyError, AttributeError) as problem:
         raise JobNotApproved(
             f"{path} is not a decision signed by this site's key ({problem or 'bad signature'}): "
             f"job {job_hash} counts as not approved; " + REVIEW_HINT.format(job=job_hash)
@@ -113,18 +200,53 @@ def recorded_decision(work_dir: Path, job_hash: str) -> JobDecision | None:
     return record
 
 
+def _ledger_state(work_dir: Path, job_hash: str) -> LedgerDecision | None:
+    """:func:`current_decision`, a ledger that does not verify being a refusal."""
+    try:
+        return current_decision(work_dir, job_hash)
+    except LedgerCorrupted as error:
+        raise JobNotApproved(
+            f"no approval counts while this site's ledger does not verify, so it does not train "
+            f"in job {job_hash}: {error}"
+        ) from None
+
+
 def require_approval(work_dir: Path, job: Job) -> JobDecision:
-    """The site's signed approval of exactly ``job``; raises :class:`JobNotApproved` otherwise."""
-    record = recorded_decision(work_dir, job.job_hash)
-    if record is None:
+    """The site's signed approval of exactly ``job``; raises :class:`JobNotApproved` otherwise.
+
+    The latest decision on the job in the site's verified ledger must be an approval, and the
+    job's decision file that approval, validly signed by the site's key.
+    """
+    job_hash = job.job_hash
+    record = recorded_decision(work_dir, job_hash)
+    latest = _ledger_state(work_dir, job_hash)
+    if latest is None:
+        orphan = (
+            f"; {decision_path(work_dir, job_hash)} holds a signed {record.decision}, but the "
+            "site's ledger, which is the authority, has no decision on this job"
+        ) if record is not None else ""
         raise JobNotApproved(
-            f"this site has not approved job {job.job_hash} ({job.summary()}), so it does not "
-            "train: " + REVIEW_HINT.format(job=job.job_hash)
+            f"this site has not approved job {job_hash} ({job.summary()}){orphan}, so it does not "
+            "train: " + REVIEW_HINT.format(job=job_hash)
         )
-    if record.decision != "approval":
+    if latest.decision == "rejection":
         raise JobNotApproved(
-            f"this site's data owner rejected job {job.job_hash} on {record.decided_at} "
-            f"({record.decided_by}), so it does not train"
+            f"this site's data owner rejected job {job_hash} on {latest.time} "
+            f"({latest.decided_by}), so it does not train"
+        )
+    if latest.decision == "withdrawal":
+        raise JobNotApproved(
+            f"this site's data owner withdrew the approval of job {job_hash} on {latest.time} "
+            f"({latest.decided_by}; ledger entry {latest.seq}), so it does not train; only a new "
+            f"approval counts: `python scripts/review_job.py +site=<this site> action=approve "
+            f"job={job_hash[:16]}`"
+        )
+    if record is None or record.decision != "approval":
+        found = "is missing" if record is None else f"holds a {record.decision}"
+        raise JobNotApproved(
+            f"this site's ledger approves job {job_hash} (entry {latest.seq}, {latest.time}) but "
+            f"{decision_path(work_dir, job_hash)} {found}: the approval counts only with both, so "
+            "the site does not train; " + REVIEW_HINT.format(job=job_hash)
         )
     return record
 
@@ -153,7 +275,8 @@ def enforce_approval(cfg: DictConfig, work_dir: Path) -> None:
     """The gate before a site trains, by ``cfg.governance`` (default: approval required).
 
     With ``auto_approve_simulated_sites`` (demo presets, one operator playing every site) the
-    simulated data owner approves an undecided job with the site's key first; a rejection stands.
+    simulated data owner approves an undecided job with the site's key first: a job with any
+    decision in the site's ledger (a rejection, a withdrawal) or a decision file is not undecided.
     """
     policy = cfg.get("governance") or {}
     site = Path(work_dir).resolve().parent.name
@@ -163,7 +286,8 @@ def enforce_approval(cfg: DictConfig, work_dir: Path) -> None:
     received = policy.get("received_job")
     job = Job.from_json(received) if received else Job.from_config(cfg)
     try:
-        if policy.get("auto_approve_simulated_sites") and recorded_decision(work_dir, job.job_hash) is None:
+        if (policy.get("auto_approve_simulated_sites") and _ledger_state(work_dir, job.job_hash) is None
+                and recorded_decision(work_dir, job.job_hash) is None):
             decide(work_dir, job, "approval", decided_by=f"simulated data owner of {site} (auto-approve)")
             log.warning("site %s: job %s approved by the site's simulated data owner "
                         "(governance.auto_approve_simulated_sites)", site, job.job_hash)

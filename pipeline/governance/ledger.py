@@ -11,6 +11,12 @@ removing an entry breaks a hash, a ``prev`` link or a signature; removing entrie
 or rewriting the tail with the site's own key, is caught against the heads the site reported to
 the coordinator (:func:`pipeline.governance.heads.coordinator_heads`). Bodies hold pseudonymous
 keys and hashes only, never a patient or file identifier.
+
+An entry holds exactly the fields above, in the canonical JSON the site writes (sorted keys, no
+spaces, ASCII, no NaN or Infinity): a field added after signing is covered by no hash or
+signature, so :meth:`SiteLedger.verify` reports it, and anything that decides from the ledger
+(job approval, the privacy budget) reads :meth:`SiteLedger.verified_entries`, never the
+unchecked :meth:`SiteLedger.entries`.
 """
 
 from __future__ import annotations
@@ -33,17 +39,61 @@ LEDGER_NAME = "ledger.jsonl"
 GENESIS = "0" * 64
 SIGNED_FIELDS = ("seq", "time", "kind", "body", "prev")
 ENTRY_FIELDS = {*SIGNED_FIELDS, "hash", "signature"}
-FIELD_TYPES = {"seq": int, "kind": str, "body": dict, "prev": str, "hash": str, "signature": str}
+FIELD_TYPES = {"seq": int, "time": str, "kind": str, "body": dict, "prev": str, "hash": str,
+               "signature": str}
 Head = tuple[int, str]
 
 
 class LedgerCorrupted(RuntimeError):
-    """A line of the ledger file is not a whole entry (torn write or tampering)."""
+    """The ledger is not intact: a line is not a whole entry (torn write or tampering), or
+    :meth:`SiteLedger.verified_entries` found a problem. The message is one line naming the file."""
 
 
 def canonical_json(value: object) -> bytes:
-    """Deterministic JSON bytes: sorted keys, no spaces, ASCII only."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    """Deterministic JSON bytes: sorted keys, no spaces, ASCII only; NaN and Infinity (not JSON)
+    raise ``ValueError``."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode()
+
+
+def round_trips(value: object) -> bool:
+    """Whether ``value`` is plain JSON that canonical JSON gives back unchanged (no NaN or
+    Infinity, no tuple, no non-string key, no other Python object)."""
+    try:
+        return json.loads(canonical_json(value)) == value and _plain(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _plain(value: object) -> bool:
+    """Only dict (string keys), list, str, int, float, bool and None, all the way down."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _as_json(kind: str, body: dict) -> dict:
+    """``body`` as the ledger stores it (tuples become lists); refuses NaN, Infinity and
+    anything else that JSON cannot hold, before anything is written."""
+    if not isinstance(body, dict):
+        raise TypeError(f"a {kind} entry's body must be a dict, not {type(body).__name__}")
+    try:
+        return json.loads(canonical_json(body))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"a {kind} entry's body must be plain JSON (no NaN or Infinity): {error}") from None
+
+
+def _typed(entry: dict) -> bool:
+    """Every entry field is present with its type (a bool is no sequence number)."""
+    return ENTRY_FIELDS <= entry.keys() and all(
+        isinstance(entry[k], t) and not isinstance(entry[k], bool) for k, t in FIELD_TYPES.items()
+    )
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() and len(text) <= 40 else repr(text[:40])
 
 
 def entry_hash(entry: dict) -> str:
@@ -119,7 +169,7 @@ class SiteLedger:
                 handle.seek(0)
                 seq, prev = self._head_of(handle.read())
                 entry = {"seq": seq + 1, "time": _utc_now(), "kind": str(kind),
-                         "body": json.loads(canonical_json(body)), "prev": prev}
+                         "body": _as_json(kind, body), "prev": prev}
                 entry["hash"] = entry_hash(entry)
                 entry["signature"] = self.signing_key.sign(bytes.fromhex(entry["hash"])).hex()
                 handle.write(canonical_json(entry) + b"\n")
@@ -144,15 +194,31 @@ class SiteLedger:
                 "appended until it is inspected (python scripts/ledger.py action=verify)"
             ) from error
 
+    def _read(self) -> bytes:
+        """The file's bytes, read under a shared lock (never half of an append); empty if none."""
+        try:
+            with open(self.path, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_SH)
+                try:
+                    return handle.read()
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        except FileNotFoundError:
+            return b""
+
+    @staticmethod
+    def _lines(data: bytes) -> list[bytes]:
+        lines = data.split(b"\n")
+        return lines[:-1] if lines and lines[-1] == b"" else lines
+
     def entries(self) -> list[dict]:
-        """Every entry, in file order (no checks: see :meth:`verify`)."""
-        if not self.path.is_file():
-            return []
+        """Every entry, in file order, UNCHECKED: for listing only. Whatever decides from the
+        ledger (approvals, the privacy budget) uses :meth:`verified_entries`."""
         entries = []
-        for line_no, line in enumerate(self.path.read_text().splitlines(), start=1):
+        for line_no, line in enumerate(self._lines(self._read()), start=1):
             try:
                 entries.append(json.loads(line))
-            except json.JSONDecodeError as error:
+            except ValueError as error:
                 raise LedgerCorrupted(f"{self.path} line {line_no} is not a ledger entry ({error}): "
                                       "check it with scripts/ledger.py action=verify") from error
         return entries
@@ -166,41 +232,86 @@ class SiteLedger:
     def verify(self, expected_heads: Iterable[Head] | None = None) -> list[str]:
         """Problems found in the ledger (empty when intact), each naming the entry.
 
-        Checks every line's hash, signature, sequence number and link to the entry before
-        it; with ``expected_heads`` (heads the site reported to the coordinator), also that
-        each reported head is still in the ledger, which catches a truncated or rewritten tail.
+        Checks that every line is one entry with exactly the entry fields (a field added after
+        signing is named), in canonical JSON with a body that round-trips, and its hash,
+        signature, sequence number and link to the entry before it; with ``expected_heads``
+        (heads the site reported to the coordinator), also that each reported head is still in
+        the ledger, which catches a truncated or rewritten tail.
         """
+        return self._check(self._read(), expected_heads)[1]
+
+    def verified_entries(self, expected_heads: Iterable[Head] | None = None,
+                         kind: str | None = None) -> list[dict]:
+        """Every entry (or every entry of ``kind``), in order, once the whole ledger verifies.
+
+        The one way to read the ledger for a decision: the file is read once, under a shared
+        lock, and checked as :meth:`verify` does (with ``expected_heads`` when given), against
+        this ledger's public key; for a site's own ledger open it with :meth:`for_site`, whose
+        public key comes from the site's private key, not from the published ``.pub`` file.
+        Each entry returned holds exactly the signed fields plus ``hash`` and ``signature``.
+        Raises :class:`LedgerCorrupted`, one line naming the file and the first problem, if any
+        problem is found; an absent ledger has no entries.
+        """
+        entries, problems = self._check(self._read(), expected_heads)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise LedgerCorrupted(
+                f"{self.path} does not verify: {problems[0]}{more}; nothing is decided from it "
+                "until it is inspected (python scripts/ledger.py +site=<this site> action=verify)"
+            )
+        return [e for e in entries if kind is None or e["kind"] == kind]
+
+    def _check(self, data: bytes, expected_heads: Iterable[Head] | None) -> tuple[list[dict], list[str]]:
+        """(well-formed entries, problems) of the ledger file's bytes ``data``."""
         if self.public_key is None:
             raise ValueError(f"verifying {self.path} needs the site's public key")
         problems: list[str] = []
+        entries: list[dict] = []
         by_seq: dict[int, str] = {}
         prev, seq = GENESIS, 0
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        for line_no, line in enumerate(lines, start=1):
+        for line_no, line in enumerate(self._lines(data), start=1):
             seq += 1
             where = f"line {line_no} (expected entry {seq})"
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
                 entry = None
-            if not isinstance(entry, dict) or not ENTRY_FIELDS <= entry.keys() or not all(
-                    isinstance(entry[k], t) for k, t in FIELD_TYPES.items()):
+            if not isinstance(entry, dict) or not _typed(entry):
                 problems.append(f"{where}: not a ledger entry")
                 continue
-            where = f"entry {entry['seq']} ({entry['kind']}, line {line_no})"
+            where = f"entry {entry['seq']} ({_printable(entry['kind'])}, line {line_no})"
+            for field in sorted(entry.keys() - ENTRY_FIELDS):
+                problems.append(f"{where}: unsigned field {field[:40]!r} that neither its hash "
+                                "nor its signature covers (added after signing)")
+            if not round_trips(entry["body"]):
+                problems.append(f"{where}: its body is not plain JSON that round-trips (NaN, "
+                                "Infinity or an out-of-range number)")
+            else:
+                try:
+                    canonical = canonical_json(entry) == line
+                except ValueError:
+                    canonical = False
+                if not canonical:
+                    problems.append(f"{where}: not in the canonical JSON the site writes "
+                                    "(re-serialised, a duplicate key, or edited)")
             if entry["seq"] != seq:
                 problems.append(f"{where}: sequence number {entry['seq']} where {seq} was expected "
                                 "(an entry was removed, inserted or moved)")
             if entry["prev"] != prev:
                 problems.append(f"{where}: does not link to the entry before it "
                                 "(an entry was removed, inserted or moved)")
-            if entry_hash(entry) != entry["hash"]:
+            try:
+                hashed = entry_hash(entry) == entry["hash"]
+            except ValueError:  # NaN or Infinity: no canonical JSON, so no hash
+                hashed = False
+            if not hashed:
                 problems.append(f"{where}: its hash does not match its contents (edited)")
             try:
                 self.public_key.verify(bytes.fromhex(entry["signature"]), bytes.fromhex(entry["hash"]))
             except (InvalidSignature, ValueError):
                 problems.append(f"{where}: signature is not the site key's ({self.key_id})")
             by_seq.setdefault(entry["seq"], entry["hash"])
+            entries.append({k: entry[k] for k in (*SIGNED_FIELDS, "hash", "signature")})
             prev, seq = entry["hash"], entry["seq"]
         for head_seq, head_hash in sorted(set(expected_heads or ())):
             if head_seq == 0:
@@ -212,4 +323,4 @@ class SiteLedger:
             elif by_seq[head_seq] != head_hash:
                 problems.append(f"entry {head_seq} differs from the head reported to the "
                                 f"coordinator ({head_hash[:12]}...): history was rewritten")
-        return problems
+        return entries, problems
