@@ -23,6 +23,8 @@ class AcceptanceRules:
     BodyPartExamined / ViewPosition (default: reject them, the reason names the tag).
     ``max_pixels``: Rows x Columns above this is rejected from the header, before decoding.
     ``multiframe``: ``reject`` (default) or ``first_frame`` (take frame 1 of the object).
+    ``max_decode_mb``: the memory cap of reading and decoding one file (file size, inflated
+    size, estimated decode memory; see ``pipeline.readers``), checked before each step.
     """
 
     modalities: tuple[str, ...] = ("CR", "DX")
@@ -35,6 +37,7 @@ class AcceptanceRules:
     multiframe: str = "reject"
     allow_missing_body_part: bool = False
     allow_missing_view: bool = False
+    max_decode_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.multiframe not in MULTIFRAME_POLICIES:
@@ -57,6 +60,7 @@ class AcceptanceRules:
             multiframe=str(node.get("multiframe", default.multiframe)),
             allow_missing_body_part=bool(node.get("allow_missing_body_part", False)),
             allow_missing_view=bool(node.get("allow_missing_view", False)),
+            max_decode_mb=int(node.get("max_decode_mb", default.max_decode_mb)),
         )
 
 

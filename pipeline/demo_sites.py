@@ -22,7 +22,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from pipeline.files import write_if_changed
+from pipeline.files import csv_bytes, read_csv, write_if_changed
 from pipeline.labels import CLASS_NAMES
 from pipeline.pseudonym import ensure_secret
 from pipeline.sites import SitePaths
@@ -65,7 +65,7 @@ def load_sample(sample_dir: Path = DEMO_SAMPLE) -> pd.DataFrame:
     manifest = sample_dir / "manifest.csv"
     if not manifest.is_file():
         raise FileNotFoundError(f"demo sample manifest {manifest} not found: the repository's data/ is incomplete")
-    table = pd.read_csv(manifest, dtype=str)
+    table = read_csv(manifest, dtype=str)
     unknown = sorted(set(table["label"]) - set(CLASS_NAMES))
     if unknown:
         raise ValueError(f"{manifest}: labels {unknown} are not in {CLASS_NAMES}")
@@ -209,7 +209,7 @@ def prepare_demo_sites(
             if IMAGE_NAME.fullmatch(stale.name) and stale.name not in wanted:
                 stale.unlink()
         labels = pd.DataFrame({"file": [i.file_name for i in images], "label": [i.label for i in images]})
-        write_if_changed(site.labels_csv, labels.to_csv(index=False, lineterminator="\n").encode())
+        write_if_changed(site.labels_csv, csv_bytes(labels))
         ensure_secret(site.secret_file)
         sites.append(site)
     return sites

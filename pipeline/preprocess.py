@@ -11,6 +11,15 @@ test and write three tables:
 - ``report.csv`` (site-only): every file with its status (accepted / rejected / skipped, or
   missing for labels naming absent files) and the reason.
 
+Hostile inputs: any failure reading, decoding or transforming one file rejects that file
+with a reason and the site goes on (a worker process that dies is replaced, and the file
+it was on is rejected). Symbolic links (files or folders) that resolve outside the input
+folder are rejected unless ``follow_external_links`` is true; a link to a folder inside it
+is skipped (its files are listed under their own path); every such entry has a report
+row. Every CSV is written with spreadsheet formulas neutralised (``pipeline.files``), and
+log lines, which may leave the site (a simulation's coordinator log), name no source file:
+they give counts and point to ``report.csv``.
+
 Every finished file is appended to ``private/progress.jsonl`` as it completes, so an
 interrupted run resumes where it stopped; the journal is folded into the index at the end.
 Source files are only read. Tables are written atomically, and a rerun over the same inputs
@@ -23,10 +32,12 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields
 from functools import lru_cache, partial
 from pathlib import Path
@@ -38,24 +49,33 @@ from tqdm import tqdm
 
 from pipeline.acceptance import AcceptanceRules, rejection_reason
 from pipeline.cache import ARRAYS_DIR, MANIFEST_NAME, SPLITS
-from pipeline.files import atomic_write
+from pipeline.files import read_csv, write_csv
 from pipeline.governance.revocation import CONSENT_REVOKED, revoked_patients
-from pipeline.labels import CLASS_NAMES, label_index
+from pipeline.labels import CLASS_NAMES, label_index, read_labels
 from pipeline.pseudonym import ensure_secret, image_key, keyed_hash, load_secret, patient_key
-from pipeline.readers import UnreadableImage, image_format, not_image_reason, open_image, special_file_reason
+from pipeline.readers import (MB, UnreadableImage, image_format, not_image_reason, open_image,
+                              special_file_reason)
 from pipeline.sites import SitePaths
 from pipeline.splits import assign_splits, patient_labels
-from transforms.dicom import dicom_to_unit_square
+from transforms.dicom import PixelTransformError, dicom_to_unit_square
 
 log = logging.getLogger("fedrad.preprocess")
 
 INDEX_NAME = "source_index.csv"
 PROGRESS_NAME = "progress.jsonl"
 REPORT_NAME = "report.csv"
-LABEL_COLUMNS = ("file", "label")
 MANIFEST_COLUMNS = ("image_key", "patient_key", "label", "split", "preprocessing_version", "image_size",
                     "source_rows", "source_cols", "pixel_spacing_mm", "bits_stored")
 REPORT_COLUMNS = ("file", "status", "reason", "reused", "label", "split")
+EXTERNAL_LINK = ("symbolic link to a {kind} outside the input folder: not followed "
+                 "(preprocess.follow_external_links is false)")
+INTERNAL_FOLDER_LINK = "symbolic link to a folder inside the input folder: its files are listed under their own path"
+LINK_LOOP = "symbolic link to a folder already listed (a loop or a second path to it): not followed"
+UNDER_REFUSED_LINK = "inside a linked folder that is not followed (see the folder's own row)"
+WORKER_DIED = ("the worker process died while processing this file (a decoder crash or the "
+               "out-of-memory killer)")
+# Reasons that name another source file, and what log lines show instead.
+NAMING_REASONS = ("same content as ", "duplicate SOPInstanceUID: same instance as ")
 
 
 @dataclass(frozen=True)
@@ -133,38 +153,82 @@ class PreprocessSummary:
                 for split in SPLITS
             ),
         ]
-        lines += [f"  rejected {n}x: {reason}" for reason, n in sorted(self.rejections.items())]
+        rejections = Counter[str]()
+        for reason, n in self.rejections.items():
+            rejections[loggable_reason(reason)] += n
+        lines += [f"  rejected {n}x: {reason}" for reason, n in sorted(rejections.items())]
         return "\n".join(lines)
 
 
-def read_labels(labels_csv: Path) -> pd.DataFrame:
-    """The labels table (``file``, ``label``, optional ``patient_id``), one row per file."""
-    if not labels_csv.is_file():
-        raise FileNotFoundError(f"labels file {labels_csv} not found: expected columns file,label")
-    table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
-    missing = [c for c in LABEL_COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(f"{labels_csv} lacks columns {missing}: expected file,label[,patient_id]")
-    table["file"] = table["file"].str.strip().str.replace("\\", "/", regex=False)
-    duplicated = table["file"][table["file"].duplicated()].unique().tolist()
-    if duplicated:
-        raise ValueError(f"{labels_csv}: files listed more than once: {duplicated[:5]}; keep one row each")
-    return table.set_index("file")
+def loggable_reason(reason: str) -> str:
+    """``reason`` without the source file name some reasons carry (for log lines)."""
+    for prefix in NAMING_REASONS:
+        if reason.startswith(prefix):
+            return f"{prefix}another file (see report.csv)"
+    return reason
 
 
-def source_files(input_dir: Path) -> list[str]:
-    """Paths (posix, relative to ``input_dir``) of every non-hidden entry that is not a folder.
+@dataclass
+class SourceListing:
+    """The entries of an input folder: ``files`` (posix paths relative to it, sorted), and
+    ``refused``: the links that are not followed, each with its (status, reason)."""
+
+    files: list[str]
+    refused: dict[str, tuple[str, str]]
+
+
+def source_files(input_dir: Path, follow_external_links: bool = False) -> SourceListing:
+    """Every non-hidden entry under ``input_dir`` that is not a folder, and every link not followed.
 
     Broken links, FIFOs and other special entries are listed too, so that the report
-    accounts for them instead of silently dropping them.
+    accounts for them instead of silently dropping them. A symbolic link (to a file or a
+    folder) whose target lies outside ``input_dir`` is refused unless
+    ``follow_external_links``; a link to a folder inside it is not followed (its files are
+    listed under their real path), nor is a link to a folder already listed (loops).
     """
     if not input_dir.is_dir():
         raise FileNotFoundError(f"input folder {input_dir} not found: check the site's input_dir")
-    return sorted(
-        p.relative_to(input_dir).as_posix()
-        for p in input_dir.rglob("*")
-        if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
-    )
+    root = os.path.realpath(input_dir)
+    files: list[str] = []
+    refused: dict[str, tuple[str, str]] = {}
+    followed = {root}
+
+    def inside(target: str) -> bool:
+        return target == root or target.startswith(root.rstrip(os.sep) + os.sep)
+
+    def walk(folder: str, prefix: str) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:
+            if not prefix:
+                raise
+            refused[prefix.rstrip("/")] = ("rejected", f"unreadable folder: {type(error).__name__} ({error.strerror})")
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = prefix + entry.name
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                is_folder = os.path.isdir(target)
+                if not inside(target) and not follow_external_links:
+                    refused[rel] = ("rejected", EXTERNAL_LINK.format(kind="folder" if is_folder else "file"))
+                elif not is_folder:
+                    files.append(rel)
+                elif inside(target):
+                    refused[rel] = ("skipped", INTERNAL_FOLDER_LINK)
+                elif target in followed:
+                    refused[rel] = ("rejected", LINK_LOOP)
+                else:
+                    followed.add(target)
+                    walk(entry.path, rel + "/")
+            elif entry.is_dir(follow_symlinks=False):
+                walk(entry.path, rel + "/")
+            else:
+                files.append(rel)
+
+    walk(root, "")
+    return SourceListing(files=sorted([*files, *refused]), refused=refused)
 
 
 def _array_bytes(array: np.ndarray) -> bytes:
@@ -219,11 +283,19 @@ def process_file(
     """Process one labelled source file, or reuse its previous record when nothing changed.
 
     The file is read once: the same bytes are hashed and parsed. Acceptance runs on the
-    header, so rejected files are never decoded.
+    header, so rejected files are never decoded. Any failure past reading the bytes
+    rejects the file with a reason instead of raising.
     """
     rel, previous = task
+    max_bytes = settings.rules.max_decode_mb * MB
     try:
-        data = (input_dir / rel).read_bytes()
+        with open(input_dir / rel, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                return FileRecord(file=rel, status="rejected",
+                                  reason=f"file of {size / MB:.0f} MB exceeds max_decode_mb "
+                                         f"{settings.rules.max_decode_mb} (not read)")
+            data = handle.read()
     except OSError as error:
         return FileRecord(file=rel, status="rejected",
                           reason=f"unreadable: {type(error).__name__} ({error.strerror})")
@@ -237,7 +309,7 @@ def process_file(
     record = FileRecord(file=rel, status="rejected", sha256=sha, version=settings.version,
                         rules=settings.rules_id)
     try:
-        source = open_image(input_dir / rel, data)
+        source = open_image(input_dir / rel, data, max_bytes)
         _describe(record, source.meta, secret)
         record.reason = rejection_reason(source.meta, settings.rules) or ""
         if not record.reason and record.format == "dicom" and not record.patient_key:
@@ -245,10 +317,14 @@ def process_file(
         if record.reason:
             return record
         loaded = source.decode()
-    except UnreadableImage as error:
+        image = dicom_to_unit_square(loaded.pixels, loaded.dicom, settings.image_size)
+    except (UnreadableImage, PixelTransformError) as error:
         record.reason = str(error)
         return record
-    image = dicom_to_unit_square(loaded.pixels, loaded.dicom, settings.image_size)
+    except Exception as error:  # anything else a hostile file triggers rejects only that file
+        message = " ".join(str(error).split())[:160]
+        record.reason = f"processing failed ({type(error).__name__}: {message})"
+        return record
     _write_array(arrays_dir / f"{key}.npy", image)
     record.status, record.image_key = "accepted", key
     return record
@@ -268,7 +344,10 @@ def _run_tasks(tasks: list, worker: Callable[[Any], FileRecord], workers: int,
     """Yield each task's record as it completes (in task order), with a files/s progress bar.
 
     A pool is only started when every worker gets at least MIN_TASKS_PER_WORKER files;
-    tasks go to the workers in chunks so that the pool's overhead stays small.
+    tasks go to the workers in chunks so that the pool's overhead stays small. When a
+    worker process dies (a decoder crash, the out-of-memory killer), the files not yet
+    returned are processed again one at a time, each in a process of its own, and the file
+    whose process dies is rejected (in-process, with one worker, a crash ends the run).
     """
     workers = min(workers, len(tasks) // MIN_TASKS_PER_WORKER)
     with tqdm(total=len(tasks), unit="file", desc=f"preprocess {site}", leave=False) as bar:
@@ -278,10 +357,28 @@ def _run_tasks(tasks: list, worker: Callable[[Any], FileRecord], workers: int,
                 bar.update()
             return
         chunk = max(1, min(16, len(tasks) // (workers * 8)))
-        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
-            for record in pool.map(worker, tasks, chunksize=chunk):
-                yield record
+        done = 0
+        try:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+                for record in pool.map(worker, tasks, chunksize=chunk):
+                    yield record
+                    done += 1
+                    bar.update()
+        except BrokenProcessPool:
+            log.warning("%s: a worker process died; processing the other %d files one at a time",
+                        site, len(tasks) - done)
+            for task in tasks[done:]:
+                yield _isolated(worker, task)
                 bar.update()
+
+
+def _isolated(worker: Callable[[Any], FileRecord], task: tuple[str, Any]) -> FileRecord:
+    """``worker(task)`` in a process of its own; a rejection when that process dies."""
+    with ProcessPoolExecutor(max_workers=1, initializer=_worker_init) as pool:
+        try:
+            return pool.submit(worker, task).result()
+        except BrokenProcessPool:
+            return FileRecord(file=task[0], status="rejected", reason=WORKER_DIED)
 
 
 def _file_size(path: Path) -> int:
@@ -297,8 +394,8 @@ def _read_index(path: Path) -> dict[str, dict[str, Any]]:
         return {}
     text_columns = ("file", "status", "sha256", "image_key", "patient_key", "sop_key", "reason",
                     "format", "version", "rules", "duplicate_of")
-    table = pd.read_csv(path, dtype=dict.fromkeys(text_columns, str), keep_default_na=False,
-                        na_values={"pixel_spacing_mm": [""]})
+    table = read_csv(path, dtype=dict.fromkeys(text_columns, str), keep_default_na=False,
+                     na_values={"pixel_spacing_mm": [""]})
     names = {f.name for f in fields(FileRecord)}
     return {row["file"]: {k: v for k, v in row.items() if k in names}
             for row in table.to_dict("records")}
@@ -316,10 +413,6 @@ def _read_progress(path: Path) -> dict[str, dict[str, Any]]:
             continue
         records[row["file"]] = row
     return records
-
-
-def _write_csv(path: Path, table: pd.DataFrame) -> None:
-    atomic_write(path, table.to_csv(index=False, lineterminator="\n").encode())
 
 
 def _triage(rel: str, path: Path, labels: Mapping[str, str]) -> FileRecord | None:
@@ -360,7 +453,8 @@ def _reject_duplicates(files: list[str], records: dict[str, FileRecord]) -> None
 def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSummary:
     """Preprocess one site (``cfg`` is the ``preprocess`` config node) and return its summary.
 
-    Creates the site secret when the site has none yet (logged as a warning).
+    Creates the site secret when the site has none yet (logged as a warning). Raises
+    ``pipeline.labels.LabelsError`` (one line) when labels.csv is unusable.
     """
     started = time.perf_counter()
     settings = Settings.from_config(cfg)
@@ -369,7 +463,14 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
     table = read_labels(paths.labels_csv)
     labels: dict[str, str] = table["label"].to_dict()
     patient_ids: dict[str, str] = table["patient_id"].to_dict() if "patient_id" in table.columns else {}
-    files = source_files(paths.input_dir)
+    listing = source_files(paths.input_dir, bool(cfg.get("follow_external_links", False)))
+    records: dict[str, FileRecord] = {
+        rel: FileRecord(file=rel, status=status, reason=reason) for rel, (status, reason) in listing.refused.items()}
+    folders = tuple(f"{rel}/" for rel in listing.refused)
+    for rel in labels:  # labelled files behind a link that is not followed
+        if rel.startswith(folders) and rel not in records:
+            records[rel] = FileRecord(file=rel, status="rejected", reason=UNDER_REFUSED_LINK)
+    files = sorted({*listing.files, *records})
     arrays_dir = paths.cache_dir / ARRAYS_DIR
     arrays_dir.mkdir(parents=True, exist_ok=True)
     paths.private_dir.mkdir(parents=True, exist_ok=True)
@@ -377,9 +478,10 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
     progress_path = paths.private_dir / PROGRESS_NAME
     previous = {**_read_index(index_path), **_read_progress(progress_path)}
 
-    records: dict[str, FileRecord] = {}
     tasks = []
     for rel in files:
+        if rel in records:
+            continue
         triaged = _triage(rel, paths.input_dir / rel, labels)
         if triaged is None:
             tasks.append((rel, previous.get(rel)))
@@ -426,7 +528,7 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
         } for r in accepted],
         columns=list(MANIFEST_COLUMNS),
     ).sort_values("image_key")
-    _write_csv(paths.cache_dir / MANIFEST_NAME, manifest)
+    write_csv(paths.cache_dir / MANIFEST_NAME, manifest)
     keep = set(manifest["image_key"])
     for stale in arrays_dir.glob("*.npy"):
         if stale.stem not in keep:
@@ -435,11 +537,12 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
     ordered = [records[rel] for rel in files]
     index = pd.DataFrame([{k: v for k, v in vars(r).items() if k != "reused"} for r in ordered],
                          columns=[f.name for f in fields(FileRecord) if f.name != "reused"])
-    _write_csv(index_path, index)
+    write_csv(index_path, index)
     progress_path.unlink(missing_ok=True)
     missing = sorted(set(labels) - set(files))
-    for rel in missing:
-        log.warning("%s: %s is listed in %s but not found", paths.name, rel, paths.labels_csv)
+    if missing:  # no file names in logs: they may leave the site
+        log.warning("%s: %d files listed in %s were not found (their rows in %s say which)",
+                    paths.name, len(missing), paths.labels_csv, paths.work_dir / REPORT_NAME)
     report = pd.DataFrame(
         [{"file": r.file, "status": r.status, "reason": r.reason, "reused": r.reused,
           "label": labels.get(r.file, ""),
@@ -449,7 +552,7 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
             "reused": False, "label": labels[rel], "split": ""} for rel in missing],
         columns=list(REPORT_COLUMNS),
     )
-    _write_csv(paths.work_dir / REPORT_NAME, report)
+    write_csv(paths.work_dir / REPORT_NAME, report)
 
     summary = _summarise(paths.name, ordered, missing, manifest, time.perf_counter() - started)
     unlabelled = summary.rejections.get("no label in labels.csv", 0)

@@ -5,6 +5,29 @@ fails, with :class:`UnreadableImage`, when the file cannot be read or decoded at
 split into header and pixels lets preprocessing reject a file (a CT, a 50-megapixel
 image, a multi-frame object) without ever decoding it.
 
+Files may be hostile, so a DICOM header is checked before anything trusts it, each
+failure an :class:`UnreadableImage` whose reason names the tag:
+
+- values that do not parse (NumberOfFrames ``x1``, RescaleSlope ``abc``), non-finite
+  rescale or window values, RescaleSlope 0 and WindowWidth below 1 (0 for LINEAR_EXACT /
+  SIGMOID windows): the values that are used, i.e. rescale unless a Modality LUT Sequence
+  is present, the first window unless a VOI LUT Sequence is present;
+- an inconsistent pixel module: BitsAllocated not 8, 16 or 32, BitsStored 0 or above
+  BitsAllocated, HighBit not BitsStored - 1, PixelRepresentation not 0 or 1;
+- at decode time, native PixelData shorter than Rows x Columns x SamplesPerPixel x
+  BitsAllocated / 8 x frames, and an encapsulated codestream whose own header
+  (``pipeline.codestream``) declares another size or sample count than Rows / Columns /
+  SamplesPerPixel (so the header's max_pixels check bounds what the decoder allocates).
+
+Memory cap: ``max_bytes`` (``open_image``) bounds the file size, a deflated dataset's
+inflated size (checked with a bounded inflate before pydicom inflates it) and the
+estimated working memory of decoding and transforming the first frame
+(:data:`DECODE_BYTES_PER_SAMPLE` per sample, from the header, checked before decoding).
+This is a check before allocating, not an rlimit: ``RLIMIT_AS`` would cap the whole
+process (preprocessing also runs in-process, and torch reserves large address ranges),
+while the decoders allocate from the codestream's declared size, which must equal the
+checked header.
+
 Supported: DICOM in every transfer syntax an installed pydicom decoder handles
 (uncompressed little/big endian, deflated, RLE, JPEG baseline / extended / lossless,
 JPEG-LS, JPEG 2000, HTJ2K), PNG / JPEG (Pillow, as grayscale) and NIfTI (2-D, or the
@@ -14,9 +37,11 @@ middle axial slice of a volume, reoriented to radiological display).
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,15 +52,23 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_generator
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
     MediaStorageDirectoryStorage,
 )
+
+from pipeline.codestream import CodestreamError, DeclaredSize, declared_size
 
 PIXEL_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -45,6 +78,14 @@ DICOMDIR_REASON = "DICOMDIR (a media directory index, not an image)"
 NOT_IMAGE_REASON = "not an image file (unknown suffix, no DICM preamble)"
 # Transfer syntaxes whose PixelData, once read, is plain little-endian samples.
 NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
+BITS_ALLOCATED = (8, 16, 32)
+# Estimated peak memory per sample of decoding the first frame and transforming it to
+# [0, 1] (decoder buffers, the stored array, float copies); measured 7-15 on real CRs.
+DECODE_BYTES_PER_SAMPLE = 16
+DEFAULT_MAX_BYTES = 1 << 30
+MB = 1 << 20
+# How much of an encapsulated frame is searched for its codestream header.
+CODESTREAM_HEADER_BYTES = 1 << 20
 
 
 class UnreadableImage(Exception):
@@ -62,14 +103,25 @@ class LoadedImage:
 
 @dataclass
 class SourceImage:
-    """A file whose header has been read; :meth:`decode` reads its pixels (first frame)."""
+    """A file whose header has been read; :meth:`decode` reads its pixels (first frame).
+
+    ``decode_bytes``: estimated memory decoding and transforming the pixels takes;
+    ``max_bytes``: the cap :meth:`decode` checks it against (None: no cap).
+    """
 
     meta: dict[str, Any]
     dicom: Dataset | None
     _pixels: Callable[[], np.ndarray] = field(repr=False)
+    decode_bytes: int = 0
+    max_bytes: int | None = None
 
     def decode(self) -> LoadedImage:
-        """Decode the pixels; raise UnreadableImage when the decoder fails."""
+        """Decode the pixels; raise UnreadableImage when the decoder fails or would exceed the cap."""
+        if self.max_bytes is not None and self.decode_bytes > self.max_bytes:
+            raise UnreadableImage(
+                f"decoding would need about {self.decode_bytes / MB:.0f} MB "
+                f"({self.meta['rows']}x{self.meta['cols']}, {DECODE_BYTES_PER_SAMPLE} bytes per sample), "
+                f"above max_decode_mb {self.max_bytes / MB:.0f} (checked before decoding)")
         pixels = self._pixels()
         if self.dicom is not None and "PixelData" in self.dicom:
             del self.dicom.PixelData  # the header stays; the bytes are no longer needed
@@ -119,17 +171,24 @@ def not_image_reason(path: Path) -> str:
     return DICOMDIR_REASON if path.name.lower() == "dicomdir" else NOT_IMAGE_REASON
 
 
-def open_image(path: str | Path, data: bytes | None = None) -> SourceImage:
-    """Read the header of ``path`` (from ``data``, its bytes, when given) without decoding."""
+def open_image(path: str | Path, data: bytes | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES,
+               ) -> SourceImage:
+    """Read the header of ``path`` (from ``data``, its bytes, when given) without decoding.
+
+    ``max_bytes`` caps the memory reading and decoding may take (see the module docstring).
+    """
     path = Path(path)
     kind = image_format(path, data[:132] if data is not None else None)
     if kind == "dicom":
-        return open_dicom(path, data)
-    if kind == "pixel":
-        return open_pixel_image(path, data)
-    if kind == "nifti":
-        return open_nifti(path)  # nibabel reads the file itself
-    raise UnreadableImage(not_image_reason(path))
+        source = open_dicom(path, data, max_bytes)
+    elif kind == "pixel":
+        source = open_pixel_image(path, data)
+    elif kind == "nifti":
+        source = open_nifti(path)  # nibabel reads the file itself
+    else:
+        raise UnreadableImage(not_image_reason(path))
+    source.max_bytes = max_bytes
+    return source
 
 
 def read_image(path: str | Path) -> LoadedImage:
@@ -146,7 +205,7 @@ def _spacing(ds: Dataset) -> float | None:
                 spacing = float(value[0])
             except (TypeError, ValueError, IndexError):
                 continue
-            if spacing > 0:
+            if math.isfinite(spacing) and spacing > 0:
                 return spacing
     return None
 
@@ -155,12 +214,57 @@ def _uid_name(value: Any) -> str:
     return UID(str(value)).name if value else "unknown SOP class"
 
 
+def _tag(ds: Dataset, keyword: str) -> Any:
+    """The value of ``keyword`` (None when absent or empty); a value pydicom cannot convert is a rejection."""
+    try:
+        value = ds.get(keyword)
+    except Exception as error:  # pydicom converts lazily; a malformed value raises on access
+        raise UnreadableImage(f"{keyword} unreadable ({type(error).__name__})") from error
+    return None if value is None or value == "" else value
+
+
+def _shown(value: Any) -> str:
+    return repr(str(value))[:40]
+
+
+def int_tag(ds: Dataset, keyword: str, default: int) -> int:
+    """``keyword`` as one integer (``default`` when absent or 0 where ``default`` is not 0)."""
+    value = _tag(ds, keyword)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UnreadableImage(f"{keyword} {_shown(value)} is not an integer") from None
+    if number < 0:
+        raise UnreadableImage(f"{keyword} {number} is negative")
+    return number or default
+
+
+def float_tag(ds: Dataset, keyword: str) -> float | None:
+    """The first value of ``keyword`` as a finite number (None when absent)."""
+    value = _tag(ds, keyword)
+    if value is None:
+        return None
+    first = value[0] if isinstance(value, (list, tuple, MultiValue)) and len(value) else value
+    try:
+        number = float(first)
+    except (TypeError, ValueError, OverflowError):
+        raise UnreadableImage(f"{keyword} {_shown(first)} is not a number") from None
+    if not math.isfinite(number):
+        raise UnreadableImage(f"{keyword} {_shown(first)} is not a finite number")
+    return number
+
+
 def dicom_meta(ds: Dataset) -> dict[str, Any]:
-    """The header fields acceptance and the manifest use (identifiers kept for site-only use)."""
+    """The header fields acceptance and the manifest use (identifiers kept for site-only use).
+
+    Raises UnreadableImage, naming the tag, for a value that does not parse.
+    """
 
     def text(keyword: str) -> str | None:
-        value = ds.get(keyword)
-        return str(value).strip().upper() if value not in (None, "") else None
+        value = _tag(ds, keyword)
+        return str(value).strip().upper() if value is not None else None
 
     syntax = ds.file_meta.get("TransferSyntaxUID")
     return {
@@ -169,22 +273,56 @@ def dicom_meta(ds: Dataset) -> dict[str, Any]:
         "body_part": text("BodyPartExamined"),
         "view": text("ViewPosition"),
         "photometric": text("PhotometricInterpretation"),
-        "samples_per_pixel": int(ds.get("SamplesPerPixel", 1) or 1),
-        "rows": int(ds.get("Rows", 0) or 0),
-        "cols": int(ds.get("Columns", 0) or 0),
-        "bits_stored": int(ds.get("BitsStored", 0) or 0) or None,
-        "pixel_representation": int(ds.get("PixelRepresentation", 0) or 0),
+        "samples_per_pixel": int_tag(ds, "SamplesPerPixel", 1),
+        "rows": int_tag(ds, "Rows", 0),
+        "cols": int_tag(ds, "Columns", 0),
+        "bits_stored": int_tag(ds, "BitsStored", 0) or None,
+        "pixel_representation": int_tag(ds, "PixelRepresentation", 0),
         "pixel_spacing_mm": _spacing(ds),
         "transfer_syntax": str(syntax) if syntax else None,
-        "number_of_frames": int(ds.get("NumberOfFrames", 1) or 1),
+        "number_of_frames": int_tag(ds, "NumberOfFrames", 1),
         "sop_class": _uid_name(ds.get("SOPClassUID")),
         "patient_id": str(ds.get("PatientID", "")).strip() or None,
         "sop_instance_uid": str(ds.get("SOPInstanceUID", "")).strip() or None,
     }
 
 
-def _parse_dicom(path: Path, data: bytes | None) -> Dataset:
+def _deflated_start(data: bytes) -> int | None:
+    """Where the deflated dataset starts in ``data`` (after the File Meta Information), or
+    None when the transfer syntax is not deflate or the meta information does not parse."""
+    if data[128:132] != b"DICM":
+        return None
+    handle = io.BytesIO(data)
+    handle.seek(132)
+    syntax = b""
+    try:
+        for element in data_element_generator(handle, False, True, stop_when=lambda tag, vr, n: tag.group != 2):
+            if element.tag == 0x00020010:
+                syntax = bytes(element.value).rstrip(b"\0 ")
+    except Exception:  # malformed meta information: pydicom reports it when it parses the file
+        return None
+    return handle.tell() if syntax == str(DeflatedExplicitVRLittleEndian).encode() else None
+
+
+def _check_inflated_size(data: bytes, max_bytes: int) -> None:
+    """Reject a deflated dataset that inflates beyond ``max_bytes`` before pydicom inflates all of it."""
+    start = _deflated_start(data)
+    if start is None:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(data[start:], max_bytes)
+    except zlib.error:
+        return  # pydicom reports the corrupt stream
+    if inflater.unconsumed_tail:
+        raise UnreadableImage(f"deflated dataset inflates to more than max_decode_mb {max_bytes / MB:.0f} "
+                              "(a decompression bomb?); checked before inflating it")
+
+
+def _parse_dicom(path: Path, data: bytes | None, max_bytes: int | None = None) -> Dataset:
     """dcmread, turning pydicom's end-of-file warnings into a 'truncated' error."""
+    if data is not None and max_bytes is not None:
+        _check_inflated_size(data, max_bytes)
     source = io.BytesIO(data) if data is not None else path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -216,6 +354,112 @@ def _decoder_problem(syntax: str | None) -> str | None:
     return None
 
 
+def pixel_module_problem(ds: Dataset, meta: dict[str, Any]) -> str | None:
+    """Why the Image Pixel module's attributes contradict each other, or None.
+
+    HighBit must be BitsStored - 1 (PS3.5 8.1.1; every real file checked is so). Absent
+    BitsStored / HighBit / PixelRepresentation are left to the decoder, as before.
+    """
+    allocated = int_tag(ds, "BitsAllocated", 0)
+    stored = meta["bits_stored"]
+    high_bit = _tag(ds, "HighBit")
+    if not allocated:
+        return "BitsAllocated missing"
+    if allocated not in BITS_ALLOCATED:
+        return f"BitsAllocated {allocated} not in {list(BITS_ALLOCATED)}"
+    if _tag(ds, "BitsStored") is not None and not stored:
+        return "BitsStored 0"
+    if stored and stored > allocated:
+        return f"BitsStored {stored} exceeds BitsAllocated {allocated}"
+    if stored and high_bit is not None and int_tag(ds, "HighBit", 0) != stored - 1:
+        return f"HighBit {high_bit} is not BitsStored - 1 ({stored - 1})"
+    if meta["pixel_representation"] not in (0, 1):
+        return f"PixelRepresentation {meta['pixel_representation']} not in [0, 1]"
+    return None
+
+
+def lut_value_problem(ds: Dataset) -> str | None:
+    """Why the rescale or window values the transforms would use are unusable, or None.
+
+    Values that do not parse or are not finite raise (see :func:`float_tag`); RescaleSlope
+    0 would make every pixel one value; WindowWidth must be at least 1 for a LINEAR window
+    and above 0 otherwise (PS3.3 C.11.2.1.2). A window that is finite but far outside the
+    image's values is not rejected: ``transforms.dicom.VOILUT`` falls back to the image's
+    own range then.
+    """
+    if "ModalityLUTSequence" not in ds:
+        slope = float_tag(ds, "RescaleSlope")
+        float_tag(ds, "RescaleIntercept")
+        if slope == 0:
+            return "RescaleSlope 0 maps every pixel to one value"
+    if "VOILUTSequence" not in ds:
+        float_tag(ds, "WindowCenter")
+        width = float_tag(ds, "WindowWidth")
+        function = str(_tag(ds, "VOILUTFunction") or "LINEAR").strip().upper()
+        linear = function == "LINEAR"
+        if width is not None and (width < 1 if linear else width <= 0):
+            return f"WindowWidth {width:g}: a {function} window needs {'at least 1' if linear else 'more than 0'}"
+    return None
+
+
+def _codestream_kind(syntax: str) -> str | None:
+    if syntax in JPEG2000TransferSyntaxes:
+        return "jpeg2000"
+    if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
+        return "jpeg"
+    return None
+
+
+def codestream_size(pixel_data: bytes, kind: str) -> DeclaredSize:
+    """The size the first frame's codestream declares, read from the first fragments of
+    the encapsulated ``pixel_data`` (up to CODESTREAM_HEADER_BYTES) without decoding."""
+    head = b""
+    try:
+        items = generate_fragments(pixel_data)
+        next(items, None)  # the Basic Offset Table
+        for fragment in items:
+            head += fragment[:CODESTREAM_HEADER_BYTES - len(head)]
+            found = declared_size(head, kind)
+            if found is not None:
+                return found
+            if len(head) >= CODESTREAM_HEADER_BYTES:
+                break
+    except CodestreamError as error:
+        raise UnreadableImage(f"{error} (checked before decoding)") from error
+    except Exception as error:  # a malformed item structure
+        raise UnreadableImage(f"encapsulated PixelData unreadable ({type(error).__name__}: "
+                              f"{str(error)[:120]})") from error
+    raise UnreadableImage("no complete codestream header in the first fragments of PixelData")
+
+
+def check_codestream(ds: Dataset, meta: dict[str, Any]) -> None:
+    """Reject an encapsulated frame whose codestream declares another size than the header."""
+    kind = _codestream_kind(meta["transfer_syntax"])
+    if kind is None:
+        return  # RLE: the decoder sizes its output from Rows / Columns
+    found = codestream_size(ds.PixelData, kind)
+    declared = (found.rows, found.cols, found.components)
+    expected = (meta["rows"], meta["cols"], meta["samples_per_pixel"])
+    if declared != expected:
+        raise UnreadableImage(
+            f"{found.kind} codestream declares {found.rows}x{found.cols} with {found.components} "
+            f"component(s) but the header says {meta['rows']}x{meta['cols']} (Rows x Columns) with "
+            f"SamplesPerPixel {meta['samples_per_pixel']}: rejected before decoding")
+
+
+def check_native_length(ds: Dataset, meta: dict[str, Any]) -> None:
+    """Reject uncompressed PixelData shorter than the header's size needs."""
+    allocated = int_tag(ds, "BitsAllocated", 0)
+    frames = meta["number_of_frames"]
+    needed = meta["rows"] * meta["cols"] * meta["samples_per_pixel"] * allocated // 8 * frames
+    held = len(ds.PixelData)
+    if held < needed:
+        raise UnreadableImage(
+            f"pixel data not decodable: PixelData holds {held} bytes, {meta['rows']}x{meta['cols']}x"
+            f"{meta['samples_per_pixel']} samples of {allocated} bits x {frames} frame(s) need {needed} "
+            "(truncated file or wrong header)")
+
+
 def native_pixels(ds: Dataset, meta: dict[str, Any]) -> np.ndarray | None:
     """Single-frame, uncompressed little-endian grayscale pixels read straight from the buffer.
 
@@ -242,9 +486,15 @@ def native_pixels(ds: Dataset, meta: dict[str, Any]) -> np.ndarray | None:
     return array
 
 
-def open_dicom(path: Path, data: bytes | None = None) -> SourceImage:
-    """A DICOM file's header; its pixels (first frame) decode on demand."""
-    ds = _parse_dicom(path, data)
+def open_dicom(path: Path, data: bytes | None = None, max_bytes: int | None = None) -> SourceImage:
+    """A DICOM file's header, checked (see the module docstring); its pixels (first frame)
+    decode on demand, after the PixelData has been checked against the header."""
+    if data is None and max_bytes is not None:
+        try:
+            data = path.read_bytes()  # the inflated-size check needs the bytes
+        except OSError as error:
+            raise UnreadableImage(f"unreadable: {type(error).__name__} ({error.strerror})") from error
+    ds = _parse_dicom(path, data, max_bytes)
     if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage \
             or "DirectoryRecordSequence" in ds:
         raise UnreadableImage(DICOMDIR_REASON)
@@ -255,13 +505,20 @@ def open_dicom(path: Path, data: bytes | None = None) -> SourceImage:
             raise UnreadableImage(f"missing PixelData ({what}, {meta['rows']}x{meta['cols']}): "
                                   "an incomplete image object")
         raise UnreadableImage(f"no pixel data ({what}): not an image")
-    problem = _decoder_problem(meta["transfer_syntax"])
+    problem = (pixel_module_problem(ds, meta) or lut_value_problem(ds)
+               or _decoder_problem(meta["transfer_syntax"]))
     if problem:
         raise UnreadableImage(problem)
+    syntax = meta["transfer_syntax"]
+    encapsulated = syntax is not None and UID(syntax).is_encapsulated
 
     def pixels() -> np.ndarray:
         if meta["photometric"] not in MONOCHROME:
             raise UnreadableImage(f"PhotometricInterpretation {meta['photometric']!r} not in {list(MONOCHROME)}")
+        if encapsulated:
+            check_codestream(ds, meta)
+        elif syntax is not None:
+            check_native_length(ds, meta)
         array = native_pixels(ds, meta)
         if array is not None:
             return array
@@ -276,7 +533,8 @@ def open_dicom(path: Path, data: bytes | None = None) -> SourceImage:
             ) from error
         return np.asarray(array[0] if array.ndim == 3 else array)
 
-    return SourceImage(meta=meta, dicom=ds, _pixels=pixels)
+    samples = meta["rows"] * meta["cols"] * meta["samples_per_pixel"]
+    return SourceImage(meta=meta, dicom=ds, _pixels=pixels, decode_bytes=samples * DECODE_BYTES_PER_SAMPLE)
 
 
 def _plain_meta(kind: str, shape: tuple[int, ...], bits: int | None) -> dict[str, Any]:
@@ -297,6 +555,7 @@ def open_pixel_image(path: Path, data: bytes | None = None) -> SourceImage:
         raise UnreadableImage(f"unreadable image ({type(error).__name__})") from error
     bits = 16 if image.mode.startswith("I;16") or image.mode == "I" else 8
     meta = _plain_meta("pixel", (image.height, image.width), bits)
+    decode_bytes = image.height * image.width * DECODE_BYTES_PER_SAMPLE
 
     def pixels() -> np.ndarray:
         try:
@@ -307,7 +566,7 @@ def open_pixel_image(path: Path, data: bytes | None = None) -> SourceImage:
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise UnreadableImage(f"unreadable image ({type(error).__name__})") from error
 
-    return SourceImage(meta=meta, dicom=None, _pixels=pixels)
+    return SourceImage(meta=meta, dicom=None, _pixels=pixels, decode_bytes=decode_bytes)
 
 
 def radiological_plane(plane: np.ndarray) -> np.ndarray:
@@ -355,4 +614,6 @@ def open_nifti(path: Path) -> SourceImage:
         index[drop] = 0 if singleton else shape[drop] // 2
         return radiological_plane(volume[tuple(index)])
 
-    return SourceImage(meta=meta, dicom=None, _pixels=pixels)
+    # The whole volume is read (as float64 when the header scales it), then one plane.
+    decode_bytes = int(np.prod(shape)) * 8 + int(np.prod(plane_shape)) * DECODE_BYTES_PER_SAMPLE
+    return SourceImage(meta=meta, dicom=None, _pixels=pixels, decode_bytes=decode_bytes)

@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from pipeline.files import write_csv
+
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"NORMAL": "normal", "PNEUMONIA_bacteria": "bacterial", "PNEUMONIA_virus": "viral"}
 
@@ -60,7 +62,7 @@ def write_sample(source: Path, out_dir: Path, per_class: int, long_side: int, se
             image.resize(size, Image.Resampling.LANCZOS).save(out_dir / name, optimize=True)
         names.append(name)
     table = pd.DataFrame({"file": names, "label": sample["label"], "patient_id": sample["patient_id"]})
-    table.to_csv(out_dir / "manifest.csv", index=False)
+    write_csv(out_dir / "manifest.csv", table)
     return table
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.demo_sites import load_sample, plan_sites
+from pipeline.files import write_csv
 from pipeline.labels import CLASS_NAMES, NORMAL_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated reads (default: 0)")
     args = parser.parse_args(argv)
     reads = simulate_reads(args.seed)
-    reads.to_csv(args.output, index=False, lineterminator="\n")
+    write_csv(args.output, reads)
     print(f"{len(reads)} SIMULATED reads by {reads['reader'].nunique()} readers written to {args.output}")
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import resource
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,11 +21,17 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from pydicom import uid
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from pipeline.cache import SiteCache
 from pipeline.demo_sites import prepare_demo_sites
+from pipeline.files import read_csv
 from pipeline.preprocess import preprocess_site
 from pipeline.sites import SitePaths
 from tests.conftest import DICOM_DIR, compose_config
@@ -94,7 +102,7 @@ def run_case(site: SitePaths, bad: str, write: Writer, *, reason: str, status: s
     cfg = compose_config("data.image_size=32", "preprocess.workers=1", *overrides).preprocess
     preprocess_site(site, cfg)
     assert source_state(site.input_dir) == before, "a source file was modified"
-    report = pd.read_csv(site.work_dir / "report.csv", keep_default_na=False).set_index("file")
+    report = read_csv(site.work_dir / "report.csv", keep_default_na=False).set_index("file")
     assert report.loc[valid, "status"].eq("accepted").all(), report.loc[valid]
     assert report.at[bad, "status"] == status, report.loc[bad]
     assert reason in report.at[bad, "reason"], report.at[bad, "reason"]
@@ -264,3 +272,264 @@ def test_too_small_image(site):
 
     run_case(site, "tiny.dcm", edited(DICOM_DIR / "pydicom_wheel_CR" / "CR1_6154.dcm", chest),
              reason="image 16x16 smaller than 64x64")
+
+
+# --- hostile header values: a rejection naming the tag, never a traceback -----------------
+
+def raw_value(keyword: str, text: str) -> Callable[[Dataset], None]:
+    """An edit that stores ``text`` verbatim as ``keyword`` (pydicom would refuse to encode it)."""
+
+    def edit(ds: Dataset) -> None:
+        value = text.encode() + b" " * (len(text) % 2)
+        tag = Tag(tag_for_keyword(keyword))
+        ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
+
+    return edit
+
+
+def windowed(center: object, width: object) -> Callable[[Dataset], None]:
+    def edit(ds: Dataset) -> None:
+        ds.WindowCenter, ds.WindowWidth = center, width
+        ds.SOPInstanceUID = generate_uid()
+
+    return edit
+
+
+def test_number_of_frames_not_an_integer(site):
+    run_case(site, "frames.dcm", edited(DICOM_DIR / SIIM_CHEST, raw_value("NumberOfFrames", "x1")),
+             reason="NumberOfFrames 'x1' is not an integer")
+
+
+def test_rescale_slope_not_a_number(site):
+    run_case(site, "slope.dcm", edited(DICOM_DIR / SIIM_CHEST, raw_value("RescaleSlope", "abc")),
+             reason="RescaleSlope 'abc' is not a number")
+
+
+def test_rescale_intercept_not_finite(site):
+    run_case(site, "intercept.dcm", edited(DICOM_DIR / SIIM_CHEST, raw_value("RescaleIntercept", "1e400")),
+             reason="RescaleIntercept '1e400' is not a finite number")
+
+
+def test_rescale_slope_zero(site):
+    run_case(site, "flat.dcm", edited(DICOM_DIR / SIIM_CHEST, lambda ds: setattr(ds, "RescaleSlope", 0)),
+             reason="RescaleSlope 0 maps every pixel to one value")
+
+
+def test_window_width_zero(site):
+    run_case(site, "window0.dcm", edited(DICOM_DIR / SIIM_CHEST, windowed(128, 0)),
+             reason="WindowWidth 0: a LINEAR window needs at least 1")
+
+
+def test_window_center_not_finite(site):
+    run_case(site, "window_nan.dcm", edited(DICOM_DIR / SIIM_CHEST, raw_value("WindowCenter", "NaN")),
+             reason="WindowCenter 'NaN' is not a finite number")
+
+
+def test_rescale_overflowing_float_is_rejected(site):
+    def huge_slope(ds: Dataset) -> None:
+        ds.RescaleSlope, ds.RescaleIntercept = 1e300, 0  # finite, but 255e300 is not a float32
+
+    run_case(site, "overflow.dcm", edited(DICOM_DIR / SIIM_CHEST, huge_slope),
+             reason="pixel values not finite after the Modality / VOI LUT")
+
+
+def test_malformed_voi_lut_sequence(site):
+    def short_lut(ds: Dataset) -> None:
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 16]  # 4096 entries announced, 4 present
+        item.LUTData = np.array([0, 10, 20, 30], "<u2").tobytes()
+        ds.VOILUTSequence = [item]
+
+    run_case(site, "lut.dcm", edited(DICOM_DIR / SIIM_CHEST, short_lut), reason="VOI LUT / window not applicable")
+
+
+def test_absurd_window_falls_back_to_the_image_range(site):
+    """WindowCenter 1e99 maps every pixel to one value: the image's own range is used instead."""
+    report = run_case(site, "window1e99.dcm", edited(DICOM_DIR / SIIM_CHEST, windowed(1e99, 400)),
+                      reason="", status="accepted")
+    index = read_csv(site.private_dir / "source_index.csv", dtype=str, keep_default_na=False).set_index("file")
+    arrays = SiteCache(site.cache_dir)
+    absurd, plain = (np.load(arrays.array_path(index.at[f, "image_key"])) for f in ("window1e99.dcm", SIIM_CHEST))
+    assert report.at["window1e99.dcm", "reason"] == ""
+    assert absurd.std() > 0.05
+    np.testing.assert_allclose(absurd, plain, atol=1e-6)
+
+
+# --- inconsistent pixel module -------------------------------------------------------------
+
+def bits(allocated: int, stored: int, high: int, representation: int = 0) -> Callable[[Dataset], None]:
+    def edit(ds: Dataset) -> None:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, high
+        ds.PixelRepresentation = representation
+
+    return edit
+
+
+@pytest.mark.parametrize("source, edit, reason", [
+    (SIIM_CHEST, bits(8, 16, 15), "BitsStored 16 exceeds BitsAllocated 8"),
+    (SIIM_CHEST, bits(8, 0, 7), "BitsStored 0"),
+    (J2K_CHEST, bits(16, 20, 19), "BitsStored 20 exceeds BitsAllocated 16"),
+    (SIIM_CHEST, bits(12, 8, 7), "BitsAllocated 12 not in [8, 16, 32]"),
+    (SIIM_CHEST, bits(8, 8, 3), "HighBit 3 is not BitsStored - 1 (7)"),
+    (SIIM_CHEST, bits(8, 8, 7, representation=2), "PixelRepresentation 2 not in [0, 1]"),
+], ids=["stored-above-allocated", "stored-zero", "stored-20-of-16", "allocated-12", "high-bit", "representation"])
+def test_inconsistent_pixel_module(site, source, edit, reason):
+    run_case(site, "bits.dcm", edited(DICOM_DIR / source, edit), reason=reason)
+
+
+def test_native_pixel_data_shorter_than_the_header_says(site):
+    def taller(ds: Dataset) -> None:
+        ds.Rows = ds.Rows * 2
+
+    run_case(site, "tall.dcm", edited(site.input_dir / "img_0001.dcm", taller),
+             reason="pixel data not decodable: PixelData holds")
+
+
+# --- codestreams that declare another size than the header ---------------------------------
+
+def first_fragment_offset(pixel_data: bytes) -> int:
+    """Where the first fragment's codestream starts in encapsulated PixelData."""
+    bot_length = struct.unpack_from("<I", pixel_data, 4)[0]
+    return 8 + bot_length + 8
+
+
+def jpeg2000_bomb(path: Path) -> None:
+    """A real chest (256x256, JPEG 2000) whose SIZ marker says 20000x20000 (1.6 GB to decode)."""
+    ds = pydicom.dcmread(DICOM_DIR / "pydicom_wheel_CR" / "CR1_6154.dcm")
+    pixels = pydicom.dcmread(DICOM_DIR / SIIM_CHEST).pixel_array[::4, ::4].astype("<u2") * 16
+    ds.BodyPartExamined, ds.ViewPosition, ds.SOPInstanceUID = "CHEST", "PA", generate_uid()
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelData = pixels.tobytes()
+    ds.compress(uid.JPEG2000Lossless)
+    data = bytearray(ds.PixelData)
+    start = first_fragment_offset(data)
+    assert data[start:start + 4] == b"\xff\x4f\xff\x51"  # SOC, SIZ
+    struct.pack_into(">II", data, start + 8, 20000, 20000)  # Xsiz, Ysiz
+    ds.PixelData = bytes(data)
+    path.write_bytes(dicom_bytes(ds))
+
+
+def test_jpeg2000_codestream_larger_than_the_header(site):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run_case(site, "bomb.dcm", jpeg2000_bomb,
+             reason="JPEG 2000 codestream declares 20000x20000 with 1 component(s) but the header says "
+                    "256x256 (Rows x Columns) with SamplesPerPixel 1: rejected before decoding")
+    assert (site.input_dir / "bomb.dcm").stat().st_size < 100_000
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 500, f"peak memory grew by {grown_mb:.0f} MB: the codestream was decoded"
+
+
+def test_jpeg_frame_header_larger_than_the_header(site):
+    def bigger_frame(ds: Dataset) -> None:
+        data = bytearray(ds.PixelData)
+        sof = data.index(b"\xff\xc0", first_fragment_offset(data))  # baseline SOF0
+        struct.pack_into(">HH", data, sof + 5, 30000, 30000)  # Y, X
+        ds.PixelData = bytes(data)
+
+    run_case(site, "sof.dcm", edited(DICOM_DIR / SIIM_CHEST, bigger_frame),
+             reason="JPEG codestream declares 30000x30000 with 1 component(s) but the header says 1024x1024")
+
+
+def test_jpeg_ls_frame_header_smaller_than_the_header(site):
+    def jpeg_ls(ds: Dataset) -> None:
+        crop = ds.pixel_array[:256, :256].copy()
+        ds.Rows = ds.Columns = 256
+        ds.compress(uid.JPEGLSLossless, crop)
+        ds.SOPInstanceUID = generate_uid()
+        ds.Rows = ds.Columns = 512  # the SOF55 frame header keeps 256x256
+
+    run_case(site, "ls.dcm", edited(DICOM_DIR / SIIM_CHEST, jpeg_ls),
+             reason="JPEG-LS codestream declares 256x256 with 1 component(s) but the header says 512x512")
+
+
+def test_decoding_memory_above_the_cap(site):
+    def huge(ds: Dataset) -> None:
+        ds.Rows = ds.Columns = 10000  # within max_pixels below: the memory estimate decides
+
+    run_case(site, "big.dcm", edited(DICOM_DIR / SIIM_CHEST, huge),
+             reason="decoding would need about 1526 MB (10000x10000, 16 bytes per sample), above max_decode_mb 1024",
+             overrides=("preprocess.acceptance.max_pixels=1000000000",))
+
+
+def test_deflated_dataset_inflating_beyond_the_cap(site):
+    def bomb(ds: Dataset) -> None:
+        ds.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+        ds.SOPInstanceUID = generate_uid()
+        ds.PixelData = bytes(ds.Rows * ds.Columns * 2) + bytes(80 << 20)  # 80 MB of zeros deflate to 80 kB
+
+    run_case(site, "deflated.dcm", edited(site.input_dir / "img_0001.dcm", bomb),
+             reason="deflated dataset inflates to more than max_decode_mb 64",
+             overrides=("preprocess.acceptance.max_decode_mb=64",))
+
+
+def test_file_larger_than_the_cap_is_not_read(site):
+    def sparse(path: Path) -> None:
+        with open(path, "wb") as handle:
+            handle.truncate(65 << 20)
+
+    run_case(site, "large.dcm", sparse, reason="file of 65 MB exceeds max_decode_mb 64 (not read)",
+             overrides=("preprocess.acceptance.max_decode_mb=64",))
+
+
+# --- symbolic links ------------------------------------------------------------------------
+
+@pytest.fixture
+def elsewhere(tmp_path) -> Path:
+    """A folder outside the site's input folder holding one valid chest radiograph."""
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    edited(DICOM_DIR / SIIM_CHEST, lambda ds: setattr(ds, "SOPInstanceUID", generate_uid()))(folder / "chest.dcm")
+    return folder
+
+
+def test_link_to_a_file_outside_the_input_folder(site, elsewhere):
+    run_case(site, "outside.dcm", lambda path: path.symlink_to(elsewhere / "chest.dcm"),
+             reason="symbolic link to a file outside the input folder: not followed "
+                    "(preprocess.follow_external_links is false)")
+
+
+def test_link_to_a_file_outside_followed_when_allowed(site, elsewhere):
+    run_case(site, "outside.dcm", lambda path: path.symlink_to(elsewhere / "chest.dcm"), reason="",
+             status="accepted", overrides=("preprocess.follow_external_links=true",))
+
+
+def test_link_to_a_folder_outside_the_input_folder(site, elsewhere):
+    def linked_folder(path: Path) -> None:
+        path.symlink_to(elsewhere, target_is_directory=True)
+        labels = pd.read_csv(site.labels_csv)
+        pd.concat([labels, pd.DataFrame({"file": ["linked/chest.dcm"], "label": ["normal"]})]).to_csv(
+            site.labels_csv, index=False)
+
+    report = run_case(site, "linked", linked_folder, label=None,
+                      reason="symbolic link to a folder outside the input folder: not followed")
+    assert report.loc["linked/chest.dcm", ["status", "reason"]].tolist() == [
+        "rejected", "inside a linked folder that is not followed (see the folder's own row)"]
+
+
+def test_link_loops(site, elsewhere):
+    def loops(path: Path) -> None:
+        path.parent.symlink_to(elsewhere, target_is_directory=True)  # ext -> elsewhere, followed
+        (elsewhere / "again").symlink_to(elsewhere, target_is_directory=True)  # a loop outside
+        (site.input_dir / "up").symlink_to(site.input_dir, target_is_directory=True)  # a loop inside
+        (site.input_dir / "ping.dcm").symlink_to(site.input_dir / "pong.dcm")
+        (site.input_dir / "pong.dcm").symlink_to(site.input_dir / "ping.dcm")
+        labels = pd.read_csv(site.labels_csv)
+        pd.concat([labels, pd.DataFrame({"file": ["ext/chest.dcm", "ping.dcm"], "label": ["normal"] * 2})]).to_csv(
+            site.labels_csv, index=False)
+
+    report = run_case(site, "ext/again", loops, label=None, overrides=("preprocess.follow_external_links=true",),
+                      reason="symbolic link to a folder already listed (a loop or a second path to it)")
+    assert report.at["ext/chest.dcm", "status"] == "accepted"
+    assert report.loc["up", ["status", "reason"]].tolist() == [
+        "skipped", "symbolic link to a folder inside the input folder: its files are listed under their own path"]
+    assert report.at["ping.dcm", "reason"] == "unreadable: OSError (Too many levels of symbolic links)"
+
+
+def test_source_file_name_with_a_formula_is_neutralised_in_the_report(site):
+    name = "=HYPERLINK(\"http:evil.example\",\"open\").dcm"
+    run_case(site, name, raw(b"not an image" * 20), reason="not a DICOM file")
+    text = (site.work_dir / "report.csv").read_text()
+    assert "\n\"'=HYPERLINK(" in text and "\n\"=HYPERLINK(" not in text
+    rerun = preprocess_site(site, compose_config("data.image_size=32", "preprocess.workers=1").preprocess)
+    assert rerun.processed == 0  # the private index reads the name back unchanged

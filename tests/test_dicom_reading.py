@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,15 @@ import pydicom
 import pytest
 import torch
 from pydicom import uid
+from pydicom.encaps import generate_fragments, generate_frames
 
 import transforms.dicom as dicom_module
 from pipeline.acceptance import AcceptanceRules, rejection_reason
+from pipeline.codestream import (JP2_SIGNATURE, CodestreamError, DeclaredSize, declared_size, jpeg2000_size,
+                                 jpeg_size)
 from pipeline.readers import UnreadableImage, image_format, open_image, read_image
-from transforms.dicom import VOILUT, ModalityLUT, dicom_pipeline, dicom_to_unit, dicom_to_unit_square
+from transforms.dicom import (VOILUT, ModalityLUT, PixelTransformError, dicom_pipeline, dicom_to_unit,
+                              dicom_to_unit_square)
 from transforms.image import build_augmentation, resize_square
 
 DICOM_DIR = Path(__file__).resolve().parents[1] / "data" / "dicom"
@@ -279,3 +284,81 @@ def test_nifti_volume_reads_its_middle_axial_slice(tmp_path):
     volume = np.stack([np.full((80, 70), k, np.int16) for k in range(5)], axis=-1)
     loaded = read_image(save_nifti(tmp_path / "chest.nii.gz", volume, np.eye(4)))
     assert loaded.pixels.shape == (70, 80) and (loaded.pixels == 2).all()
+
+
+# --- codestream headers, read without decoding -------------------------------------------
+
+def first_fragment(path: Path) -> bytes:
+    fragments = generate_fragments(pydicom.dcmread(path).PixelData)
+    next(fragments)  # the Basic Offset Table
+    return next(fragments)
+
+
+def test_declared_size_of_real_jpeg2000_and_jpeg_codestreams():
+    assert jpeg2000_size(first_fragment(J2K_CHEST)) == DeclaredSize("JPEG 2000", 1955, 1841, 1)
+    assert jpeg2000_size(first_fragment(TIBIA)) == DeclaredSize("JPEG 2000", 1760, 1760, 1)
+    assert jpeg_size(first_fragment(SIIM_CHEST)) == DeclaredSize("JPEG", 1024, 1024, 1)
+
+
+def test_declared_size_of_jpeg_ls_and_of_a_jp2_file():
+    ds = chest_dataset(chest_pixels())
+    ds.compress(uid.JPEGLSLossless)
+    assert declared_size(next(generate_frames(ds.PixelData)), "jpeg") == DeclaredSize("JPEG-LS", 256, 256, 1)
+    codestream = first_fragment(J2K_CHEST)
+    box = lambda kind, body: struct.pack(">I", 8 + len(body)) + kind + body  # noqa: E731
+    jp2 = JP2_SIGNATURE + box(b"ftyp", b"jp2 \0\0\0\0jp2 ") + box(b"jp2h", b"") + box(b"jp2c", codestream)
+    assert declared_size(jp2, "jpeg2000") == DeclaredSize("JPEG 2000", 1955, 1841, 1)
+
+
+def test_jpeg_tables_before_the_frame_header_are_skipped():
+    dht = b"\xff\xc4" + struct.pack(">H", 5) + b"\xc0\xff\xc0"  # DHT (C4) is not a frame header
+    sof = b"\xff\xc3" + struct.pack(">HBHHB", 8, 16, 300, 200, 1)  # lossless SOF3
+    assert jpeg_size(b"\xff\xd8" + dht + b"\xff\xff" + sof) == DeclaredSize("JPEG", 300, 200, 1)
+
+
+def test_truncated_headers_need_more_bytes_and_malformed_ones_raise():
+    codestream = first_fragment(J2K_CHEST)
+    assert jpeg2000_size(codestream[:20]) is None
+    assert jpeg_size(first_fragment(SIIM_CHEST)[:30]) is None
+    with pytest.raises(CodestreamError, match="no SOC marker"):
+        jpeg2000_size(first_fragment(SIIM_CHEST))
+    with pytest.raises(CodestreamError, match="no SOI marker"):
+        jpeg_size(codestream)
+    offset_outside = bytearray(codestream)
+    struct.pack_into(">I", offset_outside, 16, 5000)  # XOsiz beyond Xsiz
+    with pytest.raises(CodestreamError, match="image offset"):
+        jpeg2000_size(bytes(offset_outside))
+    with pytest.raises(CodestreamError, match="before any frame header"):
+        jpeg_size(b"\xff\xd8\xff\xda\x00\x08")
+
+
+def test_open_image_rejects_a_header_value_that_does_not_parse(tmp_path):
+    ds = pydicom.dcmread(SMALL_CR)
+    ds.WindowWidth = 0
+    ds.save_as(tmp_path / "window.dcm")
+    with pytest.raises(UnreadableImage, match="WindowWidth 0: a LINEAR window needs at least 1"):
+        open_image(tmp_path / "window.dcm")
+    ds.WindowWidth, ds.BitsStored = 2800, 17
+    ds.save_as(tmp_path / "bits.dcm")
+    with pytest.raises(UnreadableImage, match="BitsStored 17 exceeds BitsAllocated 16"):
+        open_image(tmp_path / "bits.dcm")
+
+
+def test_voi_window_outside_the_image_falls_back_to_its_own_range():
+    ds = pydicom.dcmread(SMALL_CR)
+    values = np.array([[0.0, 100.0, 400.0]])
+    ds.WindowCenter, ds.WindowWidth = 1e9, 100
+    np.testing.assert_array_equal(VOILUT()({"image": values, "dicom": ds})["image"], values)
+    reference = dicom_to_unit(ds.pixel_array, None)
+    np.testing.assert_allclose(dicom_to_unit(ds.pixel_array, ds), 1.0 - reference, atol=1e-6)  # MONOCHROME1
+
+
+def test_lut_failures_and_non_finite_values_raise_pixel_transform_errors():
+    ds = pydicom.dcmread(SMALL_CR)
+    ds.VOILUTFunction = "CUBIC"
+    with pytest.raises(PixelTransformError, match="VOI LUT / window not applicable .*CUBIC"):
+        dicom_to_unit(ds.pixel_array, ds)
+    del ds.VOILUTFunction
+    ds.RescaleSlope = 1e300
+    with pytest.raises(PixelTransformError, match="pixel values not finite"):
+        dicom_to_unit(ds.pixel_array, ds)

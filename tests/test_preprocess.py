@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +16,8 @@ from tests.conftest import DICOM_DIR, compose_config
 
 from pipeline.cache import SPLITS, SiteCache
 from pipeline.demo_sites import load_sample, plan_sites, prepare_demo_sites
+from pipeline.files import csv_bytes, neutralise_cell, restore_cell
+from pipeline.labels import LabelsError
 import pipeline.preprocess as preprocess_module
 from pipeline.preprocess import preprocess_site
 from pipeline.splits import assign_splits
@@ -260,3 +263,86 @@ def test_splits_are_by_patient_stratified_and_seeded():
         assert counts.to_dict() == {"train": 13, "test": 4, "val": 3}
     tiny = assign_splits({"a": 0, "b": 0, "c": 1}, 0.15, 0.2, seed=0)
     assert set(tiny.values()) == set(SPLITS)
+
+
+# --- hostile inputs around the images ----------------------------------------------------
+
+@pytest.mark.parametrize("content, message", [
+    (b"file,label\nimg_0001.dcm,normal\ncaf\xe9.dcm,viral\n", "line 3: byte 0xe9 is not UTF-8"),
+    (b"file,label\nimg_0001.dcm,normal\nimg_0002.dcm,viral,extra\n", "line 3: 3 fields, the header has 2"),
+    (b"file,label\nimg_0001.dcm\n", "line 2: 1 fields, the header has 2"),
+    (b"name,label\nimg_0001.dcm,normal\n", "line 1: header lacks column(s) file"),
+    (b"file,label\nimg_0001.dcm,normal\n\nimg_0001.dcm,viral\n", "line 4: the file of line 2 is listed again"),
+    (b"", "line 1: the file is empty"),
+], ids=["not-utf8", "extra-field", "missing-field", "no-file-column", "duplicate", "empty"])
+def test_unusable_labels_csv_is_one_clear_error(small_site, content, message):
+    small_site.labels_csv.write_bytes(content)
+    with pytest.raises(LabelsError) as raised:
+        preprocess_site(small_site, preprocess_config())
+    text = str(raised.value)
+    assert text.startswith(f"{small_site.labels_csv} {message}"), text
+    assert "\n" not in text and "img_0001" not in text  # one line, no source file name
+
+
+def test_spreadsheet_cells_are_neutralised_and_read_back():
+    table = pd.DataFrame({"text": ["=1+1", "+A1", "-2.5", "@SUM(A1)", "\tx", "'quoted", "plain"],
+                          "number": [-1.5, 2.0, -3.0, 0.0, 1.0, 2.0, 3.0]})
+    lines = csv_bytes(table).decode().splitlines()
+    assert [line.rsplit(",", 1)[0] for line in lines[1:]] == [
+        "'=1+1", "'+A1", "-2.5", "'@SUM(A1)", "'\tx", "''quoted", "plain"]
+    assert [line.rsplit(",", 1)[1] for line in lines[1:3]] == ["-1.5", "2.0"]  # numbers stay numbers
+    assert [restore_cell(neutralise_cell(v)) for v in table["text"]] == table["text"].tolist()
+
+
+def test_logs_name_no_source_file(small_site, caplog):
+    secret_name = "Smithers_Waylon_MRN424242.dcm"
+    shutil.copy(small_site.input_dir / "img_0002.dcm", small_site.input_dir / secret_name)  # a duplicate
+    labels = pd.read_csv(small_site.labels_csv)
+    extra = pd.DataFrame({"file": [secret_name, "Burns_Montgomery_MRN1.dcm"], "label": ["normal", "viral"]})
+    pd.concat([labels, extra]).to_csv(small_site.labels_csv, index=False)
+    with caplog.at_level("INFO", logger="fedrad"):
+        summary = preprocess_site(small_site, preprocess_config())
+    logged = caplog.text
+    assert "1 files listed in" in logged and "same content as another file (see report.csv)" in logged
+    assert "Smithers" not in logged and "Burns" not in logged and "MRN" not in logged
+    assert summary.rejections == {f"same content as {secret_name}": 1}  # the site-side summary keeps names
+    report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
+    assert report.at["Burns_Montgomery_MRN1.dcm", "status"] == "missing"
+
+
+def crash_on_marked_file(task, **kwargs):
+    """process_file, except that the worker process dies on ``crash.dcm``."""
+    if task[0] == "crash.dcm":
+        os._exit(1)
+    return REAL_PROCESS_FILE(task, **kwargs)
+
+
+REAL_PROCESS_FILE = preprocess_module.process_file
+
+
+def test_a_dying_worker_rejects_its_file_and_the_site_goes_on(small_site, monkeypatch):
+    shutil.copy(small_site.input_dir / "img_0003.dcm", small_site.input_dir / "crash.dcm")
+    labels = pd.read_csv(small_site.labels_csv)
+    pd.concat([labels, pd.DataFrame({"file": ["crash.dcm"], "label": ["normal"]})]).to_csv(
+        small_site.labels_csv, index=False)
+    monkeypatch.setattr(preprocess_module, "process_file", crash_on_marked_file)
+    summary = preprocess_site(small_site, preprocess_config("preprocess.workers=2"))
+    report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
+    assert report.at["crash.dcm", "reason"].startswith("the worker process died while processing this file")
+    assert summary.status == {"accepted": len(labels), "rejected": 1}
+
+
+def test_any_error_while_processing_rejects_only_that_file(small_site, monkeypatch):
+    real = preprocess_module.dicom_to_unit_square
+
+    def failing(pixels, dataset, size):
+        if dataset is not None and dataset.SOPInstanceUID == target:
+            raise MemoryError("no room")
+        return real(pixels, dataset, size)
+
+    target = pydicom.dcmread(small_site.input_dir / "img_0004.dcm").SOPInstanceUID
+    monkeypatch.setattr(preprocess_module, "dicom_to_unit_square", failing)
+    summary = preprocess_site(small_site, preprocess_config())
+    report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
+    assert report.at["img_0004.dcm", "reason"] == "processing failed (MemoryError: no room)"
+    assert summary.status == {"accepted": len(report) - 1, "rejected": 1}

@@ -14,6 +14,16 @@ per distinct value instead of once per pixel. When that table is affine,
 
 VOI fallback: without a VOI LUT Sequence and without Window Center/Width, the image's own
 min-max range of modality values is used. With several windows the first one is used.
+The same fallback applies when the VOI LUT or window maps every pixel of an image that is
+not constant to one value (a window far outside the image's values, such as
+WindowCenter 1e99, or one too wide for float precision): training then sees the image's
+own range instead of a blank image.
+
+Hostile headers: a failure of pydicom's LUT functions (a malformed LUT Sequence, an
+unknown VOI LUT Function, ...) and values that stop being finite (a huge rescale) raise
+:class:`PixelTransformError`, whose message is a report reason. Values that do not parse,
+a zero slope and a window width below the minimum are rejected from the header before
+(``pipeline.readers.lut_value_problem``).
 """
 
 from __future__ import annotations
@@ -30,6 +40,19 @@ from transforms.image import resize_square
 Sample = dict[str, Any]
 
 
+class PixelTransformError(ValueError):
+    """The header's LUT / rescale / window values cannot be applied; ``str(error)`` is the reason."""
+
+
+def _applied(step: str, function: Any, image: np.ndarray, ds: Dataset) -> np.ndarray:
+    """``function(image, ds)`` (a pydicom LUT function) as float64; its failures as PixelTransformError."""
+    try:
+        return np.asarray(function(image, ds), np.float64)
+    except Exception as error:  # pydicom raises many types for malformed LUT attributes
+        message = " ".join(str(error).split())[:160]
+        raise PixelTransformError(f"{step} not applicable ({type(error).__name__}: {message})") from error
+
+
 class ModalityLUT(Transform):
     """Stored values -> modality values (Rescale Slope/Intercept or Modality LUT Sequence).
 
@@ -40,30 +63,42 @@ class ModalityLUT(Transform):
         ds: Dataset | None = data["dicom"]
         if ds is None:
             return data
-        return {**data, "image": np.asarray(apply_modality_lut(data["image"], ds), np.float64)}
+        return {**data, "image": _applied("Modality LUT / rescale", apply_modality_lut, data["image"], ds)}
 
 
 class VOILUT(Transform):
     """Modality values -> the first VOI view (VOI LUT Sequence or Window Center/Width).
 
     Input: ``image`` in modality units. Output: float64 ``image`` in the window's output range.
-    Without any VOI information the image passes through unchanged, so the following
-    :class:`ScaleToUnit` falls back to the image's own min-max range.
+    Without any VOI information, or when the VOI view maps a non-constant image to a single
+    value, the image passes through unchanged, so the following :class:`ScaleToUnit` falls
+    back to the image's own min-max range.
     """
 
     def __call__(self, data: Sample) -> Sample:
         ds: Dataset | None = data["dicom"]
         if ds is None:
             return data
-        return {**data, "image": np.asarray(apply_voi_lut(data["image"], ds), np.float64)}
+        image = data["image"]
+        windowed = _applied("VOI LUT / window", apply_voi_lut, image, ds)
+        if windowed.size and windowed.min() == windowed.max() and image.min() != image.max():
+            return {**data, "image": np.asarray(image, np.float64)}
+        return {**data, "image": windowed}
 
 
 class ScaleToUnit(Transform):
-    """Min-max scale ``image`` to float32 [0, 1]; a constant image becomes all zeros."""
+    """Min-max scale ``image`` to float32 [0, 1]; a constant image becomes all zeros.
+
+    Raises PixelTransformError when the values are not finite (a LUT overflowed float32).
+    """
 
     def __call__(self, data: Sample) -> Sample:
-        image = np.array(data["image"], np.float32)
+        with np.errstate(over="ignore"):  # an overflow shows as inf below
+            image = np.array(data["image"], np.float32)
         low, high = float(image.min()), float(image.max())
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise PixelTransformError("pixel values not finite after the Modality / VOI LUT "
+                                      "(check RescaleSlope / RescaleIntercept and the window)")
         if high > low:
             image -= low
             image *= 1.0 / (high - low)

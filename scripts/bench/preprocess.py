@@ -53,6 +53,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from pipeline.demo_sites import prepare_demo_sites
+from pipeline.files import write_csv
 from pipeline.preprocess import preprocess_site
 from pipeline.sites import SitePaths
 from transforms.image import resize_square
@@ -100,7 +101,7 @@ def build_site(root: Path, name: str, sources: list[Path], copies: int) -> SiteP
             name = f"c{copy:02d}_{number:05d}.dcm"
             distinct_copy(source, site.input_dir / name, copy)
             names.append(name)
-    pd.DataFrame({"file": names, "label": "normal"}).to_csv(site.labels_csv, index=False)
+    write_csv(site.labels_csv, pd.DataFrame({"file": names, "label": "normal"}))
     return site
 
 
