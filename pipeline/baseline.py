@@ -40,8 +40,8 @@ def run_baseline(cfg: DictConfig, output_dir: Path) -> dict:
     epochs = int(cfg.trainer.max_epochs or cfg.federation.num_rounds * cfg.federation.local_epochs)
     log.info("mode=%s  sites=%s  epochs=%d  output=%s", cfg.mode, ",".join(sites), epochs, output_dir)
 
-    classifier = build_classifier(cfg)
     datamodule = CacheDataModule.from_config(cfg.data, [caches[s] for s in sites], seed=int(cfg.seed))
+    classifier = build_classifier(cfg, train_labels=datamodule.dataset("train").labels)
     trainer = build_trainer(cfg, max_epochs=epochs, output_dir=output_dir)
     train_metrics = train(classifier, datamodule, trainer)
     checkpoint = save_checkpoint(

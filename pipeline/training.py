@@ -6,6 +6,8 @@ Centralised and single-site baselines (``scripts/train.py``) and the federated s
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from models.registry import build_network, build_optimizer
 from models.weights import load_weights
-from pipeline.classifier import XrayClassifier
+from pipeline.classifier import XrayClassifier, balanced_class_weights
 from pipeline.datamodule import CacheDataModule
 from pipeline.labels import CLASS_NAMES
 
@@ -26,21 +28,49 @@ NUM_EXAMPLES = "num-examples"
 NEVER = 2**31 - 1  # an epoch interval no run reaches
 
 
-def build_classifier(cfg: DictConfig, seed: int | None = None, load_pretrained: bool = True) -> XrayClassifier:
+def build_classifier(
+    cfg: DictConfig, seed: int | None = None, load_pretrained: bool = True,
+    train_labels: np.ndarray | None = None, lr_factor: float = 1.0,
+) -> XrayClassifier:
     """Seed everything (``seed``, else ``cfg.seed``), then build ``cfg.model`` from the
     allow-list of :mod:`models.registry`.
 
     Loads ``cfg.model.weights_path`` when set and ``load_pretrained`` (``cfg.model.weights_strict``,
     default true); a federated site passes ``load_pretrained=False``: it starts from the global
-    model it received and never opens a path named in a received config.
+    model it received and never opens a path named in a received config. Freezes the parameters
+    whose names start with a prefix in ``cfg.model.freeze``. With ``cfg.model.class_balance`` and
+    the ``train_labels`` it trains on, weights each class's loss by its inverse frequency.
+    ``lr_factor`` scales the optimiser's learning rate (a round's schedule, see :func:`lr_factor`).
     """
     pl.seed_everything(int(cfg.seed if seed is None else seed), workers=True, verbose=False)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     net = build_network(model["net"])
     if load_pretrained and model.get("weights_path"):
         load_weights(net, model["weights_path"], strict=bool(model.get("weights_strict", True)))
+    frozen = tuple(model.get("freeze") or ())
+    for name, param in net.named_parameters():
+        param.requires_grad_(not name.startswith(frozen) if frozen else True)
     optimizer = build_optimizer(model["optimizer"])
-    return XrayClassifier(net, optimizer, num_classes=len(CLASS_NAMES))
+    if lr_factor != 1.0:
+        optimizer = partial(optimizer.func, **{**optimizer.keywords, "lr": optimizer.keywords["lr"] * lr_factor})
+    weights = None
+    if model.get("class_balance") and train_labels is not None:
+        weights = balanced_class_weights(torch.as_tensor(train_labels), len(CLASS_NAMES))
+    return XrayClassifier(net, optimizer, num_classes=len(CLASS_NAMES), class_weights=weights)
+
+
+def lr_factor(federation: DictConfig, server_round: int) -> float:
+    """The learning-rate factor of round ``server_round`` of ``federation.num_rounds``:
+    ``constant`` (1), or ``cosine`` from 1 in round 1 to ``lr_final_factor`` in the last round."""
+    schedule = str(federation.get("lr_schedule", "constant"))
+    rounds = int(federation.num_rounds)
+    if schedule == "constant" or rounds <= 1:
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"federation.lr_schedule={schedule!r}: expected constant or cosine")
+    final = float(federation.get("lr_final_factor", 0.1))
+    progress = min(max(server_round - 1, 0), rounds - 1) / (rounds - 1)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_trainer(

@@ -17,9 +17,11 @@ from tests.conftest import FAST_FEDERATION, compose_config
 
 
 def config(demo_sites, rounds: int, *extra: str):
+    """A fast federation that releases its last round (no selection), so resuming shows in model.pt."""
     return compose_config(
         *FAST_FEDERATION, f"data.sites_root={demo_sites.root}", "data.sites=[site1,site2,site3]",
-        f"federation.num_rounds={rounds}", "federation.min_sites=3", *extra,
+        f"federation.num_rounds={rounds}", "federation.min_sites=3", "federation.selection.metric=null",
+        *extra,
     )
 
 

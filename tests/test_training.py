@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from pipeline.cache import SiteCache
 from pipeline.checkpoints import load_checkpoint, load_model, save_checkpoint
 from pipeline.datamodule import CacheDataModule
+from pipeline.labels import CLASS_NAMES
 from pipeline.training import build_classifier, build_trainer, evaluate, predict_probabilities, train
 from tests.conftest import DEMO_IMAGE_SIZE, compose_config
 
@@ -58,7 +59,9 @@ def test_training_lowers_the_loss_and_reports_metrics(cfg, cache_dirs):
     assert metrics["num-examples"] == datamodule.num_train_examples > 0
 
     scores = evaluate(classifier, datamodule, "val", build_trainer(cfg, max_epochs=1, lean=True))
-    assert set(scores) == {f"val/{k}" for k in SCORES} | {"num-examples"}
+    per_class = {f"val/{kind}_{name}" for kind in ("sensitivity", "support") for name in CLASS_NAMES}
+    assert set(scores) == {f"val/{k}" for k in SCORES} | per_class | {"num-examples"}
+    assert sum(scores[f"val/support_{name}"] for name in CLASS_NAMES) == scores["num-examples"]
     assert scores["num-examples"] == len(datamodule.dataset("val"))
 
 

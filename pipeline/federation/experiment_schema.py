@@ -23,7 +23,7 @@ from typing import Any
 from models.registry import NETWORKS, OPTIMIZERS, ForbiddenComponent, checked
 
 SECTIONS = ("seed", "model", "trainer", "data", "federation", "privacy", "governance")
-MODEL_OPTIONS = {"net", "optimizer", "weights_path", "weights_strict"}
+MODEL_OPTIONS = {"net", "optimizer", "weights_path", "weights_strict", "class_balance", "freeze"}
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
 TRAINER_OPTIONS: dict[str, tuple[type, ...]] = {

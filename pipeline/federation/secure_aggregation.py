@@ -144,7 +144,8 @@ class SecureFitStrategy(LegacyFedAvg):
     """The legacy strategy the SecAgg+ workflow drives.
 
     It sends the global parameters with the experiment config, and receives only the
-    unmasked weighted average: Flower's workflow sets every result's parameters to it.
+    unmasked weighted average: Flower's workflow sets every result's parameters to it. The
+    recorder's server optimiser turns that average into the next global model.
     """
 
     def __init__(
@@ -170,6 +171,7 @@ class SecureFitStrategy(LegacyFedAvg):
         self.recorder = recorder
         self.checkpointer = checkpointer
         self.aggregated_round = 0
+        self.sent: Parameters = self.initial_parameters
 
     def arrays(self, parameters: Parameters) -> ArrayRecord:
         """Named arrays (with the model's dtypes) from legacy, unnamed parameters."""
@@ -193,7 +195,15 @@ class SecureFitStrategy(LegacyFedAvg):
         )
         average: NDArrays = parameters_to_ndarrays(results[0][1].parameters)
         self.aggregated_round = server_round
-        return ndarrays_to_parameters([_cast(a, t) for a, t in zip(average, self.dtypes)]), {}
+        averaged = self.arrays(ndarrays_to_parameters([_cast(a, t) for a, t in zip(average, self.dtypes)]))
+        stepped = self.recorder.server_optimizer.step(
+            self.recorder.run_round(server_round), self.arrays(self.sent), averaged)
+        return ndarrays_to_parameters([stepped[n].numpy() for n in self.names]), {}
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
+        """Keep the global model sent this round (the server optimiser steps from it)."""
+        self.sent = parameters
+        return super().configure_fit(server_round, parameters, client_manager)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> None:
         """Checkpoint the global model after a round that released an aggregate."""
@@ -267,6 +277,7 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
     def __call__(self, grid: Grid, context: Context) -> None:
         context = cast(LegacyContext, context)
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        self.recorder.check_stop()
         stamp = {**self.shared_config, "server-round": self.recorder.run_round(server_round)}
         grid = ExperimentStampingGrid(grid, ConfigRecord(stamp))
         state = WorkflowState()

@@ -9,7 +9,9 @@ With ``federation.secure_aggregation=true`` the averaging runs under SecAgg+
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
@@ -18,9 +20,17 @@ from flwr.serverapp.strategy import Result
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checkpoints import save_checkpoint
-from pipeline.federation.resume import ROUNDS_FILE, fedrad_run_id, resume_point
+from pipeline.federation.resume import (
+    ROUNDS_FILE,
+    checkpointed_rounds,
+    fedrad_run_id,
+    recorded_rounds,
+    resume_point,
+)
 from pipeline.federation.run_config import CONFIG_KEY, RUN_ID_KEY, experiment_yaml
 from pipeline.federation.secure_aggregation import run_secure_federation
+from pipeline.federation.selection import EarlyStop, RoundSelector
+from pipeline.federation.server_optimizer import ServerOptimizer
 from pipeline.federation.strategy import RecordingFedAvg, TooFewSites
 from pipeline.training import build_classifier
 
@@ -29,12 +39,16 @@ log = logging.getLogger("fedrad.federation")
 
 class RoundCheckpointer:
     """Called by the strategy after every round with the global parameters: saves
-    ``checkpoints/round_NNN.pt`` and refreshes ``model.pt``. Flower's round 1 of a run
-    resumed after ``completed_rounds`` is round ``completed_rounds + 1``."""
+    ``checkpoints/round_NNN.pt`` and, when no selection metric is configured
+    (``federation.selection.metric: null``), refreshes ``model.pt``; otherwise the round
+    selection (:mod:`pipeline.federation.selection`) decides which round ``model.pt`` is.
+    Flower's round 1 of a run resumed after ``completed_rounds`` is round ``completed_rounds + 1``."""
 
-    def __init__(self, output_dir: Path, cfg: DictConfig, completed_rounds: int = 0) -> None:
+    def __init__(self, output_dir: Path, cfg: DictConfig, selector: RoundSelector,
+                 completed_rounds: int = 0) -> None:
         self.output_dir = output_dir
         self.cfg = cfg
+        self.selector = selector
         self.completed_rounds = completed_rounds
 
     def __call__(self, flower_round: int, arrays: ArrayRecord) -> None:
@@ -44,7 +58,9 @@ class RoundCheckpointer:
         state = arrays.to_torch_state_dict()
         round_path = self.output_dir / "checkpoints" / f"round_{server_round:03d}.pt"
         save_checkpoint(round_path, state, self.cfg, extra={"round": server_round})
-        save_checkpoint(self.output_dir / "model.pt", state, self.cfg, extra={"round": server_round})
+        if self.selector.metric is None:
+            save_checkpoint(self.output_dir / "model.pt", state, self.cfg, extra={"round": server_round})
+        self.selector.release_if_best(server_round)
         log.info("round %d  global model saved to %s", server_round, round_path)
         return None
 
@@ -64,14 +80,19 @@ def run_federation(
     fed = cfg.federation
     run_id = fedrad_run_id(output_dir, cfg)
     start = resume_point(output_dir)
+    history = [json.loads(line) for _, line in sorted(recorded_rounds(output_dir).items())]
     remaining = int(fed.num_rounds) - start.completed_round
-    if remaining <= 0:
-        log.info("all %d rounds of run %s are completed in %s", fed.num_rounds, run_id, output_dir)
+    if remaining <= 0 or any(r.get("stopped_early") for r in history):
+        log.info("run %s in %s is finished (%d rounds)", run_id, output_dir, start.completed_round)
         return None
     initial = start.state or build_classifier(cfg, seed=int(cfg.seed)).net.state_dict()
+    selection = fed.get("selection") or {}
+    selector = RoundSelector(output_dir, selection.get("metric"), selection.get("patience"), history)
     strategy = RecordingFedAvg(
         rounds_file=output_dir / ROUNDS_FILE,
         completed_rounds=start.completed_round,
+        server_optimizer=ServerOptimizer(fed.get("server_optimizer")),
+        selector=selector,
         fraction_train=float(fed.fraction_train),
         fraction_evaluate=float(fed.fraction_evaluate),
         min_train_nodes=int(fed.min_sites),
@@ -79,7 +100,7 @@ def run_federation(
         min_available_nodes=int(fed.get("min_available_sites") or fed.min_sites),
     )
     shared = {CONFIG_KEY: experiment_yaml(cfg), RUN_ID_KEY: run_id}
-    checkpointer = RoundCheckpointer(output_dir, cfg, start.completed_round)
+    checkpointer = RoundCheckpointer(output_dir, cfg, selector, start.completed_round)
     try:
         if fed.get("secure_aggregation"):
             context = context or Context(
@@ -100,6 +121,20 @@ def run_federation(
     except TooFewSites as stop:
         log.error("%s", stop)
         return None
+    except EarlyStop as stop:
+        log.info("%s", stop)
+        return None
+    finally:
+        _release_last_if_unselected(output_dir, selector)
+
+
+def _release_last_if_unselected(output_dir: Path, selector: RoundSelector) -> None:
+    """With a selection metric but no round ever scored, release the last round's model."""
+    rounds = checkpointed_rounds(output_dir)
+    if selector.metric is not None and selector.best is None and rounds:
+        last = output_dir / "checkpoints" / f"round_{rounds[-1]:03d}.pt"
+        shutil.copyfile(last, output_dir / "model.pt")
+        log.warning("no round was scored on %s: releasing the last round (%d)", selector.metric, rounds[-1])
 
 
 def make_server_app(cfg: DictConfig, output_dir: Path) -> ServerApp:

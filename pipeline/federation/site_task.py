@@ -37,7 +37,7 @@ from pipeline.governance.rounds import (
 from pipeline.privacy.dp import DPSettings, PoissonDataModule, PrivateTraining, plan_round
 from pipeline.privacy.ledger import PrivacyLedger
 from pipeline.privacy.randomness import fresh_seed, noise_source
-from pipeline.training import NUM_EXAMPLES, build_classifier, build_trainer, evaluate, train
+from pipeline.training import NUM_EXAMPLES, build_classifier, build_trainer, evaluate, lr_factor, train
 
 StateDict = dict[str, torch.Tensor]
 
@@ -125,9 +125,15 @@ def _train(cfg: DictConfig, cache_dir: Path, global_state: StateDict, server_rou
     private = bool(cfg.get("privacy", {}).get("enabled"))
     seeded = private and bool(cfg.privacy.get("debug_seeded_noise", False))
     seed = round_seed(cfg, server_round) if not private or seeded else fresh_seed()
-    classifier = build_classifier(cfg, seed=seed, load_pretrained=False)
-    classifier.net.load_state_dict(global_state)
     datamodule = CacheDataModule.from_config(cfg.data, [cache_dir], seed=seed)
+    classifier = build_classifier(
+        cfg, seed=seed, load_pretrained=False, train_labels=datamodule.dataset("train").labels,
+        lr_factor=lr_factor(cfg.federation, server_round),
+    )
+    classifier.net.load_state_dict(global_state)
+    mu = float(cfg.federation.get("proximal_mu", 0.0))
+    if mu > 0:
+        classifier.proximal = (mu, {k: v.detach().clone() for k, v in classifier.net.named_parameters()})
     trainer = build_trainer(cfg, max_epochs=int(cfg.federation.local_epochs), lean=True)
     privacy = None
     if not private:

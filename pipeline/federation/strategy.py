@@ -12,6 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from pipeline.federation.selection import EarlyStop, RoundSelector, pooled_metrics, warn_collapsed_classes
+from pipeline.federation.server_optimizer import ServerOptimizer
 from pipeline.governance.heads import record_heads
 
 log = logging.getLogger("fedrad.federation")
@@ -74,12 +76,22 @@ class RecordingFedAvg(FedAvg):
     Rounds are numbered for the whole run: a federation resumed after ``completed_rounds``
     (:mod:`pipeline.federation.resume`) counts Flower's rounds 1, 2, ... as
     ``completed_rounds + 1``, ... in the messages to the sites and in every record.
+
+    The sites' average becomes the next global model through ``server_optimizer``
+    (:mod:`pipeline.federation.server_optimizer`); evaluation metrics are pooled by
+    :func:`pipeline.federation.selection.pooled_metrics` and ``selector`` keeps the best round
+    (raising :class:`pipeline.federation.selection.EarlyStop` once it stops improving).
     """
 
-    def __init__(self, rounds_file: Path, completed_rounds: int = 0, **kwargs) -> None:
-        super().__init__(weighted_by_key="num-examples", **kwargs)
+    def __init__(self, rounds_file: Path, completed_rounds: int = 0,
+                 server_optimizer: ServerOptimizer | None = None,
+                 selector: RoundSelector | None = None, **kwargs) -> None:
+        super().__init__(weighted_by_key="num-examples", evaluate_metrics_aggr_fn=pooled_metrics, **kwargs)
         self.rounds_file = rounds_file
         self.completed_rounds = completed_rounds
+        self.server_optimizer = server_optimizer or ServerOptimizer(None)
+        self.selector = selector or RoundSelector(rounds_file.parent, None, None)
+        self._sent: ArrayRecord | None = None
         self._round: dict = {}
         self._clock = time.perf_counter()
 
@@ -90,7 +102,9 @@ class RecordingFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.check_stop()
         wait_for_sites(grid, self.min_available_nodes)
+        self._sent = arrays
         return super().configure_train(self.run_round(server_round), arrays, config, grid)
 
     def configure_evaluate(
@@ -106,6 +120,8 @@ class RecordingFedAvg(FedAvg):
         per_site = _site_metrics(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.record_train(server_round, per_site, metrics)
+        if arrays is not None and self._sent is not None:
+            arrays = self.server_optimizer.step(self.run_round(server_round), self._sent, arrays)
         return arrays, metrics
 
     def record_train(
@@ -149,15 +165,27 @@ class RecordingFedAvg(FedAvg):
         heads = _ledger_heads(replies)
         record_heads(self.rounds_file.parent, self.run_round(server_round), heads)
         metrics = super().aggregate_evaluate(server_round, replies)
-        self._round.update(
-            {"val_per_site": per_site, "val": dict(metrics or {}), "ledger_heads": heads}
-        )
-        log.info(
-            "round %d  global model on sites' validation data  %s",
-            self.run_round(server_round), _format(dict(metrics or {})),
-        )
+        run_round = self.run_round(server_round)
+        pooled = dict(metrics or {})
+        self._round.update({"val_per_site": per_site, "val": pooled, "ledger_heads": heads})
+        log.info("round %d  global model on sites' validation data  %s", run_round, _format(pooled))
+        warn_collapsed_classes(run_round, pooled)
+        self.selector.consider(run_round, pooled)
+        if self.selector.best is not None:
+            self._round["selected_round"] = self.selector.best[0]
+        if self.selector.should_stop():
+            self._round["stopped_early"] = True
         self._write_round()
         return metrics
+
+    def check_stop(self) -> None:
+        """Raise :class:`EarlyStop` before a round once the selection stopped improving."""
+        if self.selector.should_stop():
+            best = self.selector.best[0]
+            raise EarlyStop(
+                f"{self.selector.metric} has not improved for {self.selector.patience} rounds "
+                f"since round {best}: the run stops and releases round {best}"
+            )
 
     def _write_round(self) -> None:
         """Append the round, with ``wall_s``: seconds since the previous round's record."""

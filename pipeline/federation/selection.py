@@ -1,0 +1,123 @@
+"""Which round's global model a federation releases: the best on the sites' validation data.
+
+Each round the sites score the new global model on their validation splits. Their metrics are
+pooled (:func:`pooled_metrics`): per-class sensitivities weighted by each site's images of that
+class (so the pooled value is the federation's true sensitivity), everything else weighted by
+validation images; ``val_min_sensitivity`` is the lowest per-class sensitivity.
+:class:`RoundSelector` keeps the best round by ``federation.selection.metric`` (its checkpoint
+becomes ``model.pt``) and, with ``federation.selection.patience``, stops the run after that many
+rounds without improvement.
+
+What the selection releases: nothing beyond the pooled validation metrics the sites already
+send every round (scalar accuracy, AUCs, loss, per-class sensitivity and class counts of their
+validation split). Those metrics are computed without DP noise, so under DP-SGD the validation
+split is protected by nothing but aggregation into scalars: a selected round carries that much
+information about the validation images, no more, and the training images' guarantee (each
+site's epsilon) is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import MetricRecord, RecordDict
+
+from pipeline.files import atomic_write
+from pipeline.labels import CLASS_NAMES
+
+log = logging.getLogger("fedrad.federation")
+
+SELECTION_NAME = "selection.json"
+MIN_SENSITIVITY = "val_min_sensitivity"
+
+
+class EarlyStop(RuntimeError):
+    """No round improved the selection metric for ``federation.selection.patience`` rounds."""
+
+
+def pooled_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Pool the sites' evaluation metrics (see the module docstring)."""
+    records = [dict(next(iter(c.metric_records.values()))) for c in contents]
+    pooled: dict[str, float] = {}
+    keys = sorted(set().union(*records))
+    for key in keys:
+        if "_support_" in key or key == weight_key:
+            pooled[key] = float(sum(r.get(key, 0.0) for r in records))
+            continue
+        weight_of = (lambda r: r.get(key.replace("_sensitivity_", "_support_"), 0.0)) \
+            if "_sensitivity_" in key else (lambda r: r.get(weight_key, 0.0))
+        weights = [weight_of(r) for r in records if key in r]
+        values = [r[key] for r in records if key in r]
+        total = sum(weights)
+        if total > 0:
+            pooled[key] = float(sum(w * v for w, v in zip(weights, values)) / total)
+    present = [pooled[f"val_sensitivity_{c}"] for c in CLASS_NAMES
+               if pooled.get(f"val_support_{c}", 0) > 0 and f"val_sensitivity_{c}" in pooled]
+    if present:
+        pooled[MIN_SENSITIVITY] = min(present)
+    return MetricRecord(pooled)
+
+
+def warn_collapsed_classes(server_round: int, metrics: dict[str, float]) -> list[str]:
+    """Log a warning for every class the global model never predicts correctly; return them."""
+    collapsed = [c for c in CLASS_NAMES
+                 if metrics.get(f"val_support_{c}", 0) > 0 and metrics.get(f"val_sensitivity_{c}") == 0]
+    for name in collapsed:
+        log.warning("round %d  the global model's sensitivity for %s is 0 on the sites' validation "
+                    "images: it never predicts that class (model.class_balance=true helps)",
+                    server_round, name)
+    return collapsed
+
+
+class RoundSelector:
+    """The best round so far by ``metric`` (higher is better), and the early-stopping rule."""
+
+    def __init__(self, output_dir: Path, metric: str | None, patience: int | None,
+                 history: Iterable[dict] = ()) -> None:
+        self.output_dir = Path(output_dir)
+        self.metric = metric
+        self.patience = patience
+        self.best: tuple[int, float] | None = None
+        self.last_round = 0
+        for record in history:  # a resumed run continues from the rounds already recorded
+            self.consider(int(record["round"]), record.get("val") or {}, copy=False)
+
+    def consider(self, server_round: int, metrics: dict[str, float], copy: bool = True) -> bool:
+        """Whether round ``server_round`` is the best so far; if so (and ``copy``), its checkpoint
+        becomes ``model.pt`` and ``selection.json`` names it, now or once it is written
+        (:meth:`release_if_best`)."""
+        self.last_round = max(self.last_round, server_round)
+        if self.metric is None or self.metric not in metrics:
+            return False
+        value = float(metrics[self.metric])
+        if self.best is not None and value <= self.best[1]:
+            return False
+        self.best = (server_round, value)
+        if copy:
+            self.release_if_best(server_round)
+        return True
+
+    def release_if_best(self, server_round: int) -> None:
+        """If ``server_round`` is the best round and its checkpoint is written, copy it to
+        ``model.pt`` and record the choice in ``selection.json``."""
+        if self.best is None or self.best[0] != server_round:
+            return
+        value = self.best[1]
+        source = self.output_dir / "checkpoints" / f"round_{server_round:03d}.pt"
+        if not source.is_file():
+            return
+        shutil.copyfile(source, self.output_dir / ".model.pt.tmp")
+        (self.output_dir / ".model.pt.tmp").replace(self.output_dir / "model.pt")
+        atomic_write(self.output_dir / SELECTION_NAME, json.dumps(
+            {"round": server_round, "metric": self.metric, "value": value}, indent=1).encode())
+        log.info("round %d  selected as the released model (%s=%.4f)", server_round, self.metric, value)
+
+    def should_stop(self) -> bool:
+        """True once ``patience`` rounds have passed without improvement."""
+        if self.patience is None or self.best is None:
+            return False
+        return self.last_round - self.best[0] >= int(self.patience)
