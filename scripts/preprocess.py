@@ -13,12 +13,16 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.labels import LabelsError
 from pipeline.preprocess import preprocess_sites
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    preprocess_sites(cfg)  # logs each site's summary
+    try:
+        preprocess_sites(cfg)  # logs each site's summary
+    except LabelsError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

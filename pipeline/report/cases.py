@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.cache import SiteCache
 from pipeline.evaluation import check_image_size
+from pipeline.files import read_csv
 from pipeline.labels import NORMAL_INDEX
 from pipeline.preprocess import INDEX_NAME
 from pipeline.training import predict_probabilities
@@ -92,6 +93,6 @@ def load_site_index(cache_dir: Path, name: str) -> SiteIndex:
     index_path = cache_dir.parent / PRIVATE_DIR / INDEX_NAME
     if not index_path.is_file():
         return SiteIndex(name, {}, keys)
-    index = pd.read_csv(index_path, dtype=str, keep_default_na=False)
+    index = read_csv(index_path, dtype=str, keep_default_na=False)
     files = {row.file: (row.image_key, row.status, row.reason) for row in index.itertuples()}
     return SiteIndex(name, files, keys)

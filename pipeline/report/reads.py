@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.files import read_csv
 from pipeline.labels import CLASS_NAMES, NORMAL_INDEX
 from pipeline.report.cases import Cases, SiteIndex
 
@@ -79,7 +80,7 @@ class Reads:
 def _table(path: Path) -> tuple[pd.DataFrame, list[str]]:
     """The CSV with normalised column names and cell values, and warnings about its columns."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=True)
+        table = read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=True)
     except pd.errors.EmptyDataError:
         raise ReadsError(path, ["the file is empty: expected a header line with columns image,reader,label"]) from None
     table.columns = [str(c).strip().lower() for c in table.columns]
