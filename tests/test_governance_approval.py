@@ -371,6 +371,24 @@ def test_a_ledger_that_does_not_verify_blocks_every_approval(sites_root):
         require_approval(site.work_dir, job)
 
 
+def test_a_ledger_cut_back_to_before_a_withdrawal_is_caught_by_the_reported_heads(sites_root):
+    from pipeline.governance.rounds import evaluation_head
+
+    site = SitePaths.under(sites_root, "site1")
+    job = Job.from_config(strict_config(sites_root))
+    decide(site.work_dir, job, "approval", "data owner of site1")
+    approval_file = decision_path(site.work_dir, job.job_hash).read_bytes()
+    ledger = SiteLedger.for_site(site.work_dir)
+    before_withdrawal = ledger.path.read_bytes()
+    withdraw(site.work_dir, job.job_hash, "data owner of site1")
+    evaluation_head(site.work_dir, "run-a", 1, {"w": torch.zeros(1)})  # a head reported after it
+    ledger.path.write_bytes(before_withdrawal)  # rolled back: a valid chain, approved
+    decision_path(site.work_dir, job.job_hash).write_bytes(approval_file)
+    assert ledger.verify() == []
+    with pytest.raises(JobNotApproved, match=r"does not verify: entry 3 was reported .*its tail was removed"):
+        require_approval(site.work_dir, job)
+
+
 def tool_config(sites_root: Path, *overrides: str):
     return compose_config(*FAST_FEDERATION, f"data.sites_root={sites_root}", "federation.num_rounds=1",
                           "+job_requests=folder", *overrides)

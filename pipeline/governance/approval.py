@@ -14,10 +14,12 @@ authority: a site trains in a job only if
 So a withdrawal (or a rejection) stands even if an older approval file is restored, and a
 withdrawn job trains again only after a new, explicit approval, which is then the latest
 decision. Whatever channel carried the request, a site trains only in a job whose exact hash it
-approved with its own key. What no local check can catch: someone with write access to the
-site's files who cuts the ledger back to before a withdrawal (a truncated tail is a valid chain)
-and restores the approval file; verifying against the heads reported to the coordinator
-(``scripts/ledger.py heads=...``) catches that only up to the last reported head.
+approved with its own key. The gate checks the ledger against every head the site has
+reported (``private/reported_heads.jsonl``), so a ledger cut back to before a withdrawal is
+caught once a later head was reported; no local check catches someone with write access to the
+site's files who cuts the ledger back to before a withdrawal made after the last reported head
+(a truncated tail is a valid chain) and restores the approval file, or who also edits the heads
+file; verifying against the coordinator's heads (``scripts/ledger.py heads=...``) helps there.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pipeline.files import atomic_write
 from pipeline.governance.job import Job
 from pipeline.governance.keys import site_signing_key
 from pipeline.governance.ledger import Head, LedgerCorrupted, SiteLedger
+from pipeline.governance.rounds import reported_heads
 
 log = logging.getLogger("fedrad.governance")
 
@@ -201,9 +204,11 @@ def recorded_decision(work_dir: Path, job_hash: str) -> JobDecision | None:
 
 
 def _ledger_state(work_dir: Path, job_hash: str) -> LedgerDecision | None:
-    """:func:`current_decision`, a ledger that does not verify being a refusal."""
+    """:func:`current_decision`, checked against every ledger head the site has reported (a
+    ledger cut back to before a withdrawal that was followed by a reported head is caught), a
+    ledger that does not verify being a refusal."""
     try:
-        return current_decision(work_dir, job_hash)
+        return current_decision(work_dir, job_hash, reported_heads(work_dir))
     except LedgerCorrupted as error:
         raise JobNotApproved(
             f"no approval counts while this site's ledger does not verify, so it does not train "
