@@ -594,7 +594,7 @@ def configured_sites(cfg: Mapping[str, Any]) -> list[SitePaths]:
     """The site chosen with ``+site=<name>``, else every ``data.sites`` under ``data.sites_root``."""
     if cfg.get("site"):
         return [site_from_config(cfg["site"])]
-    return [SitePaths.under(cfg["data"]["sites_root"], name) for name in cfg["data"]["sites"]]
+    return SitePaths.of_data(cfg["data"])
 
 
 def preprocess_sites(cfg: Mapping[str, Any]) -> list[PreprocessSummary]:

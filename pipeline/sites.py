@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,21 @@ class SitePaths:
         return self.work_dir / "private"
 
     @classmethod
-    def under(cls, sites_root: str | Path, name: str) -> "SitePaths":
-        """The conventional layout of a site folder, as written by ``scripts/prepare_demo.py``."""
+    def of_data(cls, data: Mapping[str, Any]) -> list["SitePaths"]:
+        """Every site of a ``data`` config node: ``data.sites`` under ``data.sites_root``."""
+        subdir = str(data.get("input_subdir") or "dicom")
+        return [cls.under(data["sites_root"], name, subdir) for name in data["sites"]]
+
+    @classmethod
+    def under(cls, sites_root: str | Path, name: str, input_subdir: str = "dicom") -> "SitePaths":
+        """The conventional layout of a site folder, as written by ``scripts/prepare_demo.py``:
+        ``<sites_root>/<name>/`` holds ``labels.csv``, the site secret, the ``fedrad`` work dir
+        and the source images in the folder ``input_subdir`` (``data.input_subdir``; DICOM, PNG,
+        JPEG or NIfTI alike)."""
         root = Path(sites_root) / name
         return cls(
             name=name,
-            input_dir=root / "dicom",
+            input_dir=root / input_subdir,
             labels_csv=root / "labels.csv",
             work_dir=root / "fedrad",
             secret_file=root / "site_secret.key",

@@ -22,13 +22,15 @@ def assign_splits(
 
     Within each label the patients are sorted, shuffled with ``seed`` and cut by the
     fractions (rounded), so the result depends only on the patient set and the seed.
-    When a site has at least three patients, each split gets at least one: an empty split
-    takes a patient from the largest train class.
+    When a site has at least three patients, each split with a fraction above 0 gets at least
+    one patient: an empty one takes a patient from the largest train class (while train has
+    one to give). ``test_fraction=1`` puts the whole site in ``test`` (an external site);
+    ``val_fraction=0`` leaves ``val`` empty.
     """
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+    if not 0 <= val_fraction <= 1 or not 0 <= test_fraction <= 1 or val_fraction + test_fraction > 1:
         raise ValueError(
-            f"split fractions val={val_fraction}, test={test_fraction}: need each in [0, 1) "
-            "and a sum below 1 (preprocess.split.val_fraction / test_fraction)"
+            f"split fractions val={val_fraction}, test={test_fraction}: need each in [0, 1] "
+            "and a sum of at most 1 (preprocess.split.val_fraction / test_fraction)"
         )
     rng = random.Random(seed)
     by_label: dict[int, list[str]] = defaultdict(list)
@@ -46,8 +48,9 @@ def assign_splits(
         train_by_label[label] = patients[n_test + n_val:]
         split_of.update({p: "train" for p in train_by_label[label]})
     if len(labels) >= 3:
-        for split in ("test", "val"):
-            if split not in split_of.values():
+        for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+            if fraction > 0 and split not in split_of.values():
                 donor = max(train_by_label, key=lambda label: (len(train_by_label[label]), -label))
-                split_of[train_by_label[donor].pop()] = split
+                if train_by_label[donor]:
+                    split_of[train_by_label[donor].pop()] = split
     return split_of

@@ -360,3 +360,12 @@ def test_a_revocation_during_a_round_lists_that_round(site, monkeypatch):
     # and the released round is never sent again
     with pytest.raises(ReleaseRefused, match="consent has since been revoked"):
         train_site(cfg, site.cache_dir, state, 5, "run-a")
+
+
+def test_a_job_naming_code_can_be_neither_proposed_nor_approved(site):
+    job = json.loads(Job.from_config(dp_job(site)).to_json())
+    job["experiment"]["model"]["optimizer"]["_target_"] = "shutil.copyfile"
+    with pytest.raises(ForbiddenComponent, match="not on the allow-list"):
+        Job.from_json(json.dumps(job))
+    with pytest.raises(ForbiddenComponent, match="not on the allow-list"):
+        Job.from_config(dp_job(site, "model.net._target_=pathlib.Path.write_text"))

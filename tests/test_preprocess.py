@@ -346,3 +346,12 @@ def test_any_error_while_processing_rejects_only_that_file(small_site, monkeypat
     report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
     assert report.at["img_0004.dcm", "reason"] == "processing failed (MemoryError: no room)"
     assert summary.status == {"accepted": len(report) - 1, "rejected": 1}
+
+
+def test_a_whole_site_can_be_one_split_and_val_can_be_empty():
+    labels = {f"patient{i}": i % 3 for i in range(30)}
+    assert set(assign_splits(labels, 0.0, 1.0, seed=0).values()) == {"test"}  # an external site
+    without_val = assign_splits(labels, 0.0, 0.2, seed=0)
+    assert "val" not in without_val.values() and "test" in without_val.values()
+    with pytest.raises(ValueError, match="sum of at most 1"):
+        assign_splits(labels, 0.5, 0.6, seed=0)

@@ -191,7 +191,8 @@ class SecureFitStrategy(LegacyFedAvg):
             for proxy, res in results
         }
         self.recorder.record_train(
-            server_round, per_site, self.recorder.aggregate_site_metrics(per_site)
+            server_round, per_site, self.recorder.aggregate_site_metrics(per_site),
+            [str(failure) for failure in failures],
         )
         average: NDArrays = parameters_to_ndarrays(results[0][1].parameters)
         self.aggregated_round = server_round

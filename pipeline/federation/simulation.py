@@ -6,6 +6,7 @@ on its own preprocessed cache; the coordinator is the same ServerApp.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -13,9 +14,31 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from pipeline.federation.resume import ROUNDS_FILE
 from pipeline.sites import SitePaths
 
 log = logging.getLogger("fedrad.federation")
+
+
+class NoModelReleased(RuntimeError):
+    """The federation ended without a global model (no round was aggregated)."""
+
+
+def why_no_model(output_dir: Path, cfg: DictConfig) -> str:
+    """One paragraph: no site trained, what the sites answered, and what to do."""
+    path = output_dir / ROUNDS_FILE
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    failures = [reason for r in records for reason in r.get("failures", [])]
+    text = (f"no global model was released in {output_dir}: no round had "
+            f"federation.min_sites={cfg.federation.min_sites} sites that trained")
+    if failures and all("not approved" in f or "rejected job" in f for f in failures):
+        return (text + ". Every site refused the job because its data owner has not approved it. "
+                "Approve it at each site with `python scripts/review_job.py +site=<site> "
+                "action=approve job=<hash>` (the hash is in the refusal above), or, when one operator "
+                "plays every simulated site, set governance.auto_approve_simulated_sites=true "
+                "(the experiment= presets do)")
+    reasons = "; ".join(dict.fromkeys(failures)) or "see the log above"
+    return f"{text}. The sites answered: {reasons}"
 
 
 def backend_config(cfg: DictConfig, num_sites: int) -> dict:
@@ -58,12 +81,14 @@ def run(cfg: DictConfig, output_dir: Path) -> float:
     from pipeline.evaluation import evaluate_checkpoint, summary_line
     from pipeline.preprocess import preprocess_site
 
-    sites = [SitePaths.under(cfg.data.sites_root, name) for name in cfg.data.sites]
+    sites = SitePaths.of_data(cfg.data)
     if cfg.data.get("prepare_demo"):
         prepare_demo_sites(cfg.data.sites_root, n_sites=len(sites))
     for site in sites:
         preprocess_site(site, cfg.preprocess)
     simulate(cfg, sites, output_dir)
+    if not (output_dir / "model.pt").is_file():
+        raise NoModelReleased(why_no_model(output_dir, cfg))
     metrics = evaluate_checkpoint(
         output_dir / "model.pt", [s.cache_dir for s in sites], output_dir, split="test"
     )

@@ -119,15 +119,18 @@ class RecordingFedAvg(FedAvg):
         replies = list(replies)
         per_site = _site_metrics(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
-        self.record_train(server_round, per_site, metrics)
+        failures = [reply.error.reason for reply in replies if reply.has_error()]
+        self.record_train(server_round, per_site, metrics, failures)
         if arrays is not None and self._sent is not None:
             arrays = self.server_optimizer.step(self.run_round(server_round), self._sent, arrays)
         return arrays, metrics
 
     def record_train(
-        self, server_round: int, per_site: SiteMetrics, aggregated: MetricRecord | None
+        self, server_round: int, per_site: SiteMetrics, aggregated: MetricRecord | None,
+        failures: list[str] | None = None,
     ) -> None:
-        """Log each site's training metrics and keep them for the round's record."""
+        """Log each site's training metrics and keep them (and the sites' refusals) for the
+        round's record."""
         server_round = self.run_round(server_round)
         for node, metrics in per_site.items():
             log.info("round %d  site %s  train  %s", server_round, node, _format(metrics))
@@ -136,6 +139,7 @@ class RecordingFedAvg(FedAvg):
             "sites_trained": len(per_site),
             "train_per_site": per_site,
             "train": dict(aggregated or {}),
+            "failures": list(failures or []),
         }
         if len(per_site) < self.min_train_nodes:
             self._write_round()

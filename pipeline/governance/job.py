@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pipeline.federation.experiment_schema import check_experiment
 from pipeline.federation.run_config import experiment_yaml
 from pipeline.governance.code_hash import code_hash
 
@@ -30,7 +31,9 @@ class Job:
     ``experiment`` is the configuration the coordinator sends with every message (the
     ``experiment_yaml`` of its config); rounds and privacy budget are repeated from it so that
     a reader sees them at once. ``epsilon_budget`` is ``None`` for a non-private run; ``delta``
-    is ``None`` when each site uses 1/(10 x its training images).
+    is ``None`` when each site uses 1/(10 x its training images). A job whose experiment names
+    anything outside the sites' allow-list (:mod:`pipeline.federation.experiment_schema`) cannot
+    be made, so it can be neither proposed nor approved.
     """
 
     experiment: dict
@@ -40,6 +43,9 @@ class Job:
     local_epochs: int
     epsilon_budget: float | None
     delta: float | None
+
+    def __post_init__(self) -> None:
+        check_experiment(self.experiment)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "Job":

@@ -41,7 +41,7 @@ from pipeline.cache import SiteCache
 from pipeline.federation.run_config import experiment_yaml
 from pipeline.governance.code_hash import code_hash
 from pipeline.governance.heads import site_head
-from pipeline.governance.ledger import LedgerCorrupted, SiteLedger
+from pipeline.governance.ledger import SiteLedger
 
 log = logging.getLogger("fedrad.governance")
 
@@ -126,16 +126,9 @@ def reported_heads(work_dir: Path) -> list[tuple[int, str]]:
 
 def verified_entries(work_dir: Path) -> list[dict]:
     """The site's ledger entries once the whole ledger verifies with the site's own key and
-    against every head it reported; raises :class:`LedgerCorrupted` (naming the first problem)
+    against every head it reported; raises :class:`pipeline.governance.ledger.LedgerCorrupted` (naming the first problem)
     otherwise: a ledger that does not verify blocks training."""
-    ledger = SiteLedger.for_site(work_dir)
-    problems = ledger.verify(reported_heads(work_dir))
-    if problems:
-        raise LedgerCorrupted(
-            f"{ledger.path} does not verify ({problems[0]}; {len(problems)} problems): this site "
-            "does not train until it is inspected (python scripts/ledger.py action=verify)"
-        )
-    return ledger.entries()
+    return SiteLedger.for_site(work_dir).verified_entries(reported_heads(work_dir))
 
 
 @dataclass(frozen=True)
