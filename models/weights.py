@@ -29,6 +29,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _to_grayscale_inputs(stored: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """RGB weights (e.g. ImageNet) for a one-channel network: a first convolution with three
+    input channels where the network has one is summed over them (the response to a gray
+    image is the same)."""
+    adapted = dict(stored)
+    for key, tensor in stored.items():
+        target = own.get(key)
+        if (target is not None and tensor.dim() == 4 and tensor.shape[1] == 3 and target.shape[1] == 1
+                and tensor.shape[0] == target.shape[0] and tensor.shape[2:] == target.shape[2:]):
+            adapted[key] = tensor.sum(dim=1, keepdim=True)
+    return adapted
+
+
 def load_weights(net: nn.Module, path: str | Path, strict: bool = True) -> list[str]:
     """Copy the weights in ``path`` into ``net``; return the names of the tensors not loaded.
 
@@ -36,7 +49,7 @@ def load_weights(net: nn.Module, path: str | Path, strict: bool = True) -> list[
     shape-mismatched key; ``strict=False`` loads the tensors whose names and shapes match
     (e.g. a backbone with a different head) and raises only when none does.
     """
-    stored = read_state_dict(path)
+    stored = _to_grayscale_inputs(read_state_dict(path), net.state_dict())
     own = net.state_dict()
     missing = sorted(set(own) - set(stored))
     unexpected = sorted(set(stored) - set(own))
