@@ -369,3 +369,19 @@ def test_a_job_naming_code_can_be_neither_proposed_nor_approved(site):
         Job.from_json(json.dumps(job))
     with pytest.raises(ForbiddenComponent, match="not on the allow-list"):
         Job.from_config(dp_job(site, "model.net._target_=pathlib.Path.write_text"))
+
+
+def test_the_validation_split_cannot_be_probed_beyond_one_model_per_approved_round(site, flower_identity):
+    cfg = dp_job(site, "governance.auto_approve_simulated_sites=true")
+    state = build_classifier(cfg, seed=0).net.state_dict()
+    simulated = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                        run_config={})
+    rounds = int(cfg.federation.num_rounds)
+    for outside in (0, rounds + 1, 10**6):
+        with pytest.raises(InvalidExperiment, match="outside the approved job's rounds"):
+            client_app(message(cfg, state, "evaluate", server_round=outside), simulated)
+    first = client_app(message(cfg, state, "evaluate", server_round=rounds), simulated)
+    again = client_app(message(cfg, state, "evaluate", server_round=rounds), simulated)
+    assert dict(first.content["metrics"]) == dict(again.content["metrics"])  # answered once
+    with pytest.raises(ReleaseRefused, match="does not score another one"):
+        client_app(message(cfg, zero_model(state), "evaluate", server_round=rounds), simulated)

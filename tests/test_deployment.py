@@ -181,7 +181,7 @@ def test_coordinator_killed_mid_round_resumes(private_deployment):
     assert [r["round"] for r in round_records(output_dir)] == [1, 2]
     assert all(r["sites_trained"] == 3 for r in round_records(output_dir))
     assert (output_dir / "checkpoints" / "round_001.pt").read_bytes() == round_1
-    final, _ = load_checkpoint(output_dir / "model.pt")
+    final, _ = load_checkpoint(output_dir / "model.pt")  # no evaluation: the last round is released
     last, meta = load_checkpoint(output_dir / "checkpoints" / "round_002.pt")
     assert meta["round"] == 2 and all(torch.equal(final[k], last[k]) for k in last)
     first = torch.load(io.BytesIO(round_1), weights_only=True)["state_dict"]
@@ -190,7 +190,7 @@ def test_coordinator_killed_mid_round_resumes(private_deployment):
     run_id = json.loads((output_dir / "run.json").read_text())["run_id"]
     for site in SITES:
         ledger = PrivacyLedger.for_cache(SitePaths.under(sites_root, site).cache_dir, "rdp")
-        assert sorted(e["key"] for e in ledger.entries) == [f"{run_id}:{r}" for r in (1, 2)]
+        assert sorted(f"{e['run']}:{e['round']}" for e in ledger.entries) == [f"{run_id}:{r}" for r in (1, 2)]
         histories = [e["history"] for e in ledger.entries]
         assert histories[0] == histories[1]  # one charge per round
         independent = RDPAccountant()

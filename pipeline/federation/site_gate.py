@@ -58,6 +58,10 @@ def received_experiment(message: Message, context: Context) -> ReceivedExperimen
         # A deployed site may hold itself to a tighter budget than the coordinator proposes.
         budget = min(float(node_config["epsilon-budget"]), float(cfg.privacy.epsilon_budget))
         cfg.privacy.epsilon_budget = budget
+    rounds = int(cfg.federation.num_rounds)
+    if not 1 <= int(server_round or 0) <= rounds:
+        raise InvalidExperiment(f"round {server_round} is outside the approved job's rounds 1 to {rounds}: "
+                                "refused")
     cache_dir = site_cache_dir(node_config, cfg)
     enforce_approval(cfg, cache_dir.parent)
     run = run_id if run_id != "None" else str(context.run_id)
