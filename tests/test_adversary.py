@@ -35,6 +35,7 @@ from pipeline.governance.ledger import LEDGER_NAME, LedgerCorrupted, SiteLedger
 from pipeline.governance.revocation import revoke_patient
 from pipeline.governance.rounds import trained_patients
 from pipeline.privacy.ledger import PrivacyLedger
+from pipeline.privacy.secagg import MODULUS_RANGE, SecAggSettings
 from pipeline.pseudonym import load_secret, patient_key
 from pipeline.sites import SitePaths
 from pipeline.training import build_classifier
@@ -384,3 +385,28 @@ def test_the_validation_split_cannot_be_probed_beyond_one_model_per_approved_rou
     assert dict(first.content["metrics"]) == dict(again.content["metrics"])  # answered once
     with pytest.raises(ReleaseRefused, match="does not score another one"):
         client_app(message(cfg, zero_model(state), "evaluate", server_round=rounds), simulated)
+
+
+@pytest.mark.parametrize("change", [{Key.THRESHOLD: 1}, {Key.SHARE_NUMBER: 2}, {Key.CLIPPING_RANGE: 1e6},
+                                    {Key.MAX_WEIGHT: 1.0}, {Key.SAMPLE_NUMBER: 1}])
+def test_secagg_setup_with_other_parameters_than_the_job_is_refused(site, flower_identity, change):
+    cfg = dp_job(site, "governance.auto_approve_simulated_sites=true", "federation.secure_aggregation=true",
+                 "federation.num_sites=3")
+    settings = SecAggSettings.from_config(cfg.federation, 3)
+    honest = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: settings.num_shares,
+              Key.THRESHOLD: settings.reconstruction_threshold, Key.CLIPPING_RANGE: settings.clipping_range,
+              Key.TARGET_RANGE: settings.quantization_range, Key.MOD_RANGE: MODULUS_RANGE,
+              Key.MAX_WEIGHT: settings.max_weight}
+    stamp = ConfigRecord({CONFIG_KEY: experiment_yaml(cfg), RUN_ID_KEY: "run-a", "server-round": 1})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+
+    def setup(configs: dict) -> Message:
+        return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs), STAMP: stamp}),
+                       dst_node_id=1, message_type="train")
+
+    reply = client_app(setup(honest), context)  # the job's own parameters: keys come back
+    assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
+    with pytest.raises(InvalidExperiment, match="other than the approved job's"):
+        client_app(setup(honest | change), Context(run_id=1, node_id=1, node_config={"partition-id": 0},
+                                                   state=RecordDict(), run_config={}))

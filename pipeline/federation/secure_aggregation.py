@@ -58,11 +58,12 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from pipeline.federation.allocator import keep_large_blocks
+from pipeline.federation.experiment_schema import InvalidExperiment
 from pipeline.federation.releases import MASKING_NEIGHBOURS, ReleaseStore
 from pipeline.federation.run_config import CONFIG_KEY, experiment_from_yaml
 from pipeline.federation.site_gate import received_experiment
 from pipeline.federation.strategy import RecordingFedAvg, TooFewSites
-from pipeline.privacy.secagg import SecAggSettings, num_sites
+from pipeline.privacy.secagg import MODULUS_RANGE, SecAggSettings, num_sites
 
 log = logging.getLogger("fedrad.federation")
 
@@ -80,7 +81,9 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
         return call_next(msg, ctxt)
     keep_large_blocks()  # the masking's model-sized temporaries, see pipeline.federation.allocator
     stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(SecAggKey.STAGE)
-    if stage == Stage.UNMASK:
+    if stage == Stage.SETUP:
+        _check_protocol(msg, ctxt)
+    elif stage == Stage.UNMASK:
         _check_unmasking(msg, ctxt)
 
     def train_handler(fit_msg: Message, fit_ctxt: Context) -> Message:
@@ -101,6 +104,30 @@ def _neighbours(ctxt: Context) -> list[int]:
     """The sites whose keys this site received in the share-keys stage (it masks against them)."""
     state = ctxt.state.config_records.get(RECORD_KEY_STATE) or {}
     return sorted(int(node) for node in cast(list[int], state.get("public_keys_dict:K", [])))
+
+
+def _check_protocol(msg: Message, ctxt: Context) -> None:
+    """Refuse a SecAgg+ setup whose parameters are not the approved job's: a coordinator that
+    lowers the reconstruction threshold needs fewer deceived sites to unmask one."""
+    received = received_experiment(msg, ctxt)
+    settings = SecAggSettings.from_config(received.cfg.federation, num_sites(received.cfg))
+    expected = {
+        SecAggKey.SHARE_NUMBER: settings.num_shares,
+        SecAggKey.THRESHOLD: settings.reconstruction_threshold,
+        SecAggKey.CLIPPING_RANGE: settings.clipping_range,
+        SecAggKey.TARGET_RANGE: settings.quantization_range,
+        SecAggKey.MOD_RANGE: MODULUS_RANGE,
+        SecAggKey.MAX_WEIGHT: settings.max_weight,
+    }
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    wrong = [f"{key}={configs.get(key)!r} (the job's: {value!r})" for key, value in expected.items()
+             if configs.get(key) != value]
+    sampled = int(configs.get(SecAggKey.SAMPLE_NUMBER, 0))
+    if sampled < settings.reconstruction_threshold:
+        wrong.append(f"{SecAggKey.SAMPLE_NUMBER}={sampled} below the threshold")
+    if wrong:
+        raise InvalidExperiment("secure aggregation set up with parameters other than the approved "
+                                f"job's: {'; '.join(wrong)}: refused")
 
 
 def _check_unmasking(msg: Message, ctxt: Context) -> None:
