@@ -1,5 +1,7 @@
 """Attack a trained model and report what leaks: membership inference and gradient inversion.
 
+For the privacy officer, on a machine that holds every site's images. Required: audit.checkpoint=<model.pt>.
+
     python scripts/audit_privacy.py audit.checkpoint=outputs/runs/X/model.pt
     python scripts/audit_privacy.py audit.checkpoint=runs/demo/model.pt \
         audit.compare_checkpoint=runs/demo_private/model.pt audit.output_dir=runs/audit
@@ -19,8 +21,12 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.audit.report import write_audit_report
-from pipeline.audit.run import audit_output_dir, run_audit
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.audit.report import write_audit_report  # noqa: E402
+from pipeline.audit.run import audit_output_dir, run_audit  # noqa: E402
 
 log = logging.getLogger("fedrad.audit")
 

@@ -1,5 +1,7 @@
 """Coordinator: start Flower's SuperLink and run one experiment over the connected sites.
 
+For the coordinator's operator. Required: experiment=<preset> or the overrides of the job the sites approved; output_dir=<folder>.
+
     python scripts/coordinator.py experiment=demo output_dir=outputs/federation/demo
     python scripts/coordinator.py experiment=demo deployment.listen_host=0.0.0.0 deployment.port=9092
 
@@ -13,7 +15,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.deployment.coordinator import run_coordinator
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.deployment.coordinator import run_coordinator  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -14,18 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.cache import SPLITS
-from pipeline.evaluation import summary_line, write_report
-from pipeline.report import REPORT_HTML, ReadsError, ReportOptions, build_report, write_clinical_report
-
 REPORT_DIR = "report"
+SPLITS = ("train", "test")  # scored splits; the threshold is chosen on val
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="model.pt written by training or the federation")
     parser.add_argument("cache_dirs", type=Path, nargs="+", help="preprocessed site cache folders")
-    parser.add_argument("--split", choices=[s for s in SPLITS if s != "val"], default="test",
+    parser.add_argument("--split", choices=SPLITS, default="test",
                         help="split to score (default: test; the threshold is chosen on val)")
     parser.add_argument(
         "--output-dir", type=Path, default=None,
@@ -45,7 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parse_args(argv)  # --help answers before the training stack is imported
+    from pipeline.evaluation import summary_line, write_report
+    from pipeline.report import ReadsError, ReportOptions, build_report, write_clinical_report
+
     output_dir = args.output_dir or args.checkpoint.parent / "evaluation"
     options = ReportOptions(
         split=args.split, threshold_method=args.threshold,

@@ -1,5 +1,7 @@
 """List or verify a site's tamper-evident ledger.
 
+For a site's data owner or auditor. Required: +site=<your site file>; action=verify heads=<coordinator's ledger_heads.jsonl> to check against the coordinator.
+
     python scripts/ledger.py +site=demo_site1                       # list every entry
     python scripts/ledger.py +site=demo_site1 action=verify         # check hashes, links, signatures
     python scripts/ledger.py +site=demo_site1 action=verify \
@@ -20,10 +22,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.deployment.site import configured_site
-from pipeline.governance.heads import verify_site_ledger
-from pipeline.governance.keys import load_public_key
-from pipeline.governance.ledger import LedgerCorrupted, SiteLedger, describe
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.deployment.site import configured_site  # noqa: E402
+from pipeline.governance.heads import verify_site_ledger  # noqa: E402
+from pipeline.governance.keys import load_public_key  # noqa: E402
+from pipeline.governance.ledger import LedgerCorrupted, SiteLedger, describe  # noqa: E402
 
 ACTIONS = ("show", "verify")
 # What the tool reports as one line (file and fix) instead of a traceback; KeyFileError is a ValueError.

@@ -1,5 +1,7 @@
 """Create the federation's key material and print how to register each site.
 
+For the coordinator's operator, once per federation. Required: nothing for the demo; deployment.hostnames=[<coordinator host>] for real machines.
+
     python scripts/make_certs.py                                          # 3 demo sites, localhost
     python scripts/make_certs.py deployment.hostnames=[coordinator.example.org] \
         deployment.sites=[hospital_a,hospital_b,hospital_c]
@@ -17,9 +19,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.deployment.certificates import make_federation_certs
-from pipeline.deployment.coordinator import CoordinatorState, write_cli_connection
-from pipeline.deployment.flower_cli import register_command
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.deployment.certificates import make_federation_certs  # noqa: E402
+from pipeline.deployment.coordinator import CoordinatorState, write_cli_connection  # noqa: E402
+from pipeline.deployment.flower_cli import register_command  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -1,5 +1,7 @@
 """Preprocess sites into their identifier-free training caches.
 
+For hospital IT or data teams at a site. Required: +site=<your site file> (or data.sites_root and data.sites for folders in the demo layout).
+
     python scripts/preprocess.py                                 # every data.sites under data.sites_root
     python scripts/preprocess.py data.sites=[site2]              # one demo site
     python scripts/preprocess.py +site=demo_site1                # a site described by conf/site/*.yaml
@@ -13,8 +15,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.labels import LabelsError
-from pipeline.preprocess import preprocess_sites
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.labels import LabelsError  # noqa: E402
+from pipeline.preprocess import preprocess_sites  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -1,5 +1,7 @@
 """Pretrain the model on a public data set the coordinator holds, to start a federation warm.
 
+For ML engineers at the coordinator. Required: pretrain.input_dir=<public images> and pretrain.labels_csv=<their labels.csv>.
+
     python scripts/pretrain.py pretrain.input_dir=/data/public/images \
         pretrain.labels_csv=/data/public/labels.csv model=resnet18_groupnorm data.image_size=128
     python scripts/simulate.py experiment=pneumonia_primia model.weights_path=outputs/pretrain/pretrained.pt
@@ -17,7 +19,11 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.pretraining import pretrain
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.pretraining import pretrain  # noqa: E402
 
 log = logging.getLogger("fedrad.pretrain")
 

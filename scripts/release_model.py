@@ -1,5 +1,7 @@
 """Release a model only if its privacy audit exists, is of this exact file and passes the policy.
 
+For the privacy officer. Required: release.model=<model.pt> (its audit must exist next to it or at release.audit).
+
     python scripts/release_model.py release.model=outputs/runs/X/model.pt
     python scripts/release_model.py release.model=runs/demo_private/model.pt \
         release.audit=runs/audit/audit.json audit.release.folder=outputs/releases/v1
@@ -20,8 +22,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.audit.release import ReleasePolicy, ReleaseRefused, release_model
-from pipeline.audit.report import AUDIT_JSON
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.audit.release import ReleasePolicy, ReleaseRefused, release_model  # noqa: E402
+from pipeline.audit.report import AUDIT_JSON  # noqa: E402
 
 log = logging.getLogger("fedrad.release")
 

@@ -1,5 +1,7 @@
 """A site's data owner reviews the training jobs proposed to the site: approves, rejects, withdraws.
 
+For a site's data owner. Required: +site=<your site file>; action=show|approve|reject|withdraw job=<hash or prefix> to decide.
+
     python scripts/review_job.py +site=demo_site1                                # pending and decided jobs
     python scripts/review_job.py +site=demo_site1 action=show job=3f2a9c1d       # read one
     python scripts/review_job.py +site=demo_site1 action=approve job=3f2a9c1d    # or action=reject
@@ -22,9 +24,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.deployment.site import configured_site
-from pipeline.governance.ledger import LedgerCorrupted
-from pipeline.governance.review import review
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.deployment.site import configured_site  # noqa: E402
+from pipeline.governance.ledger import LedgerCorrupted  # noqa: E402
+from pipeline.governance.review import review  # noqa: E402
 
 # KeyFileError is a ValueError; JobNotApproved a PermissionError (an OSError).
 ONE_LINE_ERRORS = (ValueError, LookupError, OSError, LedgerCorrupted)

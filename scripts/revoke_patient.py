@@ -1,5 +1,7 @@
 """Revoke a patient's consent at this site: their images leave the cache and every later round.
 
+For a site's data owner. Required: +site=<your site file> and patient_id=<the hospital's PatientID>.
+
     python scripts/revoke_patient.py +site=demo_site1 patient_id=S1MRN00012
 
 The PatientID is mapped to the site's pseudonymous key and never stored. Prints the
@@ -12,8 +14,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.deployment.site import configured_site
-from pipeline.governance.revocation import revoke_patient
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.deployment.site import configured_site  # noqa: E402
+from pipeline.governance.revocation import revoke_patient  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="revoke_patient", version_base="1.3")

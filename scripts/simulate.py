@@ -1,5 +1,7 @@
 """Run a federation of simulated hospital sites on this machine.
 
+For ML engineers on one machine. Required: nothing (experiment=demo runs the demo); data.sites_root and data.sites name other sites.
+
     python scripts/simulate.py experiment=demo                # the embedded demo, 3 sites
     python scripts/simulate.py experiment=pneumonia_primia    # the study preset
     python scripts/simulate.py federation.num_rounds=10 data.sites=[site1,site2]
@@ -19,8 +21,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.federation.objective import validation_metric
-from pipeline.federation.simulation import run
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.federation.objective import validation_metric  # noqa: E402
+from pipeline.federation.simulation import run  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

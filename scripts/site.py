@@ -1,5 +1,7 @@
 """Site: preprocess this hospital's data if needed, then join the federation.
 
+For hospital IT, on the site's machine. Required: +site=<your site file> and deployment.superlink=<coordinator:port>.
+
     python scripts/site.py +site=demo_site1 experiment=demo deployment.superlink=coordinator.example.org:9092
 
 conf/site/<name>.yaml names the site's DICOM folder, labels and work folder; the site needs
@@ -12,7 +14,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.deployment.site import run_site
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.deployment.site import run_site  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -1,5 +1,7 @@
 """The coordinator proposes a training job to every site's data owner, and reads their decisions.
 
+For the coordinator's operator. Required: the job's overrides (e.g. experiment=demo); action=status to see the sites' decisions.
+
     python scripts/submit_job.py experiment=pneumonia_primia                  # submit the job
     python scripts/submit_job.py experiment=pneumonia_primia action=status    # who approved it
 
@@ -13,7 +15,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.governance.review import job_status, submit_job
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.governance.review import job_status, submit_job  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="job_review", version_base="1.3")

@@ -1,5 +1,7 @@
 """Centralised and single-site baselines, trained like the federation (same epochs in total).
 
+For ML engineers comparing against the federation. Required: mode=centralised or mode=local local_site=<site>.
+
     python scripts/train.py experiment=demo mode=centralised               # pool every site
     python scripts/train.py experiment=demo mode=local local_site=site1    # one site alone
     python scripts/train.py mode=centralised trainer.max_epochs=20 model=densenet121
@@ -17,7 +19,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.baseline import run_baseline
+from pipeline.cli import answer_help
+
+answer_help(__doc__)  # before the training stack is imported
+
+from pipeline.baseline import run_baseline  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

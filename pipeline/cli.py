@@ -1,0 +1,32 @@
+"""What every command-line entry point shares: its own ``--help``, answered before torch loads.
+
+The Hydra entry points take ``key=value`` overrides; Hydra's generated help is a dump of the
+whole configuration. :func:`answer_help` prints the script's own docstring instead (what it
+does, for whom, its required options, an example) and how to see the full configuration, and
+exits, so ``--help`` answers in well under a second. ``--hydra-help`` still shows Hydra's own.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+FULL_CONFIG = """\
+Options are Hydra overrides (key=value; +key=value adds a key). To see more:
+  python {script} --cfg job          the full configuration this command would run with
+  python {script} --hydra-help       Hydra's own options (multirun, output folders, ...)
+  docs/reference/configuration.md    every config group and key, with defaults"""
+
+
+def answer_help(doc: str | None, argv: list[str] | None = None) -> None:
+    """Print ``doc`` and the full-configuration hint, then exit, when ``-h``/``--help`` is asked."""
+    argv = sys.argv if argv is None else argv
+    if not {"-h", "--help"} & set(argv[1:]):
+        return
+    script = Path(argv[0]).as_posix()
+    if "scripts/" in script:
+        script = "scripts/" + script.split("scripts/", 1)[1]
+    print((doc or "").strip())
+    print()
+    print(FULL_CONFIG.format(script=script))
+    raise SystemExit(0)
