@@ -350,7 +350,7 @@ def _run_tasks(tasks: list, worker: Callable[[Any], FileRecord], workers: int,
     whose process dies is rejected (in-process, with one worker, a crash ends the run).
     """
     workers = min(workers, len(tasks) // MIN_TASKS_PER_WORKER)
-    with tqdm(total=len(tasks), unit="file", desc=f"preprocess {site}", leave=False) as bar:
+    with tqdm(total=len(tasks), unit="file", desc=f"preprocess {site}", leave=False, disable=None) as bar:
         if workers <= 1:
             for task in tasks:
                 yield worker(task)

@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from models.registry import build_network, build_optimizer
 from models.weights import load_weights
 from pipeline.classifier import XrayClassifier, balanced_class_weights
+from pipeline.console import quiet_third_party
 from pipeline.datamodule import CacheDataModule
 from pipeline.labels import CLASS_NAMES
 
@@ -110,6 +111,7 @@ def build_trainer(
     else:
         options.update(logger=False, enable_checkpointing=False)
     options.update(overrides)
+    quiet_third_party(bool(cfg.get("verbose", False)))  # after Lightning set its own levels
     return pl.Trainer(**options)
 
 

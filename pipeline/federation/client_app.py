@@ -23,21 +23,17 @@ three SecAgg+ stages that only exchange keys, shares and masks.
 
 from __future__ import annotations
 
-import logging
-import warnings
-
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from pipeline.console import quiet_third_party
 from pipeline.federation.experiment_schema import InvalidExperiment
 from pipeline.federation.releases import MASKING_NEIGHBOURS
 from pipeline.federation.secure_aggregation import secure_aggregation_mod
 from pipeline.federation.site_gate import approval_gate, received_experiment
 
-# A site's console shows Flower's round messages, not Lightning's start-up chatter.
-logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+quiet_third_party()  # a site's console shows fedrad's lines; the trainer quiets Lightning again
 
 app = ClientApp(mods=[approval_gate])
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from pipeline.console import quiet_third_party
 from pipeline.federation.resume import ROUNDS_FILE
 from pipeline.sites import SitePaths
 
@@ -42,13 +43,15 @@ def why_no_model(output_dir: Path, cfg: DictConfig) -> str:
 
 
 def backend_config(cfg: DictConfig, num_sites: int) -> dict:
-    """Resources per simulated site; GPUs are shared between sites when present."""
+    """Resources per simulated site; GPUs are shared between sites when present. The sites'
+    own console lines reach this console only with ``verbose=true`` (their failures always
+    do, in the coordinator's log)."""
     gpus = cfg.federation.client_gpus
     if gpus is None:
         gpus = 1.0 / num_sites if torch.cuda.is_available() else 0.0
     return {
         "client_resources": {"num_cpus": int(cfg.federation.client_cpus), "num_gpus": float(gpus)},
-        "init_args": {"log_to_driver": True, "include_dashboard": False},
+        "init_args": {"log_to_driver": bool(cfg.get("verbose", False)), "include_dashboard": False},
     }
 
 
@@ -59,6 +62,8 @@ def simulate(cfg: DictConfig, sites: list[SitePaths], output_dir: Path) -> None:
     # Flower prints to its own console handler; don't print every line twice.
     logging.getLogger("flwr").propagate = False
     from flwr.simulation import run_simulation
+
+    quiet_third_party(bool(cfg.get("verbose", False)))
 
     from pipeline.federation.client_app import app as client_app
     from pipeline.federation.server_app import make_server_app
