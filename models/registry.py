@@ -36,18 +36,21 @@ class Component:
 
 _ADAM = {"lr": float, "weight_decay": float, "eps": float, "amsgrad": bool, "betas": list}
 NETWORKS: dict[str, Component] = {
-    "models.resnet.resnet18": Component(resnet18, {
-        "in_channels": int, "num_classes": int, "norm": str, "groups": int, "inplace": bool}),
-    "models.densenet.densenet121": Component(densenet121, {
-        "in_channels": int, "num_classes": int, "dropout_prob": float}),
-    "models.small_cnn.SmallCNN": Component(SmallCNN, {
-        "in_channels": int, "num_classes": int, "width": int}),
+    "models.resnet.resnet18": Component(
+        resnet18, {"in_channels": int, "num_classes": int, "norm": str, "groups": int, "inplace": bool}
+    ),
+    "models.densenet.densenet121": Component(
+        densenet121, {"in_channels": int, "num_classes": int, "dropout_prob": float}
+    ),
+    "models.small_cnn.SmallCNN": Component(SmallCNN, {"in_channels": int, "num_classes": int, "width": int}),
 }
 OPTIMIZERS: dict[str, Component] = {
     "torch.optim.Adam": Component(torch.optim.Adam, _ADAM),
     "torch.optim.AdamW": Component(torch.optim.AdamW, _ADAM),
-    "torch.optim.SGD": Component(torch.optim.SGD, {
-        "lr": float, "momentum": float, "weight_decay": float, "nesterov": bool, "dampening": float}),
+    "torch.optim.SGD": Component(
+        torch.optim.SGD,
+        {"lr": float, "momentum": float, "weight_decay": float, "nesterov": bool, "dampening": float},
+    ),
 }
 
 
@@ -62,8 +65,9 @@ def _type_ok(value: Any, expected: type | tuple[type, ...]) -> bool:
     return isinstance(value, expected)
 
 
-def checked(node: Mapping[str, Any], table: Mapping[str, Component], where: str,
-            partial_call: bool = False) -> tuple[Component, dict[str, Any]]:
+def checked(
+    node: Mapping[str, Any], table: Mapping[str, Component], where: str, partial_call: bool = False
+) -> tuple[Component, dict[str, Any]]:
     """The allow-listed component ``node`` names and its options; raises :class:`ForbiddenComponent`."""
     if not isinstance(node, Mapping):
         raise ForbiddenComponent(f"{where} must be a mapping with a _target_")
@@ -80,8 +84,10 @@ def checked(node: Mapping[str, Any], table: Mapping[str, Component], where: str,
         if key == "_partial_" and partial_call and value is True:
             continue
         if key not in component.options:
-            raise ForbiddenComponent(f"{where}.{key} is not an option of {target} "
-                                     f"(allowed: {', '.join(sorted(component.options))})")
+            raise ForbiddenComponent(
+                f"{where}.{key} is not an option of {target} "
+                f"(allowed: {', '.join(sorted(component.options))})"
+            )
         if value is not None and not _type_ok(value, component.options[key]):
             raise ForbiddenComponent(f"{where}.{key}={value!r} has the wrong type for {target}")
         options[key] = value

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from monai.networks.layers.utils import get_act_layer
 from monai.networks.nets.resnet import ResNet, ResNetBlock
+
 Norm = Literal["batch", "group"]
 
 

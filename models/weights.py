@@ -25,19 +25,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state dict of tensors")
     if state and all(k.startswith(LIGHTNING_PREFIX) for k in state):
-        state = {k[len(LIGHTNING_PREFIX):]: v for k, v in state.items()}
+        state = {k[len(LIGHTNING_PREFIX) :]: v for k, v in state.items()}
     return dict(state)
 
 
-def _to_grayscale_inputs(stored: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _to_grayscale_inputs(
+    stored: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """RGB weights (e.g. ImageNet) for a one-channel network: a first convolution with three
     input channels where the network has one is summed over them (the response to a gray
     image is the same)."""
     adapted = dict(stored)
     for key, tensor in stored.items():
         target = own.get(key)
-        if (target is not None and tensor.dim() == 4 and tensor.shape[1] == 3 and target.shape[1] == 1
-                and tensor.shape[0] == target.shape[0] and tensor.shape[2:] == target.shape[2:]):
+        if (
+            target is not None
+            and tensor.dim() == 4
+            and tensor.shape[1] == 3
+            and target.shape[1] == 1
+            and tensor.shape[0] == target.shape[0]
+            and tensor.shape[2:] == target.shape[2:]
+        ):
             adapted[key] = tensor.sum(dim=1, keepdim=True)
     return adapted
 
@@ -59,7 +67,9 @@ def load_weights(net: nn.Module, path: str | Path, strict: bool = True) -> list[
         if stored[k].shape != own[k].shape
     )
     problems = {"missing": missing, "unexpected": unexpected, "shape mismatch": mismatched}
-    report = "; ".join(f"{name} ({len(keys)}): {', '.join(keys[:10])}" for name, keys in problems.items() if keys)
+    report = "; ".join(
+        f"{name} ({len(keys)}): {', '.join(keys[:10])}" for name, keys in problems.items() if keys
+    )
     matching = {k: v for k, v in stored.items() if k in own and v.shape == own[k].shape}
     if (strict and report) or not matching:
         raise ValueError(

@@ -41,8 +41,9 @@ class AcceptanceRules:
 
     def __post_init__(self) -> None:
         if self.multiframe not in MULTIFRAME_POLICIES:
-            raise ValueError(f"preprocess.acceptance.multiframe={self.multiframe!r}: "
-                             f"expected one of {MULTIFRAME_POLICIES}")
+            raise ValueError(
+                f"preprocess.acceptance.multiframe={self.multiframe!r}: expected one of {MULTIFRAME_POLICIES}"
+            )
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any]) -> "AcceptanceRules":
@@ -81,7 +82,8 @@ def _dicom_reason(meta: Mapping[str, Any], rules: AcceptanceRules) -> str | None
         _tag_reason("PhotometricInterpretation", meta["photometric"], rules.photometrics, False),
         f"multi-frame object ({frames} frames): not a single radiograph "
         "(preprocess.acceptance.multiframe=first_frame takes frame 1)"
-        if frames > 1 and rules.multiframe == "reject" else None,
+        if frames > 1 and rules.multiframe == "reject"
+        else None,
     )
     return next((reason for reason in checks if reason), None)
 
@@ -91,8 +93,10 @@ def _size_reason(meta: Mapping[str, Any], rules: AcceptanceRules) -> str | None:
     if rows <= 0 or cols <= 0:
         return f"empty image (Rows {rows}, Columns {cols})"
     if rows * cols > rules.max_pixels:
-        return (f"image {rows}x{cols} = {rows * cols / 1e6:.1f} MP exceeds max_pixels "
-                f"{rules.max_pixels / 1e6:.1f} MP (checked before decoding)")
+        return (
+            f"image {rows}x{cols} = {rows * cols / 1e6:.1f} MP exceeds max_pixels "
+            f"{rules.max_pixels / 1e6:.1f} MP (checked before decoding)"
+        )
     if rows < rules.min_rows or cols < rules.min_cols:
         return f"image {rows}x{cols} smaller than {rules.min_rows}x{rules.min_cols}"
     return None

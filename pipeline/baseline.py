@@ -45,7 +45,9 @@ def run_baseline(cfg: DictConfig, output_dir: Path) -> dict:
     trainer = build_trainer(cfg, max_epochs=epochs, output_dir=output_dir)
     train_metrics = train(classifier, datamodule, trainer)
     checkpoint = save_checkpoint(
-        output_dir / "model.pt", classifier.net, cfg,
+        output_dir / "model.pt",
+        classifier.net,
+        cfg,
         extra={"mode": str(cfg.mode), "sites": sites, "epochs": epochs},
     )
     log.info("trained on %d images: %s", train_metrics["num-examples"], train_metrics)

@@ -23,7 +23,9 @@ from pipeline.privacy.dp import PrivateTraining
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def balanced_class_weights(labels: torch.Tensor | list[int], num_classes: int = len(CLASS_NAMES)) -> torch.Tensor:
+def balanced_class_weights(
+    labels: torch.Tensor | list[int], num_classes: int = len(CLASS_NAMES)
+) -> torch.Tensor:
     """Per-class loss weights ``N / (K * n_c)`` from one site's training labels (a class the
     site lacks gets weight 0: nothing of it is trained on), normalised to mean 1 over the
     site's images, so the loss keeps its scale."""
@@ -58,7 +60,10 @@ class XrayClassifier(pl.LightningModule):
     """
 
     def __init__(
-        self, net: nn.Module, optimizer: partial, num_classes: int = len(CLASS_NAMES),
+        self,
+        net: nn.Module,
+        optimizer: partial,
+        num_classes: int = len(CLASS_NAMES),
         class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
@@ -111,7 +116,11 @@ class XrayClassifier(pl.LightningModule):
         self._log_per_class("test/", self.test_recall)
 
     def _score(
-        self, batch: Batch, prefix: str, metrics: MetricCollection, pneumonia_auroc: BinaryAUROC,
+        self,
+        batch: Batch,
+        prefix: str,
+        metrics: MetricCollection,
+        pneumonia_auroc: BinaryAUROC,
         recall: MulticlassRecall,
     ) -> None:
         images, labels = batch

@@ -63,7 +63,7 @@ def _jp2_codestream(data: bytes) -> bytes | None:
                 return None
             length, header = struct.unpack_from(">Q", data, offset + 8)[0], 16
         if box == b"jp2c":
-            return data[offset + header:]
+            return data[offset + header :]
         if length == 0:
             raise CodestreamError("JP2 file without a codestream (jp2c) box")
         if length < header:
@@ -83,8 +83,9 @@ def jpeg2000_size(data: bytes) -> DeclaredSize | None:
         raise CodestreamError("not a JPEG 2000 codestream (no SOC marker followed by SIZ)")
     if len(data) < 4 + 38:
         return None
-    (length, _capabilities, xsiz, ysiz, xosiz, yosiz, xtsiz, ytsiz, xtosiz, ytosiz,
-     components) = struct.unpack_from(">HHIIIIIIIIH", data, 4)
+    (length, _capabilities, xsiz, ysiz, xosiz, yosiz, xtsiz, ytsiz, xtosiz, ytosiz, components) = (
+        struct.unpack_from(">HHIIIIIIIIH", data, 4)
+    )
     if not 1 <= components <= 16384 or length != 38 + 3 * components:
         raise CodestreamError(f"JPEG 2000 SIZ segment: length {length} does not fit {components} components")
     if xosiz >= xsiz or yosiz >= ysiz:

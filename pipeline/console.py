@@ -10,8 +10,17 @@ from __future__ import annotations
 import logging
 import warnings
 
-THIRD_PARTY_LOGGERS = ("flwr", "pytorch_lightning", "lightning", "lightning.pytorch",
-                       "lightning.fabric", "ray", "alembic", "sqlalchemy", "optuna")
+THIRD_PARTY_LOGGERS = (
+    "flwr",
+    "pytorch_lightning",
+    "lightning",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "ray",
+    "alembic",
+    "sqlalchemy",
+    "optuna",
+)
 NOISY_WARNINGS = (".*declarative_base.*", ".*LeafSpec.*", ".*DEPRECATED FEATURE.*")
 
 

@@ -68,9 +68,7 @@ class CacheDataModule(pl.LightningDataModule):
         self.splits: dict[str, ImageDataset] = {}
 
     @classmethod
-    def from_config(
-        cls, data: DictConfig, cache_dirs: Sequence[str | Path], seed: int
-    ) -> "CacheDataModule":
+    def from_config(cls, data: DictConfig, cache_dirs: Sequence[str | Path], seed: int) -> "CacheDataModule":
         """Build from the ``data`` config group (batch_size, num_workers, augment, image_size)."""
         return cls(
             cache_dirs,
@@ -112,9 +110,7 @@ class CacheDataModule(pl.LightningDataModule):
 
     def has_split(self, split: str) -> bool:
         """Whether any of the caches holds images of ``split``."""
-        return any(
-            (SiteCache(d).manifest()["split"] == split).any() for d in self.cache_dirs
-        )
+        return any((SiteCache(d).manifest()["split"] == split).any() for d in self.cache_dirs)
 
     def setup(self, stage: str) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])

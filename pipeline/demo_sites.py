@@ -29,13 +29,21 @@ from pipeline.sites import SitePaths
 
 DEMO_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "demo" / "kermany"
 SOP_CLASS = {
-    "CR": "1.2.840.10008.5.1.4.1.1.1",      # Computed Radiography Image Storage
-    "DX": "1.2.840.10008.5.1.4.1.1.1.1",    # Digital X-Ray Image Storage - For Presentation
+    "CR": "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
 }
 # Header fields holding invented identifying values; none may reach a cache.
 PLANTED_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
-    "ReferringPhysicianName", "StudyID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "InstitutionName",
+    "ReferringPhysicianName",
+    "StudyID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
 )
 BITS_STORED = 12
 MONOCHROME1_FRACTION = 0.1
@@ -46,10 +54,10 @@ IMAGE_NAME = re.compile(r"img_\d{4}\.dcm")
 class DemoImage:
     """One planned DICOM file of a demo site."""
 
-    site: int          # 1-based site number
-    number: int        # 1-based image number within the site
-    patient: int       # 1-based patient number within the site
-    source: str        # PNG file name in the sample
+    site: int  # 1-based site number
+    number: int  # 1-based image number within the site
+    patient: int  # 1-based patient number within the site
+    source: str  # PNG file name in the sample
     label: str
     modality: str
     view: str
@@ -64,7 +72,9 @@ def load_sample(sample_dir: Path = DEMO_SAMPLE) -> pd.DataFrame:
     """The sample's manifest (``file``, ``label``, ``patient_id``), checked."""
     manifest = sample_dir / "manifest.csv"
     if not manifest.is_file():
-        raise FileNotFoundError(f"demo sample manifest {manifest} not found: the repository's data/ is incomplete")
+        raise FileNotFoundError(
+            f"demo sample manifest {manifest} not found: the repository's data/ is incomplete"
+        )
     table = read_csv(manifest, dtype=str)
     unknown = sorted(set(table["label"]) - set(CLASS_NAMES))
     if unknown:
@@ -108,11 +118,18 @@ def plan_sites(
                 continue
             view = "AP" if rng.random() < 0.3 else "PA"
             for row in rows.itertuples():
-                images.append(DemoImage(
-                    site=site + 1, number=len(images) + 1, patient=patient_number,
-                    source=row.file, label=row.label, modality="CR" if site % 2 == 0 else "DX",
-                    view=view, monochrome1=rng.random() < MONOCHROME1_FRACTION,
-                ))
+                images.append(
+                    DemoImage(
+                        site=site + 1,
+                        number=len(images) + 1,
+                        patient=patient_number,
+                        source=row.file,
+                        label=row.label,
+                        modality="CR" if site % 2 == 0 else "DX",
+                        view=view,
+                        monochrome1=rng.random() < MONOCHROME1_FRACTION,
+                    )
+                )
         plans.append(images)
     return plans
 

@@ -145,4 +145,3 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 def _format(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-

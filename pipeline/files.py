@@ -59,7 +59,11 @@ def neutralise_cell(value: object) -> object:
 
 def restore_cell(value: object) -> object:
     """Undo :func:`neutralise_cell` (a string it did not change is returned unchanged)."""
-    if isinstance(value, str) and value.startswith(ESCAPE) and value[1:].startswith((*FORMULA_STARTS, ESCAPE)):
+    if (
+        isinstance(value, str)
+        and value.startswith(ESCAPE)
+        and value[1:].startswith((*FORMULA_STARTS, ESCAPE))
+    ):
         return value[1:]
     return value
 

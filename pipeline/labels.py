@@ -34,9 +34,10 @@ def _text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
-        raise LabelsError(f"{path} line {line}: byte 0x{data[error.start]:02x} is not UTF-8; "
-                          "save the file as UTF-8 CSV") from None
+        line = data[: error.start].count(b"\n") + 1
+        raise LabelsError(
+            f"{path} line {line}: byte 0x{data[error.start]:02x} is not UTF-8; save the file as UTF-8 CSV"
+        ) from None
 
 
 def read_labels(labels_csv: Path) -> pd.DataFrame:
@@ -64,20 +65,25 @@ def read_labels(labels_csv: Path) -> pd.DataFrame:
                 header = [cell.strip() for cell in row]
                 missing = [c for c in LABEL_COLUMNS if c not in header]
                 if missing:
-                    raise LabelsError(f"{labels_csv} line {line}: header lacks column(s) {', '.join(missing)}; "
-                                      f"{EXPECTED}")
+                    raise LabelsError(
+                        f"{labels_csv} line {line}: header lacks column(s) {', '.join(missing)}; {EXPECTED}"
+                    )
                 if len(set(header)) < len(header):
                     raise LabelsError(f"{labels_csv} line {line}: a column name appears twice in the header")
                 continue
             if len(row) != len(header):
-                raise LabelsError(f"{labels_csv} line {line}: {len(row)} fields, the header has {len(header)}")
+                raise LabelsError(
+                    f"{labels_csv} line {line}: {len(row)} fields, the header has {len(header)}"
+                )
             cells = [str(restore_cell(cell)) for cell in row]
             name = cells[header.index("file")].strip().replace("\\", "/")
             if not name:
                 raise LabelsError(f"{labels_csv} line {line}: empty file name")
             if name in line_of:
-                raise LabelsError(f"{labels_csv} line {line}: the file of line {line_of[name]} is listed again; "
-                                  "keep one row each")
+                raise LabelsError(
+                    f"{labels_csv} line {line}: the file of line {line_of[name]} is listed again; "
+                    "keep one row each"
+                )
             line_of[name] = line
             cells[header.index("file")] = name
             rows.append(cells)

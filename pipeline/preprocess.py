@@ -53,8 +53,14 @@ from pipeline.files import read_csv, write_csv
 from pipeline.governance.revocation import CONSENT_REVOKED, revoked_patients
 from pipeline.labels import CLASS_NAMES, label_index, read_labels
 from pipeline.pseudonym import ensure_secret, image_key, keyed_hash, load_secret, patient_key
-from pipeline.readers import (MB, UnreadableImage, image_format, not_image_reason, open_image,
-                              special_file_reason)
+from pipeline.readers import (
+    MB,
+    UnreadableImage,
+    image_format,
+    not_image_reason,
+    open_image,
+    special_file_reason,
+)
 from pipeline.sites import SitePaths
 from pipeline.splits import assign_splits, patient_labels
 from transforms.dicom import PixelTransformError, dicom_to_unit_square
@@ -64,16 +70,31 @@ log = logging.getLogger("fedrad.preprocess")
 INDEX_NAME = "source_index.csv"
 PROGRESS_NAME = "progress.jsonl"
 REPORT_NAME = "report.csv"
-MANIFEST_COLUMNS = ("image_key", "patient_key", "label", "split", "preprocessing_version", "image_size",
-                    "source_rows", "source_cols", "pixel_spacing_mm", "bits_stored")
+MANIFEST_COLUMNS = (
+    "image_key",
+    "patient_key",
+    "label",
+    "split",
+    "preprocessing_version",
+    "image_size",
+    "source_rows",
+    "source_cols",
+    "pixel_spacing_mm",
+    "bits_stored",
+)
 REPORT_COLUMNS = ("file", "status", "reason", "reused", "label", "split")
-EXTERNAL_LINK = ("symbolic link to a {kind} outside the input folder: not followed "
-                 "(preprocess.follow_external_links is false)")
-INTERNAL_FOLDER_LINK = "symbolic link to a folder inside the input folder: its files are listed under their own path"
+EXTERNAL_LINK = (
+    "symbolic link to a {kind} outside the input folder: not followed "
+    "(preprocess.follow_external_links is false)"
+)
+INTERNAL_FOLDER_LINK = (
+    "symbolic link to a folder inside the input folder: its files are listed under their own path"
+)
 LINK_LOOP = "symbolic link to a folder already listed (a loop or a second path to it): not followed"
 UNDER_REFUSED_LINK = "inside a linked folder that is not followed (see the folder's own row)"
-WORKER_DIED = ("the worker process died while processing this file (a decoder crash or the "
-               "out-of-memory killer)")
+WORKER_DIED = (
+    "the worker process died while processing this file (a decoder crash or the out-of-memory killer)"
+)
 # Reasons that name another source file, and what log lines show instead.
 NAMING_REASONS = ("same content as ", "duplicate SOPInstanceUID: same instance as ")
 
@@ -89,8 +110,11 @@ class Settings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Settings":
         size = int(cfg["image_size"])
-        return cls(version=f"v{cfg['version']}-{size}px", image_size=size,
-                   rules=AcceptanceRules.from_config(cfg["acceptance"]))
+        return cls(
+            version=f"v{cfg['version']}-{size}px",
+            image_size=size,
+            rules=AcceptanceRules.from_config(cfg["acceptance"]),
+        )
 
     @property
     def rules_id(self) -> str:
@@ -202,7 +226,10 @@ def source_files(input_dir: Path, follow_external_links: bool = False) -> Source
         except OSError as error:
             if not prefix:
                 raise
-            refused[prefix.rstrip("/")] = ("rejected", f"unreadable folder: {type(error).__name__} ({error.strerror})")
+            refused[prefix.rstrip("/")] = (
+                "rejected",
+                f"unreadable folder: {type(error).__name__} ({error.strerror})",
+            )
             return
         for entry in entries:
             if entry.name.startswith("."):
@@ -256,7 +283,10 @@ def _array_file_size(image_size: int) -> int:
 def _reusable(previous: dict[str, Any] | None, sha: str, settings: Settings, array: Path) -> bool:
     """True when ``previous`` describes the same bytes under the same settings, array intact."""
     if previous is None or (previous["sha256"], previous["version"], previous["rules"]) != (
-            sha, settings.version, settings.rules_id):
+        sha,
+        settings.version,
+        settings.rules_id,
+    ):
         return False
     if previous["status"] != "accepted" and not previous["duplicate_of"]:
         return True
@@ -277,8 +307,12 @@ def _describe(record: FileRecord, meta: Mapping[str, Any], secret: bytes) -> Non
 
 
 def process_file(
-    task: tuple[str, dict[str, Any] | None], *, input_dir: Path, arrays_dir: Path,
-    settings: Settings, secret: bytes,
+    task: tuple[str, dict[str, Any] | None],
+    *,
+    input_dir: Path,
+    arrays_dir: Path,
+    settings: Settings,
+    secret: bytes,
 ) -> FileRecord:
     """Process one labelled source file, or reuse its previous record when nothing changed.
 
@@ -292,22 +326,28 @@ def process_file(
         with open(input_dir / rel, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > max_bytes:
-                return FileRecord(file=rel, status="rejected",
-                                  reason=f"file of {size / MB:.0f} MB exceeds max_decode_mb "
-                                         f"{settings.rules.max_decode_mb} (not read)")
+                return FileRecord(
+                    file=rel,
+                    status="rejected",
+                    reason=f"file of {size / MB:.0f} MB exceeds max_decode_mb "
+                    f"{settings.rules.max_decode_mb} (not read)",
+                )
             data = handle.read()
     except OSError as error:
-        return FileRecord(file=rel, status="rejected",
-                          reason=f"unreadable: {type(error).__name__} ({error.strerror})")
+        return FileRecord(
+            file=rel, status="rejected", reason=f"unreadable: {type(error).__name__} ({error.strerror})"
+        )
     sha = hashlib.sha256(data).hexdigest()
     key = image_key(secret, sha)
     if _reusable(previous, sha, settings, arrays_dir / f"{key}.npy"):
         if previous["duplicate_of"]:  # processed and accepted; duplicates are decided afresh
-            return FileRecord(**{**previous, "status": "accepted", "reason": "", "duplicate_of": "",
-                                 "reused": True})
+            return FileRecord(
+                **{**previous, "status": "accepted", "reason": "", "duplicate_of": "", "reused": True}
+            )
         return FileRecord(**{**previous, "reused": True})
-    record = FileRecord(file=rel, status="rejected", sha256=sha, version=settings.version,
-                        rules=settings.rules_id)
+    record = FileRecord(
+        file=rel, status="rejected", sha256=sha, version=settings.version, rules=settings.rules_id
+    )
     try:
         source = open_image(input_dir / rel, data, max_bytes)
         _describe(record, source.meta, secret)
@@ -339,8 +379,9 @@ def _worker_init() -> None:
 MIN_TASKS_PER_WORKER = 4
 
 
-def _run_tasks(tasks: list, worker: Callable[[Any], FileRecord], workers: int,
-               site: str) -> Iterator[FileRecord]:
+def _run_tasks(
+    tasks: list, worker: Callable[[Any], FileRecord], workers: int, site: str
+) -> Iterator[FileRecord]:
     """Yield each task's record as it completes (in task order), with a files/s progress bar.
 
     A pool is only started when every worker gets at least MIN_TASKS_PER_WORKER files;
@@ -365,8 +406,11 @@ def _run_tasks(tasks: list, worker: Callable[[Any], FileRecord], workers: int,
                     done += 1
                     bar.update()
         except BrokenProcessPool:
-            log.warning("%s: a worker process died; processing the other %d files one at a time",
-                        site, len(tasks) - done)
+            log.warning(
+                "%s: a worker process died; processing the other %d files one at a time",
+                site,
+                len(tasks) - done,
+            )
             for task in tasks[done:]:
                 yield _isolated(worker, task)
                 bar.update()
@@ -392,13 +436,27 @@ def _file_size(path: Path) -> int:
 def _read_index(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
-    text_columns = ("file", "status", "sha256", "image_key", "patient_key", "sop_key", "reason",
-                    "format", "version", "rules", "duplicate_of")
-    table = read_csv(path, dtype=dict.fromkeys(text_columns, str), keep_default_na=False,
-                     na_values={"pixel_spacing_mm": [""]})
+    text_columns = (
+        "file",
+        "status",
+        "sha256",
+        "image_key",
+        "patient_key",
+        "sop_key",
+        "reason",
+        "format",
+        "version",
+        "rules",
+        "duplicate_of",
+    )
+    table = read_csv(
+        path,
+        dtype=dict.fromkeys(text_columns, str),
+        keep_default_na=False,
+        na_values={"pixel_spacing_mm": [""]},
+    )
     names = {f.name for f in fields(FileRecord)}
-    return {row["file"]: {k: v for k, v in row.items() if k in names}
-            for row in table.to_dict("records")}
+    return {row["file"]: {k: v for k, v in row.items() if k in names} for row in table.to_dict("records")}
 
 
 def _read_progress(path: Path) -> dict[str, dict[str, Any]]:
@@ -443,7 +501,9 @@ def _reject_duplicates(files: list[str], records: dict[str, FileRecord]) -> None
         elif record.sop_key and record.sop_key in seen_instance:
             record.duplicate_of = seen_instance[record.sop_key]
             record.status, record.reason = (
-                "rejected", f"duplicate SOPInstanceUID: same instance as {record.duplicate_of}")
+                "rejected",
+                f"duplicate SOPInstanceUID: same instance as {record.duplicate_of}",
+            )
         else:
             seen_content[record.image_key] = rel
             if record.sop_key:
@@ -465,7 +525,9 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
     patient_ids: dict[str, str] = table["patient_id"].to_dict() if "patient_id" in table.columns else {}
     listing = source_files(paths.input_dir, bool(cfg.get("follow_external_links", False)))
     records: dict[str, FileRecord] = {
-        rel: FileRecord(file=rel, status=status, reason=reason) for rel, (status, reason) in listing.refused.items()}
+        rel: FileRecord(file=rel, status=status, reason=reason)
+        for rel, (status, reason) in listing.refused.items()
+    }
     folders = tuple(f"{rel}/" for rel in listing.refused)
     for rel in labels:  # labelled files behind a link that is not followed
         if rel.startswith(folders) and rel not in records:
@@ -490,8 +552,9 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
     workers = int(cfg.get("workers", 1))
     if workers > 1:  # largest first, so that no big file is left to one worker at the end
         tasks.sort(key=lambda task: -_file_size(paths.input_dir / task[0]))
-    worker = partial(process_file, input_dir=paths.input_dir, arrays_dir=arrays_dir,
-                     settings=settings, secret=secret)
+    worker = partial(
+        process_file, input_dir=paths.input_dir, arrays_dir=arrays_dir, settings=settings, secret=secret
+    )
     with open(progress_path, "a") as journal:
         for record in _run_tasks(tasks, worker, workers, paths.name):
             records[record.file] = record
@@ -517,15 +580,26 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
     split_cfg = cfg["split"]
     split_of = assign_splits(
         patient_labels((r.patient_key, label_of[r.file]) for r in accepted + withdrawn),
-        float(split_cfg["val_fraction"]), float(split_cfg["test_fraction"]), int(split_cfg["seed"]),
+        float(split_cfg["val_fraction"]),
+        float(split_cfg["test_fraction"]),
+        int(split_cfg["seed"]),
     )
     manifest = pd.DataFrame(
-        [{
-            "image_key": r.image_key, "patient_key": r.patient_key, "label": label_of[r.file],
-            "split": split_of[r.patient_key], "preprocessing_version": settings.version,
-            "image_size": settings.image_size, "source_rows": r.rows, "source_cols": r.cols,
-            "pixel_spacing_mm": r.pixel_spacing_mm, "bits_stored": r.bits_stored,
-        } for r in accepted],
+        [
+            {
+                "image_key": r.image_key,
+                "patient_key": r.patient_key,
+                "label": label_of[r.file],
+                "split": split_of[r.patient_key],
+                "preprocessing_version": settings.version,
+                "image_size": settings.image_size,
+                "source_rows": r.rows,
+                "source_cols": r.cols,
+                "pixel_spacing_mm": r.pixel_spacing_mm,
+                "bits_stored": r.bits_stored,
+            }
+            for r in accepted
+        ],
         columns=list(MANIFEST_COLUMNS),
     ).sort_values("image_key")
     write_csv(paths.cache_dir / MANIFEST_NAME, manifest)
@@ -535,21 +609,44 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
             stale.unlink()
 
     ordered = [records[rel] for rel in files]
-    index = pd.DataFrame([{k: v for k, v in vars(r).items() if k != "reused"} for r in ordered],
-                         columns=[f.name for f in fields(FileRecord) if f.name != "reused"])
+    index = pd.DataFrame(
+        [{k: v for k, v in vars(r).items() if k != "reused"} for r in ordered],
+        columns=[f.name for f in fields(FileRecord) if f.name != "reused"],
+    )
     write_csv(index_path, index)
     progress_path.unlink(missing_ok=True)
     missing = sorted(set(labels) - set(files))
     if missing:  # no file names in logs: they may leave the site
-        log.warning("%s: %d files listed in %s were not found (their rows in %s say which)",
-                    paths.name, len(missing), paths.labels_csv, paths.work_dir / REPORT_NAME)
+        log.warning(
+            "%s: %d files listed in %s were not found (their rows in %s say which)",
+            paths.name,
+            len(missing),
+            paths.labels_csv,
+            paths.work_dir / REPORT_NAME,
+        )
     report = pd.DataFrame(
-        [{"file": r.file, "status": r.status, "reason": r.reason, "reused": r.reused,
-          "label": labels.get(r.file, ""),
-          "split": split_of.get(r.patient_key, "") if r.status == "accepted" else ""}
-         for r in ordered]
-        + [{"file": rel, "status": "missing", "reason": "listed in labels.csv but not found",
-            "reused": False, "label": labels[rel], "split": ""} for rel in missing],
+        [
+            {
+                "file": r.file,
+                "status": r.status,
+                "reason": r.reason,
+                "reused": r.reused,
+                "label": labels.get(r.file, ""),
+                "split": split_of.get(r.patient_key, "") if r.status == "accepted" else "",
+            }
+            for r in ordered
+        ]
+        + [
+            {
+                "file": rel,
+                "status": "missing",
+                "reason": "listed in labels.csv but not found",
+                "reused": False,
+                "label": labels[rel],
+                "split": "",
+            }
+            for rel in missing
+        ],
         columns=list(REPORT_COLUMNS),
     )
     write_csv(paths.work_dir / REPORT_NAME, report)
@@ -557,14 +654,20 @@ def preprocess_site(paths: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSumma
     summary = _summarise(paths.name, ordered, missing, manifest, time.perf_counter() - started)
     unlabelled = summary.rejections.get("no label in labels.csv", 0)
     if unlabelled:
-        log.warning("%s: %d files have no row in %s (see %s)", paths.name, unlabelled,
-                    paths.labels_csv, paths.work_dir / REPORT_NAME)
+        log.warning(
+            "%s: %d files have no row in %s (see %s)",
+            paths.name,
+            unlabelled,
+            paths.labels_csv,
+            paths.work_dir / REPORT_NAME,
+        )
     log.info("%s", summary.text())
     return summary
 
 
-def _summarise(site: str, ordered: list[FileRecord], missing: list[str],
-               manifest: pd.DataFrame, seconds: float) -> PreprocessSummary:
+def _summarise(
+    site: str, ordered: list[FileRecord], missing: list[str], manifest: pd.DataFrame, seconds: float
+) -> PreprocessSummary:
     status = Counter(r.status for r in ordered)
     if missing:
         status["missing"] = len(missing)
@@ -574,18 +677,25 @@ def _summarise(site: str, ordered: list[FileRecord], missing: list[str],
     reused = sum(r.reused for r in ordered)
     processed = sum(1 for r in ordered if r.sha256 and not r.reused)
     return PreprocessSummary(
-        site=site, files=len(ordered), processed=processed, reused=reused,
-        status=dict(status), images=images,
+        site=site,
+        files=len(ordered),
+        processed=processed,
+        reused=reused,
+        status=dict(status),
+        images=images,
         rejections=dict(Counter(r.reason for r in ordered if r.status == "rejected")),
-        patients=int(manifest["patient_key"].nunique()), seconds=seconds,
+        patients=int(manifest["patient_key"].nunique()),
+        seconds=seconds,
     )
 
 
 def site_from_config(node: Mapping[str, Any]) -> SitePaths:
     """SitePaths from a ``conf/site/*.yaml`` node with explicit paths (a deployed site)."""
     return SitePaths(
-        name=str(node["name"]), input_dir=Path(node["input_dir"]),
-        labels_csv=Path(node["labels_csv"]), work_dir=Path(node["work_dir"]),
+        name=str(node["name"]),
+        input_dir=Path(node["input_dir"]),
+        labels_csv=Path(node["labels_csv"]),
+        work_dir=Path(node["work_dir"]),
         secret_file=Path(node["secret_file"]),
     )
 

@@ -31,12 +31,18 @@ def public_site(pretrain: DictConfig) -> SitePaths:
     """The public set laid out as a site (``pretrain.input_dir``, ``labels_csv``, ``work_dir``)."""
     missing = [key for key in ("input_dir", "labels_csv") if not pretrain.get(key)]
     if missing:
-        raise ValueError(f"set pretrain.{missing[0]}: the public images to pretrain on and their "
-                         "labels.csv (file,label[,patient_id])")
+        raise ValueError(
+            f"set pretrain.{missing[0]}: the public images to pretrain on and their "
+            "labels.csv (file,label[,patient_id])"
+        )
     work_dir = Path(pretrain.work_dir)
-    return SitePaths(name="public", input_dir=Path(pretrain.input_dir),
-                     labels_csv=Path(pretrain.labels_csv), work_dir=work_dir / "fedrad",
-                     secret_file=work_dir / "public_secret.key")
+    return SitePaths(
+        name="public",
+        input_dir=Path(pretrain.input_dir),
+        labels_csv=Path(pretrain.labels_csv),
+        work_dir=work_dir / "fedrad",
+        secret_file=work_dir / "public_secret.key",
+    )
 
 
 def pretrain(cfg: DictConfig) -> tuple[Path, dict[str, float]]:
@@ -46,8 +52,12 @@ def pretrain(cfg: DictConfig) -> tuple[Path, dict[str, float]]:
     datamodule = CacheDataModule.from_config(cfg.data, [site.cache_dir], seed=int(cfg.seed))
     classifier = build_classifier(cfg, train_labels=datamodule.dataset("train").labels)
     epochs = int(cfg.pretrain.epochs)
-    log.info("pretraining %s on %d public images for %d epochs",
-             cfg.model.net._target_.rsplit(".", 1)[-1], datamodule.num_train_examples, epochs)
+    log.info(
+        "pretraining %s on %d public images for %d epochs",
+        cfg.model.net._target_.rsplit(".", 1)[-1],
+        datamodule.num_train_examples,
+        epochs,
+    )
     train(classifier, datamodule, build_trainer(cfg, max_epochs=epochs, lean=True))
     metrics: dict[str, float] = {}
     if datamodule.has_split("val"):

@@ -121,7 +121,8 @@ class SourceImage:
             raise UnreadableImage(
                 f"decoding would need about {self.decode_bytes / MB:.0f} MB "
                 f"({self.meta['rows']}x{self.meta['cols']}, {DECODE_BYTES_PER_SAMPLE} bytes per sample), "
-                f"above max_decode_mb {self.max_bytes / MB:.0f} (checked before decoding)")
+                f"above max_decode_mb {self.max_bytes / MB:.0f} (checked before decoding)"
+            )
         pixels = self._pixels()
         if self.dicom is not None and "PixelData" in self.dicom:
             del self.dicom.PixelData  # the header stays; the bytes are no longer needed
@@ -171,8 +172,11 @@ def not_image_reason(path: Path) -> str:
     return DICOMDIR_REASON if path.name.lower() == "dicomdir" else NOT_IMAGE_REASON
 
 
-def open_image(path: str | Path, data: bytes | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES,
-               ) -> SourceImage:
+def open_image(
+    path: str | Path,
+    data: bytes | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> SourceImage:
     """Read the header of ``path`` (from ``data``, its bytes, when given) without decoding.
 
     ``max_bytes`` caps the memory reading and decoding may take (see the module docstring).
@@ -296,7 +300,9 @@ def _deflated_start(data: bytes) -> int | None:
     handle.seek(132)
     syntax = b""
     try:
-        for element in data_element_generator(handle, False, True, stop_when=lambda tag, vr, n: tag.group != 2):
+        for element in data_element_generator(
+            handle, False, True, stop_when=lambda tag, vr, n: tag.group != 2
+        ):
             if element.tag == 0x00020010:
                 syntax = bytes(element.value).rstrip(b"\0 ")
     except Exception:  # malformed meta information: pydicom reports it when it parses the file
@@ -315,8 +321,10 @@ def _check_inflated_size(data: bytes, max_bytes: int) -> None:
     except zlib.error:
         return  # pydicom reports the corrupt stream
     if inflater.unconsumed_tail:
-        raise UnreadableImage(f"deflated dataset inflates to more than max_decode_mb {max_bytes / MB:.0f} "
-                              "(a decompression bomb?); checked before inflating it")
+        raise UnreadableImage(
+            f"deflated dataset inflates to more than max_decode_mb {max_bytes / MB:.0f} "
+            "(a decompression bomb?); checked before inflating it"
+        )
 
 
 def _parse_dicom(path: Path, data: bytes | None, max_bytes: int | None = None) -> Dataset:
@@ -329,7 +337,9 @@ def _parse_dicom(path: Path, data: bytes | None, max_bytes: int | None = None) -
         try:
             ds = pydicom.dcmread(source)
         except InvalidDicomError as error:
-            raise UnreadableImage("not a DICOM file (no 'DICM' prefix or File Meta Information header)") from error
+            raise UnreadableImage(
+                "not a DICOM file (no 'DICM' prefix or File Meta Information header)"
+            ) from error
         except (EOFError, OSError, ValueError, KeyError, TypeError) as error:
             raise UnreadableImage(f"unreadable DICOM ({type(error).__name__}: {error})"[:200]) from error
     ended = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
@@ -349,8 +359,10 @@ def _decoder_problem(syntax: str | None) -> str | None:
     except NotImplementedError:
         return f"unsupported transfer syntax {name} ({syntax}): no pydicom decoder exists for it"
     if not decoder.is_available:
-        return (f"unsupported transfer syntax {name} ({syntax}): no decoder plugin installed "
-                f"(see pydicom's pixel data handler table)")
+        return (
+            f"unsupported transfer syntax {name} ({syntax}): no decoder plugin installed "
+            f"(see pydicom's pixel data handler table)"
+        )
     return None
 
 
@@ -398,7 +410,8 @@ def lut_value_problem(ds: Dataset) -> str | None:
         function = str(_tag(ds, "VOILUTFunction") or "LINEAR").strip().upper()
         linear = function == "LINEAR"
         if width is not None and (width < 1 if linear else width <= 0):
-            return f"WindowWidth {width:g}: a {function} window needs {'at least 1' if linear else 'more than 0'}"
+            needs = "at least 1" if linear else "more than 0"
+            return f"WindowWidth {width:g}: a {function} window needs {needs}"
     return None
 
 
@@ -418,7 +431,7 @@ def codestream_size(pixel_data: bytes, kind: str) -> DeclaredSize:
         items = generate_fragments(pixel_data)
         next(items, None)  # the Basic Offset Table
         for fragment in items:
-            head += fragment[:CODESTREAM_HEADER_BYTES - len(head)]
+            head += fragment[: CODESTREAM_HEADER_BYTES - len(head)]
             found = declared_size(head, kind)
             if found is not None:
                 return found
@@ -427,8 +440,9 @@ def codestream_size(pixel_data: bytes, kind: str) -> DeclaredSize:
     except CodestreamError as error:
         raise UnreadableImage(f"{error} (checked before decoding)") from error
     except Exception as error:  # a malformed item structure
-        raise UnreadableImage(f"encapsulated PixelData unreadable ({type(error).__name__}: "
-                              f"{str(error)[:120]})") from error
+        raise UnreadableImage(
+            f"encapsulated PixelData unreadable ({type(error).__name__}: {str(error)[:120]})"
+        ) from error
     raise UnreadableImage("no complete codestream header in the first fragments of PixelData")
 
 
@@ -444,7 +458,8 @@ def check_codestream(ds: Dataset, meta: dict[str, Any]) -> None:
         raise UnreadableImage(
             f"{found.kind} codestream declares {found.rows}x{found.cols} with {found.components} "
             f"component(s) but the header says {meta['rows']}x{meta['cols']} (Rows x Columns) with "
-            f"SamplesPerPixel {meta['samples_per_pixel']}: rejected before decoding")
+            f"SamplesPerPixel {meta['samples_per_pixel']}: rejected before decoding"
+        )
 
 
 def check_native_length(ds: Dataset, meta: dict[str, Any]) -> None:
@@ -457,7 +472,8 @@ def check_native_length(ds: Dataset, meta: dict[str, Any]) -> None:
         raise UnreadableImage(
             f"pixel data not decodable: PixelData holds {held} bytes, {meta['rows']}x{meta['cols']}x"
             f"{meta['samples_per_pixel']} samples of {allocated} bits x {frames} frame(s) need {needed} "
-            "(truncated file or wrong header)")
+            "(truncated file or wrong header)"
+        )
 
 
 def native_pixels(ds: Dataset, meta: dict[str, Any]) -> np.ndarray | None:
@@ -469,8 +485,12 @@ def native_pixels(ds: Dataset, meta: dict[str, Any]) -> np.ndarray | None:
     (pydicom's decoder then reports the problem).
     """
     allocated = int(ds.get("BitsAllocated", 0) or 0)
-    if (meta["transfer_syntax"] not in NATIVE_LITTLE_ENDIAN or meta["samples_per_pixel"] != 1
-            or meta["number_of_frames"] != 1 or allocated not in (8, 16)):
+    if (
+        meta["transfer_syntax"] not in NATIVE_LITTLE_ENDIAN
+        or meta["samples_per_pixel"] != 1
+        or meta["number_of_frames"] != 1
+        or allocated not in (8, 16)
+    ):
         return None
     signed = meta["pixel_representation"] == 1
     dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
@@ -495,18 +515,22 @@ def open_dicom(path: Path, data: bytes | None = None, max_bytes: int | None = No
         except OSError as error:
             raise UnreadableImage(f"unreadable: {type(error).__name__} ({error.strerror})") from error
     ds = _parse_dicom(path, data, max_bytes)
-    if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage \
-            or "DirectoryRecordSequence" in ds:
+    if (
+        ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage
+        or "DirectoryRecordSequence" in ds
+    ):
         raise UnreadableImage(DICOMDIR_REASON)
     meta = dicom_meta(ds)
     if "PixelData" not in ds:
         what = f"{meta['sop_class']}, Modality {meta['modality'] or 'missing'}"
         if meta["rows"]:
-            raise UnreadableImage(f"missing PixelData ({what}, {meta['rows']}x{meta['cols']}): "
-                                  "an incomplete image object")
+            raise UnreadableImage(
+                f"missing PixelData ({what}, {meta['rows']}x{meta['cols']}): an incomplete image object"
+            )
         raise UnreadableImage(f"no pixel data ({what}): not an image")
-    problem = (pixel_module_problem(ds, meta) or lut_value_problem(ds)
-               or _decoder_problem(meta["transfer_syntax"]))
+    problem = (
+        pixel_module_problem(ds, meta) or lut_value_problem(ds) or _decoder_problem(meta["transfer_syntax"])
+    )
     if problem:
         raise UnreadableImage(problem)
     syntax = meta["transfer_syntax"]
@@ -514,7 +538,9 @@ def open_dicom(path: Path, data: bytes | None = None, max_bytes: int | None = No
 
     def pixels() -> np.ndarray:
         if meta["photometric"] not in MONOCHROME:
-            raise UnreadableImage(f"PhotometricInterpretation {meta['photometric']!r} not in {list(MONOCHROME)}")
+            raise UnreadableImage(
+                f"PhotometricInterpretation {meta['photometric']!r} not in {list(MONOCHROME)}"
+            )
         if encapsulated:
             check_codestream(ds, meta)
         elif syntax is not None:
@@ -539,11 +565,22 @@ def open_dicom(path: Path, data: bytes | None = None, max_bytes: int | None = No
 
 def _plain_meta(kind: str, shape: tuple[int, ...], bits: int | None) -> dict[str, Any]:
     return {
-        "format": kind, "modality": None, "body_part": None, "view": None,
-        "photometric": "MONOCHROME2", "samples_per_pixel": 1, "rows": int(shape[0]),
-        "cols": int(shape[1]), "bits_stored": bits, "pixel_representation": 0,
-        "pixel_spacing_mm": None, "transfer_syntax": None, "number_of_frames": 1,
-        "sop_class": None, "patient_id": None, "sop_instance_uid": None,
+        "format": kind,
+        "modality": None,
+        "body_part": None,
+        "view": None,
+        "photometric": "MONOCHROME2",
+        "samples_per_pixel": 1,
+        "rows": int(shape[0]),
+        "cols": int(shape[1]),
+        "bits_stored": bits,
+        "pixel_representation": 0,
+        "pixel_spacing_mm": None,
+        "transfer_syntax": None,
+        "number_of_frames": 1,
+        "sop_class": None,
+        "patient_id": None,
+        "sop_instance_uid": None,
     }
 
 

@@ -44,8 +44,8 @@ def assign_splits(
         n_test = round(len(patients) * test_fraction)
         n_val = round(len(patients) * val_fraction)
         split_of.update({p: "test" for p in patients[:n_test]})
-        split_of.update({p: "val" for p in patients[n_test:n_test + n_val]})
-        train_by_label[label] = patients[n_test + n_val:]
+        split_of.update({p: "val" for p in patients[n_test : n_test + n_val]})
+        train_by_label[label] = patients[n_test + n_val :]
         split_of.update({p: "train" for p in train_by_label[label]})
     if len(labels) >= 3:
         for split, fraction in (("test", test_fraction), ("val", val_fraction)):

@@ -30,8 +30,11 @@ NEVER = 2**31 - 1  # an epoch interval no run reaches
 
 
 def build_classifier(
-    cfg: DictConfig, seed: int | None = None, load_pretrained: bool = True,
-    train_labels: np.ndarray | None = None, lr_factor: float = 1.0,
+    cfg: DictConfig,
+    seed: int | None = None,
+    load_pretrained: bool = True,
+    train_labels: np.ndarray | None = None,
+    lr_factor: float = 1.0,
 ) -> XrayClassifier:
     """Seed everything (``seed``, else ``cfg.seed``), then build ``cfg.model`` from the
     allow-list of :mod:`models.registry`.
@@ -53,7 +56,9 @@ def build_classifier(
         param.requires_grad_(not name.startswith(frozen) if frozen else True)
     optimizer = build_optimizer(model["optimizer"])
     if lr_factor != 1.0:
-        optimizer = partial(optimizer.func, **{**optimizer.keywords, "lr": optimizer.keywords["lr"] * lr_factor})
+        optimizer = partial(
+            optimizer.func, **{**optimizer.keywords, "lr": optimizer.keywords["lr"] * lr_factor}
+        )
     weights = None
     if model.get("class_balance") and train_labels is not None:
         weights = balanced_class_weights(torch.as_tensor(train_labels), len(CLASS_NAMES))
@@ -92,8 +97,10 @@ def build_trainer(
     options["max_epochs"] = max_epochs
     if lean:
         options.update(
-            logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
             # No validation inside fit (the federation scores the global model itself);
             # trainer.validate() is not affected.
             check_val_every_n_epoch=NEVER,
@@ -115,9 +122,7 @@ def build_trainer(
     return pl.Trainer(**options)
 
 
-def train(
-    classifier: XrayClassifier, datamodule: CacheDataModule, trainer: pl.Trainer
-) -> dict[str, float]:
+def train(classifier: XrayClassifier, datamodule: CacheDataModule, trainer: pl.Trainer) -> dict[str, float]:
     """Fit; return the last epoch's ``train/`` metrics and ``num-examples``."""
     trainer.fit(classifier, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}

@@ -97,8 +97,10 @@ class ScaleToUnit(Transform):
             image = np.array(data["image"], np.float32)
         low, high = float(image.min()), float(image.max())
         if not (np.isfinite(low) and np.isfinite(high)):
-            raise PixelTransformError("pixel values not finite after the Modality / VOI LUT "
-                                      "(check RescaleSlope / RescaleIntercept and the window)")
+            raise PixelTransformError(
+                "pixel values not finite after the Modality / VOI LUT "
+                "(check RescaleSlope / RescaleIntercept and the window)"
+            )
         if high > low:
             image -= low
             image *= 1.0 / (high - low)
@@ -163,8 +165,7 @@ def dicom_to_unit(image: np.ndarray, dataset: Dataset | None) -> np.ndarray:
     return _to_unit(image, dataset, _image_table(image, dataset))
 
 
-def _to_unit(image: np.ndarray, dataset: Dataset | None,
-             found: tuple[np.ndarray, int] | None) -> np.ndarray:
+def _to_unit(image: np.ndarray, dataset: Dataset | None, found: tuple[np.ndarray, int] | None) -> np.ndarray:
     """:func:`dicom_to_unit` given the image's table (``found``, from :func:`_image_table`)."""
     if found is None:
         return dicom_pipeline()({"image": image, "dicom": dataset})["image"]

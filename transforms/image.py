@@ -65,13 +65,21 @@ def build_augmentation(
     each step fires independently with probability ``prob``. Seed it with
     ``.set_random_state(seed)``.
     """
-    return Compose([
-        RandRotate(range_x=math.radians(rotate_degrees), prob=prob, padding_mode="border"),
-        RandTranslateFraction(translate_fraction, prob),
-        RandZoom(prob=prob, min_zoom=1 - scale_fraction, max_zoom=1 + scale_fraction,
-                 mode="bilinear", padding_mode="edge", keep_size=True),
-        EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
-    ])
+    return Compose(
+        [
+            RandRotate(range_x=math.radians(rotate_degrees), prob=prob, padding_mode="border"),
+            RandTranslateFraction(translate_fraction, prob),
+            RandZoom(
+                prob=prob,
+                min_zoom=1 - scale_fraction,
+                max_zoom=1 + scale_fraction,
+                mode="bilinear",
+                padding_mode="edge",
+                keep_size=True,
+            ),
+            EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
+        ]
+    )
 
 
 def train_augmentation(augment: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -57,7 +57,9 @@ def site_update(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, dp: 
     params = list(net.parameters())
     if dp is None:
         return [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(images), labels), params)]
-    plan = RoundPlan(dp.noise_multiplier, sample_rate=1.0, steps=1, delta=0.0, expected_batch_size=len(labels))
+    plan = RoundPlan(
+        dp.noise_multiplier, sample_rate=1.0, steps=1, delta=0.0, expected_batch_size=len(labels)
+    )
     private = PrivateTraining(plan, dp.max_grad_norm, accountant="rdp", source=SecureRandom())
     optimizer = private.optimizer(net, torch.optim.SGD(params, lr=1.0))
     try:
@@ -79,7 +81,9 @@ def infer_label(net: nn.Module, update: Gradient) -> torch.Tensor:
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference of neighbouring pixels."""
-    return (images[..., 1:, :] - images[..., :-1, :]).abs().mean() + (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
+    return (images[..., 1:, :] - images[..., :-1, :]).abs().mean() + (
+        images[..., :, 1:] - images[..., :, :-1]
+    ).abs().mean()
 
 
 def cosine_distance(a: Gradient, b: Gradient) -> torch.Tensor:
@@ -90,7 +94,11 @@ def cosine_distance(a: Gradient, b: Gradient) -> torch.Tensor:
 
 
 def invert(
-    net: nn.Module, update: Gradient, labels: torch.Tensor, shape: tuple[int, ...], settings: InversionSettings
+    net: nn.Module,
+    update: Gradient,
+    labels: torch.Tensor,
+    shape: tuple[int, ...],
+    settings: InversionSettings,
 ) -> torch.Tensor:
     """Images in [0, 1] of ``shape`` whose gradient matches ``update`` in direction."""
     net.train()
@@ -121,7 +129,9 @@ def image_similarity(reconstructed: torch.Tensor, original: torch.Tensor) -> dic
     }
 
 
-def chance_similarity(original: torch.Tensor, population: torch.Tensor, seed: int = 0) -> dict[str, dict[str, float]]:
+def chance_similarity(
+    original: torch.Tensor, population: torch.Tensor, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """What guesses without any update score: uniform noise, a flat image of the original's
     mean intensity, and the mean image of other X-rays (``population``, the strictest)."""
     noise = torch.rand(original.shape, generator=torch.Generator().manual_seed(seed))

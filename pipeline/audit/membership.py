@@ -69,7 +69,8 @@ def membership_data(cache_dirs: Sequence[str | Path]) -> MembershipData:
     both = set(members.patient_keys) & {k for part in held_out for k in part.patient_keys}
     if both:
         raise ValueError(
-            f"{len(both)} patient(s) are in both the train and the held-out splits of {list(map(str, cache_dirs))}: "
+            f"{len(both)} patient(s) are in both the train and the held-out splits of "
+            f"{list(map(str, cache_dirs))}: "
             "membership is defined by patient, so preprocess the caches again (splits are made by patient)"
         )
     parts = [members, *held_out]
@@ -77,7 +78,9 @@ def membership_data(cache_dirs: Sequence[str | Path]) -> MembershipData:
         images=np.concatenate([p.images for p in parts]),
         labels=np.concatenate([p.labels for p in parts]),
         patient_keys=[k for p in parts for k in p.patient_keys],
-        member=np.concatenate([np.ones(len(members.labels), bool)] + [np.zeros(len(p.labels), bool) for p in held_out]),
+        member=np.concatenate(
+            [np.ones(len(members.labels), bool)] + [np.zeros(len(p.labels), bool) for p in held_out]
+        ),
     )
 
 
@@ -88,7 +91,9 @@ def logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> torch.Te
     was_training = net.training
     net.eval()
     with torch.inference_mode():
-        out = torch.cat([net(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
+        out = torch.cat(
+            [net(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+        )
     net.train(was_training)
     return out.double()
 
@@ -151,9 +156,7 @@ def train_like_run(config: DictConfig, split: SplitArrays, epochs: int, seed: in
     return classifier
 
 
-def lira_scores(
-    target_phi: np.ndarray, shadow_phi: np.ndarray, shadow_in: np.ndarray
-) -> np.ndarray:
+def lira_scores(target_phi: np.ndarray, shadow_phi: np.ndarray, shadow_in: np.ndarray) -> np.ndarray:
     """Offline LiRA: ``(phi - mu_out) / sigma_out`` with per-image OUT means and one pooled
     OUT standard deviation. ``shadow_phi`` and ``shadow_in`` are (shadows, images)."""
     out = np.where(shadow_in, np.nan, shadow_phi)
@@ -193,15 +196,18 @@ def membership_audit(
         assignment = shadow_assignment(n_shadows, len(data.labels), seed)
         shadow_phi = []
         for i, chosen in enumerate(assignment):
-            log.info("shadow model %d/%d: %d images, %d epochs", i + 1, n_shadows, chosen.sum(), shadow_epochs)
+            log.info(
+                "shadow model %d/%d: %d images, %d epochs", i + 1, n_shadows, chosen.sum(), shadow_epochs
+            )
             shadow = train_like_run(config, data.subset(chosen), shadow_epochs, seed=seed + 1 + i)
             shadow_phi.append(scaled_confidence(shadow.net, data))
         scores = lira_scores(scaled_confidence(net, data), np.stack(shadow_phi), assignment)
         result["lira"] = attack_metrics(scores, data.member) | {
             "variant": "offline, fixed variance",
-            "shadow_models": n_shadows, "shadow_epochs": shadow_epochs,
+            "shadow_models": n_shadows,
+            "shadow_epochs": shadow_epochs,
             "shadow_data": "random halves of the pooled member and non-member images; each image "
-                           "is outside the training set of exactly half of the shadows",
+            "is outside the training set of exactly half of the shadows",
         }
     result["n_patients"] = {
         "members": len({k for k, m in zip(data.patient_keys, data.member) if m}),

@@ -33,13 +33,18 @@ class ReleasePolicy:
 def release_metrics(membership: dict[str, Any], inversion: dict[str, Any]) -> dict[str, Any]:
     """The figures the policy checks: the strongest membership attack and the reconstruction
     SSIM under the protection the model was trained with."""
-    attacks = {name: result for name, result in membership.items() if isinstance(result, dict) and "auc" in result}
+    attacks = {
+        name: result for name, result in membership.items() if isinstance(result, dict) and "auc" in result
+    }
     auc_attack = max(attacks, key=lambda name: attacks[name]["auc"])
     tpr_attack = max(attacks, key=lambda name: attacks[name]["tpr_at_fpr"]["0.01"])
     return {
-        "membership_auc": attacks[auc_attack]["auc"], "membership_auc_attack": auc_attack,
-        "tpr_at_1pct_fpr": attacks[tpr_attack]["tpr_at_fpr"]["0.01"], "tpr_attack": tpr_attack,
-        "reconstruction_ssim": inversion["ssim"], "reconstruction_protection": inversion["protection"],
+        "membership_auc": attacks[auc_attack]["auc"],
+        "membership_auc_attack": auc_attack,
+        "tpr_at_1pct_fpr": attacks[tpr_attack]["tpr_at_fpr"]["0.01"],
+        "tpr_attack": tpr_attack,
+        "reconstruction_ssim": inversion["ssim"],
+        "reconstruction_protection": inversion["protection"],
     }
 
 
@@ -47,16 +52,29 @@ def check_release(audit_result: dict[str, Any], policy: ReleasePolicy) -> list[s
     """Every threshold one audited model's ``release_metrics`` exceed (empty: it may be released)."""
     m = audit_result["release_metrics"]
     checks = [
-        (m["membership_auc"], policy.max_membership_auc, "max_membership_auc",
-         f"membership attack ROC-AUC ({m['membership_auc_attack']})"),
-        (m["tpr_at_1pct_fpr"], policy.max_tpr_at_1pct_fpr, "max_tpr_at_1pct_fpr",
-         f"membership attack TPR at 1% FPR ({m['tpr_attack']})"),
-        (m["reconstruction_ssim"], policy.max_reconstruction_ssim, "max_reconstruction_ssim",
-         f"gradient-inversion SSIM (protection: {m['reconstruction_protection']})"),
+        (
+            m["membership_auc"],
+            policy.max_membership_auc,
+            "max_membership_auc",
+            f"membership attack ROC-AUC ({m['membership_auc_attack']})",
+        ),
+        (
+            m["tpr_at_1pct_fpr"],
+            policy.max_tpr_at_1pct_fpr,
+            "max_tpr_at_1pct_fpr",
+            f"membership attack TPR at 1% FPR ({m['tpr_attack']})",
+        ),
+        (
+            m["reconstruction_ssim"],
+            policy.max_reconstruction_ssim,
+            "max_reconstruction_ssim",
+            f"gradient-inversion SSIM (protection: {m['reconstruction_protection']})",
+        ),
     ]
     return [
         f"{what} {value:.3f} exceeds audit.release.{key} = {limit:.3f}"
-        for value, limit, key, what in checks if value > limit
+        for value, limit, key, what in checks
+        if value > limit
     ]
 
 
@@ -67,7 +85,9 @@ class ReleaseRefused(Exception):
 def audited_entry(model: Path, audit_json: Path) -> dict[str, Any]:
     """The entry of ``audit_json`` for this exact model file (matched by sha256)."""
     if not audit_json.is_file():
-        raise ReleaseRefused(f"no audit at {audit_json}: run scripts/audit_privacy.py audit.checkpoint={model} first")
+        raise ReleaseRefused(
+            f"no audit at {audit_json}: run scripts/audit_privacy.py audit.checkpoint={model} first"
+        )
     digest = file_sha256(model)
     entries = [e for e in json.loads(audit_json.read_text())["models"] if e["sha256"] == digest]
     if not entries:

@@ -32,11 +32,24 @@ def roc_figure(audit: dict[str, Any]) -> bytes:
         for style, (name, attack) in zip(("-", "--"), _attacks(model)):
             fpr = np.maximum(attack["roc"]["fpr"], floor)
             tpr = np.maximum(attack["roc"]["tpr"], floor)
-            ax.plot(fpr, tpr, style, c=f"C{i}", lw=1.8,
-                    label=f"{model['name']}, {ATTACK_NAMES[name]} (AUC {attack['auc']:.2f})")
+            ax.plot(
+                fpr,
+                tpr,
+                style,
+                c=f"C{i}",
+                lw=1.8,
+                label=f"{model['name']}, {ATTACK_NAMES[name]} (AUC {attack['auc']:.2f})",
+            )
     ax.plot([floor, 1], [floor, 1], ls=":", c="grey", lw=0.8, label="chance")
-    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05), title="Membership inference",
-           xlabel="false positive rate (non-members called members)", ylabel="true positive rate (members found)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=(floor, 1),
+        ylim=(floor, 1.05),
+        title="Membership inference",
+        xlabel="false positive rate (non-members called members)",
+        ylabel="true positive rate (members found)",
+    )
     ax.legend(loc="lower right", fontsize=7)
     return png_bytes(fig)
 
@@ -71,8 +84,13 @@ def inversion_figure(images: dict[str, np.ndarray]) -> bytes:
 
 def render(audit: dict[str, Any], figures: dict[str, str]) -> str:
     """The HTML page of ``audit`` with ``figures`` (file name -> data URI)."""
-    env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=select_autoescape(default=True),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(Path(__file__).parent),
+        autoescape=select_autoescape(default=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(number=number, percent=lambda v: "–" if v is None else f"{100 * v:.1f}%")
     return env.get_template(TEMPLATE).render(a=audit, figures=figures, attack_names=ATTACK_NAMES)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ log = logging.getLogger("fedrad.audit")
 
 SECURE_AGGREGATION_NOTE = (
     "Under secure aggregation (SecAgg+, federation.secure_aggregation=true) the coordinator never holds a "
-    "single site's update: it learns only the sum over the sites of a round. The gradient inversion below shows "
-    "what an adversary who does hold one site's update (a coordinator without secure aggregation, or anyone "
-    "reading that site's traffic) could reconstruct from it."
+    "single site's update: it learns only the sum over the sites of a round. The gradient inversion below "
+    "shows what an adversary who does hold one site's update (a coordinator without secure aggregation, "
+    "or anyone reading that site's traffic) could reconstruct from it."
 )
 
 
@@ -47,8 +47,13 @@ def dp_update(targets: list[AuditTarget], cfg: DictConfig, site_examples: int) -
         )
     config = configs[0]
     settings = DPSettings.from_config(config.privacy)
-    plan = plan_round(settings, site_examples, int(config.data.batch_size),
-                      int(config.federation.local_epochs), int(config.federation.num_rounds))
+    plan = plan_round(
+        settings,
+        site_examples,
+        int(config.data.batch_size),
+        int(config.federation.local_epochs),
+        int(config.federation.num_rounds),
+    )
     return DPUpdate(plan.noise_multiplier, settings.max_grad_norm)
 
 
@@ -62,8 +67,9 @@ def inversion_section(
     pixels = resize(torch.from_numpy(site.images.copy()), int(options.image_size))
     images, population = pixels[:count], pixels[count:]
     labels = torch.tensor(site.labels[:count])
-    settings = InversionSettings(int(options.iterations), float(options.learning_rate),
-                                 float(options.tv_weight), int(cfg.audit.seed))
+    settings = InversionSettings(
+        int(options.iterations), float(options.learning_rate), float(options.tv_weight), int(cfg.audit.seed)
+    )
     dp = dp_update(targets, cfg, len(site.labels))
     results, shown = {}, {"original": images.numpy()}
     for protection in (None, dp):
@@ -72,11 +78,17 @@ def inversion_section(
         name = "none" if protection is None else "dp-sgd"
         log.info("gradient inversion of a %d-image update, protection: %s", count, name)
         results[name], reconstructed = inversion_attack(net, images, labels, protection, settings)
-        shown["no protection" if protection is None else f"DP-SGD (σ={dp.noise_multiplier:.2f})"] = reconstructed.numpy()
+        shown["no protection" if protection is None else f"DP-SGD (σ={dp.noise_multiplier:.2f})"] = (
+            reconstructed.numpy()
+        )
     section = {
         "network": OmegaConf.to_container(options.net, resolve=True),
-        "site": caches[0].parent.parent.name, "image_size": int(options.image_size), "batch_size": count,
-        "settings": vars(settings), "results": results, "chance": chance_similarity(images, population, settings.seed),
+        "site": caches[0].parent.parent.name,
+        "image_size": int(options.image_size),
+        "batch_size": count,
+        "settings": vars(settings),
+        "results": results,
+        "chance": chance_similarity(images, population, settings.seed),
         "secure_aggregation": SECURE_AGGREGATION_NOTE,
     }
     return section, shown
@@ -85,7 +97,9 @@ def inversion_section(
 def run_audit(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Every number of the audit of ``audit.checkpoint`` (and ``audit.compare_checkpoint``), and
     the images for the inversion figure."""
-    checkpoints = [cfg.audit.checkpoint] + ([cfg.audit.compare_checkpoint] if cfg.audit.compare_checkpoint else [])
+    checkpoints = [cfg.audit.checkpoint] + (
+        [cfg.audit.compare_checkpoint] if cfg.audit.compare_checkpoint else []
+    )
     if not checkpoints[0]:
         raise ValueError("name the model to audit: audit.checkpoint=<run folder>/model.pt")
     targets = [load_target(path, cfg) for path in checkpoints]
@@ -97,18 +111,35 @@ def run_audit(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     for target in targets:
         check_image_size(target.checkpoint, {"image_size": target.config.data.get("image_size")}, data.images)
         epochs = int(cfg.audit.membership.shadow_epochs or target.training_epochs)
-        log.info("membership inference on %s (%d members, %d non-members)",
-                 target.checkpoint, data.member.sum(), (~data.member).sum())
-        membership = membership_audit(target.net, target.config, data, int(cfg.audit.membership.shadow_models),
-                                      epochs, seed=int(cfg.audit.seed))
+        log.info(
+            "membership inference on %s (%d members, %d non-members)",
+            target.checkpoint,
+            data.member.sum(),
+            (~data.member).sum(),
+        )
+        membership = membership_audit(
+            target.net,
+            target.config,
+            data,
+            int(cfg.audit.membership.shadow_models),
+            epochs,
+            seed=int(cfg.audit.seed),
+        )
         own = inversion["results"]["dp-sgd" if target.private else "none"]
-        entry = {"name": target.checkpoint.parent.name, **target.describe(), "membership": membership,
-                 "release_metrics": release_metrics(membership, own)}
+        entry = {
+            "name": target.checkpoint.parent.name,
+            **target.describe(),
+            "membership": membership,
+            "release_metrics": release_metrics(membership, own),
+        }
         entry["release"] = {"violations": check_release(entry, policy)}
         models.append(entry)
     audit = {
         "title": "Privacy audit by attack",
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "sites": list(cfg.data.sites), "policy": vars(policy), "models": models, "inversion": inversion,
+        "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "sites": list(cfg.data.sites),
+        "policy": vars(policy),
+        "models": models,
+        "inversion": inversion,
     }
     return audit, images

@@ -41,9 +41,12 @@ class AuditTarget:
         net = self.config.model.net
         norm = f" ({net.norm} norm)" if net.get("norm") else ""
         return {
-            "checkpoint": str(self.checkpoint), "sha256": self.sha256,
-            "model": f"{net.get('_target_')}{norm}", "image_size": self.config.data.get("image_size"),
-            "private": self.private, "training_epochs": self.training_epochs,
+            "checkpoint": str(self.checkpoint),
+            "sha256": self.sha256,
+            "model": f"{net.get('_target_')}{norm}",
+            "image_size": self.config.data.get("image_size"),
+            "private": self.private,
+            "training_epochs": self.training_epochs,
             "config_source": self.config_source,
         }
 

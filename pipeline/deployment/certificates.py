@@ -67,14 +67,16 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedrad federation"),
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-    ])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedrad federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(
         now + dt.timedelta(days=VALID_DAYS)
     )
@@ -125,9 +127,7 @@ def make_server_cert(certs: CoordinatorCerts, ca_key: Path, hostnames: list[str]
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_subject_alt_names(hostnames), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
     )
     cert = _validity(builder).sign(signer, hashes.SHA384())
     _write(certs.key, _pem_key(key), private=True)
@@ -142,9 +142,7 @@ def make_site_keys(keys: SiteKeys, comment: str) -> None:
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write(keys.private_key, private, private=True)
     _write(keys.public_key, public + f" {comment}\n".encode())
 

@@ -62,10 +62,13 @@ def superlink_command(dep: DictConfig) -> list[str]:
     return [
         flower_cli.flower_tool("flower-superlink"),
         *superlink_security_args(dep),
-        "--database", str(state.database),
+        "--database",
+        str(state.database),
         "--disable-runtime-dependency-installation",
-        "--host", str(dep.listen_host),
-        "--port", str(dep.port),
+        "--host",
+        str(dep.listen_host),
+        "--port",
+        str(dep.port),
     ]
 
 

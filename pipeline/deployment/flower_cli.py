@@ -91,8 +91,11 @@ def write_app_bundle(app_dir: Path, experiment_file: Path, output_dir: Path) -> 
 def flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> str:
     """Run ``flwr <args>`` against the federation's SuperLink; its stdout, or an error."""
     done = subprocess.run(
-        [flower_tool("flwr"), *args], env=flower_env(flwr_home),
-        capture_output=True, text=True, timeout=timeout,
+        [flower_tool("flwr"), *args],
+        env=flower_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if done.returncode != 0:
         raise RuntimeError(f"`flwr {' '.join(args)}` failed:\n{done.stdout}{done.stderr}")
@@ -126,8 +129,11 @@ def stream_run(flwr_home: Path, app_dir: Path) -> int:
     run ends, and return the run id."""
     command = [flower_tool("flwr"), "run", str(app_dir), "--stream"]
     process = subprocess.Popen(
-        command, env=flower_env(flwr_home), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        command,
+        env=flower_env(flwr_home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     run_id = None
     assert process.stdout is not None
@@ -143,8 +149,7 @@ def unfinished_runs(flwr_home: Path) -> list[int]:
     """Runs the SuperLink's database still lists as not finished (a coordinator crash)."""
     listing = json.loads(flwr(["ls", "--format", "json"], flwr_home))
     return [
-        int(run["run-id"]) for run in listing.get("runs", [])
-        if not str(run["status"]).startswith("finished")
+        int(run["run-id"]) for run in listing.get("runs", []) if not str(run["status"]).startswith("finished")
     ]
 
 

@@ -37,8 +37,12 @@ class LoopbackDeployment:
     """
 
     def __init__(
-        self, work_dir: Path, overrides: list[str], sites: list[str],
-        insecure: bool = False, certs_dir: Path | None = None,
+        self,
+        work_dir: Path,
+        overrides: list[str],
+        sites: list[str],
+        insecure: bool = False,
+        certs_dir: Path | None = None,
     ) -> None:
         self.work_dir = Path(work_dir)
         self.sites = sites
@@ -47,8 +51,10 @@ class LoopbackDeployment:
         self.state_dir = self.work_dir / "state"
         self.port = free_port()
         self.overrides = [
-            *overrides, f"deployment.certs_dir={self.certs_dir}",
-            f"deployment.state_dir={self.state_dir}", f"deployment.port={self.port}",
+            *overrides,
+            f"deployment.certs_dir={self.certs_dir}",
+            f"deployment.state_dir={self.state_dir}",
+            f"deployment.port={self.port}",
             f"deployment.insecure={str(insecure).lower()}",
         ]
         self.processes: dict[str, subprocess.Popen] = {}
@@ -63,7 +69,11 @@ class LoopbackDeployment:
         log = open(self.work_dir / "logs" / f"{name}.log", "a")
         command = [sys.executable, str(REPO / "scripts" / script), *self.overrides, *extra]
         process = subprocess.Popen(
-            command, cwd=REPO, env=flower_env(), stdout=log, stderr=subprocess.STDOUT,
+            command,
+            cwd=REPO,
+            env=flower_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.processes[name] = process
@@ -104,16 +114,24 @@ class LoopbackDeployment:
             thread.join()
 
     def start_site(self, site: str, extra: list[str] = ()) -> subprocess.Popen:
-        return self._spawn(site, "site.py", [
-            f"+site=demo_{site}", f"deployment.supernode_port={free_port()}", *extra,
-        ])
+        return self._spawn(
+            site,
+            "site.py",
+            [
+                f"+site=demo_{site}",
+                f"deployment.supernode_port={free_port()}",
+                *extra,
+            ],
+        )
 
     def wait_coordinator(self, timeout: float) -> int:
         """The coordinator's exit code; raises with its log when it does not end in time."""
         try:
             return self.processes["coordinator"].wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise TimeoutError("the coordinator did not finish:\n" + self.log("coordinator")[-4000:]) from None
+            raise TimeoutError(
+                "the coordinator did not finish:\n" + self.log("coordinator")[-4000:]
+            ) from None
 
     def kill(self, name: str) -> None:
         """SIGKILL process ``name`` and every process it started (its process group)."""

@@ -48,10 +48,13 @@ def supernode_command(dep: DictConfig, cache_dir: Path, governance: DictConfig) 
     )
     command = [
         flower_cli.flower_tool("flower-supernode"),
-        "--superlink", str(dep.superlink),
+        "--superlink",
+        str(dep.superlink),
         *supernode_security_args(dep),
-        "--node-config", node_config,
-        "--port", str(dep.supernode_port),
+        "--node-config",
+        node_config,
+        "--port",
+        str(dep.supernode_port),
     ]
     if dep.max_wait_s is not None:
         command += ["--max-wait-time", str(dep.max_wait_s)]
@@ -69,8 +72,14 @@ def _supernode_refused(command: list[str]) -> tuple[int, bool]:
     The SuperNode is reaped as soon as it exits (its SuperExec helper, which shares the output
     pipe, only stops once its parent is gone). SIGTERM is passed on to the SuperNode.
     """
-    process = subprocess.Popen(command, env=flower_cli.flower_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+    process = subprocess.Popen(
+        command,
+        env=flower_cli.flower_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate())
     refused = threading.Event()
 
@@ -99,14 +108,21 @@ def run_supernode(command: list[str], site: str, rejoin_delay_s: float) -> int:
     """
     code, refused = _supernode_refused(command)
     if refused:
-        log.warning("site %s: the coordinator refused the connection or could not be reached (it "
-                    "refuses a key whose earlier session still looks alive); retrying once in "
-                    "%.0f s (deployment.rejoin_delay_s)", site, rejoin_delay_s)
+        log.warning(
+            "site %s: the coordinator refused the connection or could not be reached (it "
+            "refuses a key whose earlier session still looks alive); retrying once in "
+            "%.0f s (deployment.rejoin_delay_s)",
+            site,
+            rejoin_delay_s,
+        )
         time.sleep(rejoin_delay_s)
         code, refused = _supernode_refused(command)
     if refused:
-        log.error("site %s could not join: check that its key is registered at the coordinator "
-                  "(flwr supernode register), the address and the CA certificate", site)
+        log.error(
+            "site %s could not join: check that its key is registered at the coordinator "
+            "(flwr supernode register), the address and the CA certificate",
+            site,
+        )
     return code
 
 
@@ -122,9 +138,13 @@ def _wait_out_crashed_session(site: SitePaths, delay_s: float) -> None:
     sooner would keep the node "online" and leave that round waiting for its timeout.
     """
     if (site.private_dir / SESSION_MARKER).is_file():
-        log.warning("site %s: its previous session did not end cleanly (killed or crashed); "
-                    "waiting %.0f s so that the coordinator drops it before the site rejoins "
-                    "(deployment.rejoin_delay_s)", site.name, delay_s)
+        log.warning(
+            "site %s: its previous session did not end cleanly (killed or crashed); "
+            "waiting %.0f s so that the coordinator drops it before the site rejoins "
+            "(deployment.rejoin_delay_s)",
+            site.name,
+            delay_s,
+        )
         time.sleep(delay_s)
 
 
@@ -136,8 +156,11 @@ def run_site(cfg: DictConfig) -> NoReturn:
     _wait_out_crashed_session(site, float(cfg.deployment.rejoin_delay_s))
     log.info("site %s connecting to the coordinator at %s", site.name, cfg.deployment.superlink)
     if cfg.governance.auto_approve_simulated_sites:
-        log.warning("site %s approves every undecided job automatically "
-                    "(governance.auto_approve_simulated_sites): for demo sites only", site.name)
+        log.warning(
+            "site %s approves every undecided job automatically "
+            "(governance.auto_approve_simulated_sites): for demo sites only",
+            site.name,
+        )
     marker = site.private_dir / SESSION_MARKER
     marker.write_text(f"{os.getpid()}\n")  # removed on any exit but a kill
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -40,9 +40,12 @@ def superlink_security_args(dep: DictConfig) -> list[str]:
         "run `python scripts/make_certs.py` on the coordinator first",
     )
     return [
-        "--ssl-ca-certfile", str(certs.ca_cert),
-        "--ssl-certfile", str(certs.cert),
-        "--ssl-keyfile", str(certs.key),
+        "--ssl-ca-certfile",
+        str(certs.ca_cert),
+        "--ssl-certfile",
+        str(certs.cert),
+        "--ssl-keyfile",
+        str(certs.key),
         "--enable-supernode-auth",
     ]
 

@@ -65,17 +65,17 @@ def train(message: Message, context: Context) -> Message:
     received = received_experiment(message, context)
     cfg = received.cfg
     if cfg.federation.get("secure_aggregation") and MASKING_NEIGHBOURS.get() is None:
-        raise InvalidExperiment("this job requires secure aggregation (SecAgg+): the site does not "
-                                "send its update in the clear")
+        raise InvalidExperiment(
+            "this job requires secure aggregation (SecAgg+): the site does not send its update in the clear"
+        )
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     _test_only_dropout(cfg, context, received.server_round)
     state = message.content["arrays"].to_torch_state_dict()
-    new_state, metrics = train_site(cfg, received.cache_dir, state, received.server_round,
-                                    received.run_id, received.policy)
-    num_examples = int(metrics.pop("num-examples"))
-    content = RecordDict(
-        {"arrays": ArrayRecord(new_state), "metrics": _metric_record(metrics, num_examples)}
+    new_state, metrics = train_site(
+        cfg, received.cache_dir, state, received.server_round, received.run_id, received.policy
     )
+    num_examples = int(metrics.pop("num-examples"))
+    content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": _metric_record(metrics, num_examples)})
     return Message(content=content, reply_to=message)
 
 
@@ -88,11 +88,10 @@ def evaluate(message: Message, context: Context) -> Message:
     received = received_experiment(message, context)
     torch.set_num_threads(max(1, int(received.cfg.federation.client_cpus)))
     state = message.content["arrays"].to_torch_state_dict()
-    metrics, head = evaluate_round(received.cfg, received.cache_dir, state,
-                                   received.server_round, received.run_id)
+    metrics, head = evaluate_round(
+        received.cfg, received.cache_dir, state, received.server_round, received.run_id
+    )
     metrics = dict(metrics)
     num_examples = int(metrics.pop("num-examples"))
-    content = RecordDict(
-        {"metrics": _metric_record(metrics, num_examples), "ledger": ConfigRecord(head)}
-    )
+    content = RecordDict({"metrics": _metric_record(metrics, num_examples), "ledger": ConfigRecord(head)})
     return Message(content=content, reply_to=message)

@@ -27,10 +27,17 @@ MODEL_OPTIONS = {"net", "optimizer", "weights_path", "weights_strict", "class_ba
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
 TRAINER_OPTIONS: dict[str, tuple[type, ...]] = {
-    "accelerator": (str,), "devices": (int, str), "precision": (str, int),
-    "deterministic": (bool, str), "benchmark": (bool,), "log_every_n_steps": (int,),
-    "enable_progress_bar": (bool,), "enable_model_summary": (bool,),
-    "num_sanity_val_steps": (int,), "gradient_clip_val": (int, float), "max_epochs": (int,),
+    "accelerator": (str,),
+    "devices": (int, str),
+    "precision": (str, int),
+    "deterministic": (bool, str),
+    "benchmark": (bool,),
+    "log_every_n_steps": (int,),
+    "enable_progress_bar": (bool,),
+    "enable_model_summary": (bool,),
+    "num_sanity_val_steps": (int,),
+    "gradient_clip_val": (int, float),
+    "max_epochs": (int,),
 }
 AUGMENT_OPTIONS = ("rotate_degrees", "translate_fraction", "scale_fraction", "prob")
 SCALARS = (str, int, float, bool, type(None))
@@ -45,8 +52,10 @@ def _check_plain(value: Any, where: str) -> None:
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str) or key.startswith("_"):
-                raise InvalidExperiment(f"{where}.{key}: Hydra keys such as _target_ are only "
-                                        "accepted in model.net and model.optimizer")
+                raise InvalidExperiment(
+                    f"{where}.{key}: Hydra keys such as _target_ are only "
+                    "accepted in model.net and model.optimizer"
+                )
             _check_plain(item, f"{where}.{key}")
     elif isinstance(value, list):
         for index, item in enumerate(value):
@@ -62,10 +71,13 @@ def _check_trainer(trainer: Any) -> None:
         raise InvalidExperiment("trainer must be a mapping")
     for key, value in trainer.items():
         if key not in TRAINER_OPTIONS:
-            raise InvalidExperiment(f"trainer.{key} is not an accepted Lightning option "
-                                    f"(accepted: {', '.join(TRAINER_OPTIONS)})")
-        if value is not None and (not isinstance(value, TRAINER_OPTIONS[key])
-                                  or (isinstance(value, bool) and bool not in TRAINER_OPTIONS[key])):
+            raise InvalidExperiment(
+                f"trainer.{key} is not an accepted Lightning option (accepted: {', '.join(TRAINER_OPTIONS)})"
+            )
+        if value is not None and (
+            not isinstance(value, TRAINER_OPTIONS[key])
+            or (isinstance(value, bool) and bool not in TRAINER_OPTIONS[key])
+        ):
             raise InvalidExperiment(f"trainer.{key}={value!r} has the wrong type")
     if trainer.get("accelerator") not in (None, *ACCELERATORS):
         raise InvalidExperiment(f"trainer.accelerator must be one of {ACCELERATORS}")
@@ -93,8 +105,10 @@ def check_experiment(experiment: Mapping[str, Any]) -> None:
     augment = (experiment.get("data") or {}).get("augment") or {}
     unknown = sorted(set(augment) - set(AUGMENT_OPTIONS))
     if unknown:
-        raise InvalidExperiment(f"data.augment.{unknown[0]} is not an augmentation option "
-                                f"(accepted: {', '.join(AUGMENT_OPTIONS)})")
+        raise InvalidExperiment(
+            f"data.augment.{unknown[0]} is not an augmentation option "
+            f"(accepted: {', '.join(AUGMENT_OPTIONS)})"
+        )
     for section in SECTIONS:
         if section not in ("model", "trainer") and section in experiment:
             _check_plain(experiment[section], section)

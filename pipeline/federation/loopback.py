@@ -43,8 +43,11 @@ class LoopbackGrid(Grid):
             setattr(TaskIdentity, attribute, 1)
         self.contexts = {
             first_node_id + index: Context(
-                run_id=1, node_id=first_node_id + index, node_config={"partition-id": index},
-                state=RecordDict(), run_config={},
+                run_id=1,
+                node_id=first_node_id + index,
+                node_config={"partition-id": index},
+                state=RecordDict(),
+                run_config={},
             )
             for index in range(partitions)
         }
@@ -69,9 +72,7 @@ class LoopbackGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         raise NotImplementedError("use send_and_receive")
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for message in messages:
             message = copy.deepcopy(message)

@@ -53,12 +53,15 @@ class Release:
     metrics: dict[str, float]
     secure_aggregation: bool
     neighbours: list[int] | None = None  # SecAgg+: the sites it was masked against
-    survivors: list[int] | None = None   # SecAgg+: unmasking's surviving sites
-    dropped: list[int] | None = None     # SecAgg+: unmasking's dropped sites
+    survivors: list[int] | None = None  # SecAgg+: unmasking's surviving sites
+    dropped: list[int] | None = None  # SecAgg+: unmasking's dropped sites
 
     def same_request(self, config_sha256: str, global_model_sha256: str, secure: bool) -> bool:
         return (self.config_sha256, self.global_model_sha256, self.secure_aggregation) == (
-            config_sha256, global_model_sha256, secure)
+            config_sha256,
+            global_model_sha256,
+            secure,
+        )
 
 
 class ReleaseStore:
@@ -121,8 +124,9 @@ class ReleaseStore:
         """SecAgg+: record the first unmasking's survivors and dropped sites; refuse other ones."""
         release = self.find(run, server_round)
         if release is None:
-            raise ReleaseRefused(f"unmasking round {server_round} of run {run}, for which this site "
-                                 "released no update")
+            raise ReleaseRefused(
+                f"unmasking round {server_round} of run {run}, for which this site released no update"
+            )
         survivors, dropped = sorted(survivors), sorted(dropped)
         if release.survivors is None:
             release.survivors, release.dropped = survivors, dropped

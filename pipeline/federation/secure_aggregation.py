@@ -43,8 +43,10 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
-    Key as SecAggKey,
     Stage,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    Key as SecAggKey,
 )
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
@@ -120,14 +122,19 @@ def _check_protocol(msg: Message, ctxt: Context) -> None:
         SecAggKey.MAX_WEIGHT: settings.max_weight,
     }
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    wrong = [f"{key}={configs.get(key)!r} (the job's: {value!r})" for key, value in expected.items()
-             if configs.get(key) != value]
+    wrong = [
+        f"{key}={configs.get(key)!r} (the job's: {value!r})"
+        for key, value in expected.items()
+        if configs.get(key) != value
+    ]
     sampled = int(configs.get(SecAggKey.SAMPLE_NUMBER, 0))
     if sampled < settings.reconstruction_threshold:
         wrong.append(f"{SecAggKey.SAMPLE_NUMBER}={sampled} below the threshold")
     if wrong:
-        raise InvalidExperiment("secure aggregation set up with parameters other than the approved "
-                                f"job's: {'; '.join(wrong)}: refused")
+        raise InvalidExperiment(
+            "secure aggregation set up with parameters other than the approved "
+            f"job's: {'; '.join(wrong)}: refused"
+        )
 
 
 def _check_unmasking(msg: Message, ctxt: Context) -> None:
@@ -135,7 +142,8 @@ def _check_unmasking(msg: Message, ctxt: Context) -> None:
     received = received_experiment(msg, ctxt)
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     ReleaseStore(received.cache_dir.parent / "private").unmasking(
-        received.run_id, received.server_round,
+        received.run_id,
+        received.server_round,
         [int(n) for n in cast(list[int], configs[SecAggKey.ACTIVE_NODE_ID_LIST])],
         [int(n) for n in cast(list[int], configs[SecAggKey.DEAD_NODE_ID_LIST])],
     )
@@ -191,7 +199,8 @@ class SecureFitStrategy(LegacyFedAvg):
             min_available_clients=recorder.min_available_nodes,
             initial_parameters=ndarrays_to_parameters(list(initial.values())),
             on_fit_config_fn=lambda server_round: {
-                **train_config, "server-round": recorder.run_round(server_round),
+                **train_config,
+                "server-round": recorder.run_round(server_round),
                 ARRAY_NAMES: self.names,
             },
         )
@@ -203,9 +212,7 @@ class SecureFitStrategy(LegacyFedAvg):
     def arrays(self, parameters: Parameters) -> ArrayRecord:
         """Named arrays (with the model's dtypes) from legacy, unnamed parameters."""
         ndarrays = parameters_to_ndarrays(parameters)
-        return ArrayRecord(
-            {n: Array(_cast(a, t)) for n, a, t in zip(self.names, ndarrays, self.dtypes)}
-        )
+        return ArrayRecord({n: Array(_cast(a, t)) for n, a, t in zip(self.names, ndarrays, self.dtypes)})
 
     def aggregate_fit(
         self,
@@ -214,18 +221,20 @@ class SecureFitStrategy(LegacyFedAvg):
         failures: list,
     ) -> tuple[Parameters | None, dict]:
         per_site = {
-            str(proxy.node_id): {k: float(v) for k, v in res.metrics.items()}
-            for proxy, res in results
+            str(proxy.node_id): {k: float(v) for k, v in res.metrics.items()} for proxy, res in results
         }
         self.recorder.record_train(
-            server_round, per_site, self.recorder.aggregate_site_metrics(per_site),
+            server_round,
+            per_site,
+            self.recorder.aggregate_site_metrics(per_site),
             [str(failure) for failure in failures],
         )
         average: NDArrays = parameters_to_ndarrays(results[0][1].parameters)
         self.aggregated_round = server_round
         averaged = self.arrays(ndarrays_to_parameters([_cast(a, t) for a, t in zip(average, self.dtypes)]))
         stepped = self.recorder.server_optimizer.step(
-            self.recorder.run_round(server_round), self.arrays(self.sent), averaged)
+            self.recorder.run_round(server_round), self.arrays(self.sent), averaged
+        )
         return ndarrays_to_parameters([stepped[n].numpy() for n in self.names]), {}
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
@@ -280,8 +289,9 @@ class ExperimentStampingGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
-                         ) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.grid.send_and_receive(self._stamped(messages), timeout=timeout)
 
 
@@ -289,8 +299,9 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow that says why a round halted and records it; every stage's
     messages carry the experiment (:class:`ExperimentStampingGrid`)."""
 
-    def __init__(self, settings: SecAggSettings, recorder: RecordingFedAvg,
-                 shared_config: dict[str, str]) -> None:
+    def __init__(
+        self, settings: SecAggSettings, recorder: RecordingFedAvg, shared_config: dict[str, str]
+    ) -> None:
         super().__init__(
             num_shares=settings.num_shares,
             reconstruction_threshold=settings.reconstruction_threshold,
@@ -325,6 +336,7 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         """Sites out of privacy budget never train again: stop when too few are left."""
         # Imported here: the ClientApp imports this module, and Opacus with the ledger is slow.
         from pipeline.privacy.ledger import PrivacyBudgetExhausted
+
         refused = {str(f) for f in state.failures if PrivacyBudgetExhausted.__name__ in str(f)}
         able = len(state.sampled_node_ids) - len(refused)
         if able < self.recorder.min_train_nodes:
@@ -357,9 +369,7 @@ def evaluation_workflow(
         parameters = compat.arrayrecord_to_parameters(
             context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
         )
-        messages = recorder.configure_evaluate(
-            server_round, strategy.arrays(parameters), config, grid
-        )
+        messages = recorder.configure_evaluate(server_round, strategy.arrays(parameters), config, grid)
         recorder.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
 
     return evaluate
@@ -381,8 +391,11 @@ def run_secure_federation(
     log.info(
         "secure aggregation (SecAgg+): %d shares, reconstruction threshold %d, clipping range "
         "%g, quantisation range %d, max weight %g",
-        settings.num_shares, settings.reconstruction_threshold, settings.clipping_range,
-        settings.quantization_range, settings.max_weight,
+        settings.num_shares,
+        settings.reconstruction_threshold,
+        settings.clipping_range,
+        settings.quantization_range,
+        settings.max_weight,
     )
     keep_large_blocks()  # unmasking makes model-sized temporaries too
     strategy = SecureFitStrategy(recorder, initial, shared_config, checkpointer)

@@ -48,15 +48,17 @@ def pooled_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
         if "_support_" in key or key == weight_key:
             pooled[key] = float(sum(r.get(key, 0.0) for r in records))
             continue
-        weight_of = (lambda r: r.get(key.replace("_sensitivity_", "_support_"), 0.0)) \
-            if "_sensitivity_" in key else (lambda r: r.get(weight_key, 0.0))
-        weights = [weight_of(r) for r in records if key in r]
+        by = key.replace("_sensitivity_", "_support_") if "_sensitivity_" in key else weight_key
+        weights = [r.get(by, 0.0) for r in records if key in r]
         values = [r[key] for r in records if key in r]
         total = sum(weights)
         if total > 0:
             pooled[key] = float(sum(w * v for w, v in zip(weights, values)) / total)
-    present = [pooled[f"val_sensitivity_{c}"] for c in CLASS_NAMES
-               if pooled.get(f"val_support_{c}", 0) > 0 and f"val_sensitivity_{c}" in pooled]
+    present = [
+        pooled[f"val_sensitivity_{c}"]
+        for c in CLASS_NAMES
+        if pooled.get(f"val_support_{c}", 0) > 0 and f"val_sensitivity_{c}" in pooled
+    ]
     if present:
         pooled[MIN_SENSITIVITY] = min(present)
     return MetricRecord(pooled)
@@ -64,20 +66,27 @@ def pooled_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
 
 def warn_collapsed_classes(server_round: int, metrics: dict[str, float]) -> list[str]:
     """Log a warning for every class the global model never predicts correctly; return them."""
-    collapsed = [c for c in CLASS_NAMES
-                 if metrics.get(f"val_support_{c}", 0) > 0 and metrics.get(f"val_sensitivity_{c}") == 0]
+    collapsed = [
+        c
+        for c in CLASS_NAMES
+        if metrics.get(f"val_support_{c}", 0) > 0 and metrics.get(f"val_sensitivity_{c}") == 0
+    ]
     for name in collapsed:
-        log.warning("round %d  the global model's sensitivity for %s is 0 on the sites' validation "
-                    "images: it never predicts that class (model.class_balance=true helps)",
-                    server_round, name)
+        log.warning(
+            "round %d  the global model's sensitivity for %s is 0 on the sites' validation "
+            "images: it never predicts that class (model.class_balance=true helps)",
+            server_round,
+            name,
+        )
     return collapsed
 
 
 class RoundSelector:
     """The best round so far by ``metric`` (higher is better), and the early-stopping rule."""
 
-    def __init__(self, output_dir: Path, metric: str | None, patience: int | None,
-                 history: Iterable[dict] = ()) -> None:
+    def __init__(
+        self, output_dir: Path, metric: str | None, patience: int | None, history: Iterable[dict] = ()
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.metric = metric
         self.patience = patience
@@ -112,8 +121,10 @@ class RoundSelector:
             return
         shutil.copyfile(source, self.output_dir / ".model.pt.tmp")
         (self.output_dir / ".model.pt.tmp").replace(self.output_dir / "model.pt")
-        atomic_write(self.output_dir / SELECTION_NAME, json.dumps(
-            {"round": server_round, "metric": self.metric, "value": value}, indent=1).encode())
+        atomic_write(
+            self.output_dir / SELECTION_NAME,
+            json.dumps({"round": server_round, "metric": self.metric, "value": value}, indent=1).encode(),
+        )
         log.info("round %d  selected as the released model (%s=%.4f)", server_round, self.metric, value)
 
     def should_stop(self) -> bool:

@@ -44,8 +44,9 @@ class RoundCheckpointer:
     selection (:mod:`pipeline.federation.selection`) decides which round ``model.pt`` is.
     Flower's round 1 of a run resumed after ``completed_rounds`` is round ``completed_rounds + 1``."""
 
-    def __init__(self, output_dir: Path, cfg: DictConfig, selector: RoundSelector,
-                 completed_rounds: int = 0) -> None:
+    def __init__(
+        self, output_dir: Path, cfg: DictConfig, selector: RoundSelector, completed_rounds: int = 0
+    ) -> None:
         self.output_dir = output_dir
         self.cfg = cfg
         self.selector = selector

@@ -29,18 +29,25 @@ class ServerOptimizer:
         settings = dict(settings or {"name": "fedavg"})
         self.name = str(settings.get("name", "fedavg"))
         lr = float(settings.get("server_lr", 1.0))
-        adaptive = {"eta": lr, "beta_1": float(settings.get("beta_1", 0.9)),
-                    "beta_2": float(settings.get("beta_2", 0.99)), "tau": float(settings.get("tau", 1e-3))}
+        adaptive = {
+            "eta": lr,
+            "beta_1": float(settings.get("beta_1", 0.9)),
+            "beta_2": float(settings.get("beta_2", 0.99)),
+            "tau": float(settings.get("tau", 1e-3)),
+        }
         builders = {
             "fedavg": lambda: None,
-            "fedavgm": lambda: FedAvgM(server_learning_rate=lr,
-                                       server_momentum=float(settings.get("server_momentum", 0.9))),
+            "fedavgm": lambda: FedAvgM(
+                server_learning_rate=lr, server_momentum=float(settings.get("server_momentum", 0.9))
+            ),
             "fedadam": lambda: FedAdam(**adaptive),
             "fedyogi": lambda: FedYogi(**adaptive),
         }
         if self.name not in builders:
-            raise ValueError(f"federation.server_optimizer.name={self.name!r}: expected one of "
-                             f"{', '.join(SERVER_OPTIMIZERS)}")
+            raise ValueError(
+                f"federation.server_optimizer.name={self.name!r}: expected one of "
+                f"{', '.join(SERVER_OPTIMIZERS)}"
+            )
         self.strategy = builders[self.name]()
 
     def step(self, server_round: int, current: ArrayRecord, average: ArrayRecord) -> ArrayRecord:
@@ -54,9 +61,7 @@ class ServerOptimizer:
         reply = _AverageReply(RecordDict({"arrays": average, "metrics": MetricRecord({"num-examples": 1})}))
         stepped, _ = self.strategy.aggregate_train(server_round, [reply])
         dtypes = {k: a.numpy().dtype for k, a in average.items()}
-        return ArrayRecord({
-            k: Array(_as(a.numpy(), dtypes[k])) for k, a in stepped.items()
-        })
+        return ArrayRecord({k: Array(_as(a.numpy(), dtypes[k])) for k, a in stepped.items()})
 
 
 @dataclass

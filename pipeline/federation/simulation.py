@@ -30,14 +30,18 @@ def why_no_model(output_dir: Path, cfg: DictConfig) -> str:
     path = output_dir / ROUNDS_FILE
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     failures = [reason for r in records for reason in r.get("failures", [])]
-    text = (f"no global model was released in {output_dir}: no round had "
-            f"federation.min_sites={cfg.federation.min_sites} sites that trained")
+    text = (
+        f"no global model was released in {output_dir}: no round had "
+        f"federation.min_sites={cfg.federation.min_sites} sites that trained"
+    )
     if failures and all("not approved" in f or "rejected job" in f for f in failures):
-        return (text + ". Every site refused the job because its data owner has not approved it. "
-                "Approve it at each site with `python scripts/review_job.py +site=<site> "
-                "action=approve job=<hash>` (the hash is in the refusal above), or, when one operator "
-                "plays every simulated site, set governance.auto_approve_simulated_sites=true "
-                "(the experiment= presets do)")
+        return (
+            text + ". Every site refused the job because its data owner has not approved it. "
+            "Approve it at each site with `python scripts/review_job.py +site=<site> "
+            "action=approve job=<hash>` (the hash is in the refusal above), or, when one operator "
+            "plays every simulated site, set governance.auto_approve_simulated_sites=true "
+            "(the experiment= presets do)"
+        )
     reasons = "; ".join(dict.fromkeys(failures)) or "see the log above"
     return f"{text}. The sites answered: {reasons}"
 

@@ -41,15 +41,17 @@ def received_experiment(message: Message, context: Context) -> ReceivedExperimen
     round); raises :class:`InvalidExperiment` or
     :class:`pipeline.governance.approval.JobNotApproved` otherwise.
     """
-    carried = [dict(record) for record in message.content.config_records.values()
-               if CONFIG_KEY in record]
+    carried = [dict(record) for record in message.content.config_records.values() if CONFIG_KEY in record]
     if not carried:
-        raise InvalidExperiment("the message carries no experiment: this site answers only "
-                                "messages of a job its data owner approved")
+        raise InvalidExperiment(
+            "the message carries no experiment: this site answers only "
+            "messages of a job its data owner approved"
+        )
     identity = {(str(r[CONFIG_KEY]), str(r.get(RUN_ID_KEY)), r.get(ROUND_KEY)) for r in carried}
     if len(identity) != 1:
-        raise InvalidExperiment("the message carries different experiments, runs or rounds in "
-                                "its records: refused")
+        raise InvalidExperiment(
+            "the message carries different experiments, runs or rounds in its records: refused"
+        )
     text, run_id, server_round = identity.pop()
     cfg = experiment_from_yaml(text)
     node_config = dict(context.node_config)
@@ -60,13 +62,15 @@ def received_experiment(message: Message, context: Context) -> ReceivedExperimen
         cfg.privacy.epsilon_budget = budget
     rounds = int(cfg.federation.num_rounds)
     if not 1 <= int(server_round or 0) <= rounds:
-        raise InvalidExperiment(f"round {server_round} is outside the approved job's rounds 1 to {rounds}: "
-                                "refused")
+        raise InvalidExperiment(
+            f"round {server_round} is outside the approved job's rounds 1 to {rounds}: refused"
+        )
     cache_dir = site_cache_dir(node_config, cfg)
     enforce_approval(cfg, cache_dir.parent)
     run = run_id if run_id != "None" else str(context.run_id)
-    return ReceivedExperiment(cfg, cache_dir, run, int(server_round or 0),
-                              SitePolicy.for_site(node_config, cfg))
+    return ReceivedExperiment(
+        cfg, cache_dir, run, int(server_round or 0), SitePolicy.for_site(node_config, cfg)
+    )
 
 
 def approval_gate(message: Message, context: Context, call_next) -> Message:

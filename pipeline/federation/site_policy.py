@@ -32,8 +32,9 @@ class SitePolicy:
 
     def __post_init__(self) -> None:
         if self.retrain_round not in RETRAIN_POLICIES:
-            raise ValueError(f"governance.retrain_round={self.retrain_round!r}: expected one of "
-                             f"{RETRAIN_POLICIES}")
+            raise ValueError(
+                f"governance.retrain_round={self.retrain_round!r}: expected one of {RETRAIN_POLICIES}"
+            )
 
     @classmethod
     def for_site(cls, node_config: dict[str, Any], cfg: DictConfig) -> "SitePolicy":

@@ -53,7 +53,8 @@ def _replay(store: ReleaseStore, release: Release, work_dir: Path) -> tuple[Stat
     if neighbours is not None:
         store.masked_against(release.run, release.round, neighbours)
     revoked = revoked_patients(work_dir) & set(
-        trained_patients(work_dir).get(round_key(release.run, release.round), []))
+        trained_patients(work_dir).get(round_key(release.run, release.round), [])
+    )
     if revoked:
         raise ReleaseRefused(
             f"round {release.round} of run {release.run} trained on {len(revoked)} patients whose "
@@ -62,8 +63,10 @@ def _replay(store: ReleaseStore, release: Release, work_dir: Path) -> tuple[Stat
     signed = {e["body"].get("update_sha256") for e in verified_entries(work_dir) if e["kind"] == "round"}
     update = store.update(release)
     if release.update_sha256 not in signed or state_sha256(update) != release.update_sha256:
-        raise ReleaseRefused(f"the stored update of round {release.round} of run {release.run} does "
-                             "not match the site's signed ledger: it is not sent again")
+        raise ReleaseRefused(
+            f"the stored update of round {release.round} of run {release.run} does "
+            "not match the site's signed ledger: it is not sent again"
+        )
     return update, dict(release.metrics) | {NUM_EXAMPLES: release.num_examples}
 
 
@@ -108,18 +111,28 @@ def train_site(
         state, metrics = _train(cfg, cache_dir, global_state, server_round, run_id, policy)
         num_examples = int(metrics[NUM_EXAMPLES])
         release = Release(
-            run=run_id, round=server_round, config_sha256=config_sha,
-            global_model_sha256=global_sha, update_sha256=state_sha256(state),
+            run=run_id,
+            round=server_round,
+            config_sha256=config_sha,
+            global_model_sha256=global_sha,
+            update_sha256=state_sha256(state),
             num_examples=num_examples,
             metrics={k: float(v) for k, v in metrics.items() if k != NUM_EXAMPLES},
-            secure_aggregation=secure, neighbours=MASKING_NEIGHBOURS.get(),
+            secure_aggregation=secure,
+            neighbours=MASKING_NEIGHBOURS.get(),
         )
         store.save(release, state)
     return state, metrics
 
 
-def _train(cfg: DictConfig, cache_dir: Path, global_state: StateDict, server_round: int,
-           run_id: str, policy: SitePolicy) -> tuple[StateDict, dict[str, float]]:
+def _train(
+    cfg: DictConfig,
+    cache_dir: Path,
+    global_state: StateDict,
+    server_round: int,
+    run_id: str,
+    policy: SitePolicy,
+) -> tuple[StateDict, dict[str, float]]:
     """One fresh local training, recorded (and, under DP, charged) in the signed ledger."""
     trained = TrainedRound.start(cfg, cache_dir, global_state, server_round, run_id)
     private = bool(cfg.get("privacy", {}).get("enabled"))
@@ -127,7 +140,10 @@ def _train(cfg: DictConfig, cache_dir: Path, global_state: StateDict, server_rou
     seed = round_seed(cfg, server_round) if not private or seeded else fresh_seed()
     datamodule = CacheDataModule.from_config(cfg.data, [cache_dir], seed=seed)
     classifier = build_classifier(
-        cfg, seed=seed, load_pretrained=False, train_labels=datamodule.dataset("train").labels,
+        cfg,
+        seed=seed,
+        load_pretrained=False,
+        train_labels=datamodule.dataset("train").labels,
         lr_factor=lr_factor(cfg.federation, server_round),
     )
     classifier.net.load_state_dict(global_state)
@@ -142,8 +158,11 @@ def _train(cfg: DictConfig, cache_dir: Path, global_state: StateDict, server_rou
         settings = DPSettings.from_config(cfg.privacy)
         source = noise_source(seeded, policy.allow_seeded_noise, seed)
         plan = plan_round(
-            settings, datamodule.num_train_examples, int(cfg.data.batch_size),
-            int(cfg.federation.local_epochs), int(cfg.federation.num_rounds),
+            settings,
+            datamodule.num_train_examples,
+            int(cfg.data.batch_size),
+            int(cfg.federation.local_epochs),
+            int(cfg.federation.num_rounds),
         )
         ledger = PrivacyLedger(trained.work_dir, settings.accountant)
         ledger.check_budget(server_round, plan, settings.epsilon_budget)
@@ -194,6 +213,7 @@ def evaluate_round(
         verified_entries(work_dir)
         metrics = evaluate_site(cfg, cache_dir, global_state, split="val")
         head = evaluation_head(work_dir, run_id, server_round, global_state)
-        store.save_evaluation(run_id, server_round, {
-            "global_model_sha256": model_sha, "metrics": metrics, "head": head})
+        store.save_evaluation(
+            run_id, server_round, {"global_model_sha256": model_sha, "metrics": metrics, "head": head}
+        )
     return metrics, head

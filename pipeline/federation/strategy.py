@@ -83,9 +83,14 @@ class RecordingFedAvg(FedAvg):
     (raising :class:`pipeline.federation.selection.EarlyStop` once it stops improving).
     """
 
-    def __init__(self, rounds_file: Path, completed_rounds: int = 0,
-                 server_optimizer: ServerOptimizer | None = None,
-                 selector: RoundSelector | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        rounds_file: Path,
+        completed_rounds: int = 0,
+        server_optimizer: ServerOptimizer | None = None,
+        selector: RoundSelector | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(weighted_by_key="num-examples", evaluate_metrics_aggr_fn=pooled_metrics, **kwargs)
         self.rounds_file = rounds_file
         self.completed_rounds = completed_rounds
@@ -126,7 +131,10 @@ class RecordingFedAvg(FedAvg):
         return arrays, metrics
 
     def record_train(
-        self, server_round: int, per_site: SiteMetrics, aggregated: MetricRecord | None,
+        self,
+        server_round: int,
+        per_site: SiteMetrics,
+        aggregated: MetricRecord | None,
         failures: list[str] | None = None,
     ) -> None:
         """Log each site's training metrics and keep them (and the sites' refusals) for the
@@ -161,9 +169,7 @@ class RecordingFedAvg(FedAvg):
         log.error("round %d  no aggregate released: %s", server_round, reason)
         self._round = {"round": server_round, "sites_trained": 0, "failed": reason}
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         per_site = _site_metrics(replies)
         heads = _ledger_heads(replies)

@@ -102,9 +102,14 @@ class LedgerDecision:
     @classmethod
     def from_entry(cls, entry: dict) -> "LedgerDecision":
         body = entry["body"]
-        return cls(job_hash=str(body.get("job_hash")), decision=entry["kind"],
-                   summary=str(body.get("summary", "")), decided_by=str(body.get("decided_by", "?")),
-                   time=entry["time"], seq=entry["seq"])
+        return cls(
+            job_hash=str(body.get("job_hash")),
+            decision=entry["kind"],
+            summary=str(body.get("summary", "")),
+            decided_by=str(body.get("decided_by", "?")),
+            time=entry["time"],
+            seq=entry["seq"],
+        )
 
 
 def decision_path(work_dir: Path, job_hash: str) -> Path:
@@ -113,8 +118,9 @@ def decision_path(work_dir: Path, job_hash: str) -> Path:
     return Path(work_dir) / APPROVALS_DIR / f"{job_hash}.json"
 
 
-def sign_decision(work_dir: Path, job_hash: str, summary: str, decision: Decision,
-                  decided_by: str) -> JobDecision:
+def sign_decision(
+    work_dir: Path, job_hash: str, summary: str, decision: Decision, decided_by: str
+) -> JobDecision:
     """Sign ``decision`` on ``job_hash`` with the site's key, enter it in the site's ledger (the
     authority), then keep it as the job's latest decision file; returns the signed decision."""
     if decision not in DECISIONS:
@@ -126,7 +132,7 @@ def sign_decision(work_dir: Path, job_hash: str, summary: str, decision: Decisio
         decision=decision,
         summary=summary,
         decided_by=decided_by,
-        decided_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        decided_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         signature=key.sign(JobDecision.signed_bytes(job_hash, decision)).hex(),
     )
     SiteLedger.for_site(work_dir).append(
@@ -148,7 +154,9 @@ def withdraw(work_dir: Path, job_hash: str, decided_by: str) -> JobDecision:
     Raises ``LookupError`` unless the job's latest decision in the verified ledger is an approval."""
     latest = current_decision(work_dir, job_hash)
     if latest is None or latest.decision != "approval":
-        state = "undecided" if latest is None else f"its latest decision is a {latest.decision} of {latest.time}"
+        state = (
+            "undecided" if latest is None else f"its latest decision is a {latest.decision} of {latest.time}"
+        )
         raise LookupError(f"job {job_hash} is not approved at this site ({state}): no approval to withdraw")
     return sign_decision(work_dir, job_hash, latest.summary, "withdrawal", decided_by)
 
@@ -161,14 +169,16 @@ def ledger_decisions(work_dir: Path, expected_heads: Iterable[Head] | None = Non
     return [LedgerDecision.from_entry(e) for e in entries if e["kind"] in DECISIONS]
 
 
-def decision_history(work_dir: Path, job_hash: str,
-                     expected_heads: Iterable[Head] | None = None) -> list[LedgerDecision]:
+def decision_history(
+    work_dir: Path, job_hash: str, expected_heads: Iterable[Head] | None = None
+) -> list[LedgerDecision]:
     """The decisions on ``job_hash`` in the site's verified ledger, oldest first."""
     return [d for d in ledger_decisions(work_dir, expected_heads) if d.job_hash == job_hash]
 
 
-def current_decision(work_dir: Path, job_hash: str,
-                     expected_heads: Iterable[Head] | None = None) -> LedgerDecision | None:
+def current_decision(
+    work_dir: Path, job_hash: str, expected_heads: Iterable[Head] | None = None
+) -> LedgerDecision | None:
     """The latest decision on ``job_hash`` in the site's verified ledger (``None``: undecided).
 
     This is the job's state at the site: ``approval`` (the site trains in it, given a valid
@@ -227,9 +237,13 @@ def require_approval(work_dir: Path, job: Job) -> JobDecision:
     latest = _ledger_state(work_dir, job_hash)
     if latest is None:
         orphan = (
-            f"; {decision_path(work_dir, job_hash)} holds a signed {record.decision}, but the "
-            "site's ledger, which is the authority, has no decision on this job"
-        ) if record is not None else ""
+            (
+                f"; {decision_path(work_dir, job_hash)} holds a signed {record.decision}, but the "
+                "site's ledger, which is the authority, has no decision on this job"
+            )
+            if record is not None
+            else ""
+        )
         raise JobNotApproved(
             f"this site has not approved job {job_hash} ({job.summary()}){orphan}, so it does not "
             "train: " + REVIEW_HINT.format(job=job_hash)
@@ -291,11 +305,18 @@ def enforce_approval(cfg: DictConfig, work_dir: Path) -> None:
     received = policy.get("received_job")
     job = Job.from_json(received) if received else Job.from_config(cfg)
     try:
-        if (policy.get("auto_approve_simulated_sites") and _ledger_state(work_dir, job.job_hash) is None
-                and recorded_decision(work_dir, job.job_hash) is None):
+        if (
+            policy.get("auto_approve_simulated_sites")
+            and _ledger_state(work_dir, job.job_hash) is None
+            and recorded_decision(work_dir, job.job_hash) is None
+        ):
             decide(work_dir, job, "approval", decided_by=f"simulated data owner of {site} (auto-approve)")
-            log.warning("site %s: job %s approved by the site's simulated data owner "
-                        "(governance.auto_approve_simulated_sites)", site, job.job_hash)
+            log.warning(
+                "site %s: job %s approved by the site's simulated data owner "
+                "(governance.auto_approve_simulated_sites)",
+                site,
+                job.job_hash,
+            )
         require_approval(work_dir, job)
     except JobNotApproved as refusal:
         log.error("site %s refuses to train: %s", site, refusal)

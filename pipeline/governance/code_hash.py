@@ -39,7 +39,8 @@ CODE_HASH_COVERS = (
 def _files_under(root: Path, prefix: str) -> list[tuple[str, Path]]:
     """``(prefix/relative name, path)`` of every file under ``root`` but caches, sorted."""
     files = [
-        path for path in root.rglob("*")
+        path
+        for path in root.rglob("*")
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
     ]
     return sorted((f"{prefix}/{path.relative_to(root).as_posix()}", path) for path in files)
@@ -70,8 +71,7 @@ def code_files() -> list[tuple[str, Path]]:
 def _environment_paths() -> list[str]:
     """The ``sys.path`` entries that are the environment's site-packages folders (not the
     working directory, where a stray ``*.egg-info`` of a checkout may lie)."""
-    site_dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-                 *site.getsitepackages()}
+    site_dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
     if site.ENABLE_USER_SITE:
         site_dirs.add(site.getusersitepackages())
     wanted = {os.path.realpath(d) for d in site_dirs}

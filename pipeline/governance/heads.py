@@ -39,14 +39,16 @@ def coordinator_heads(heads_file: Path, ledger_key_id: str) -> list[Head]:
     """The (seq, hash) heads recorded in ``heads_file`` for the ledger with this key."""
     path = Path(heads_file)
     if not path.is_file():
-        raise FileNotFoundError(f"no coordinator heads file at {path} (it is {HEADS_NAME} in the "
-                                "federation's output folder)")
+        raise FileNotFoundError(
+            f"no coordinator heads file at {path} (it is {HEADS_NAME} in the federation's output folder)"
+        )
     lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
     return [(int(h["seq"]), str(h["head"])) for h in lines if h.get("ledger") == ledger_key_id]
 
 
-def verify_site_ledger(work_dir: Path, heads_file: Path | None = None,
-                       public_key: Ed25519PublicKey | None = None) -> list[str]:
+def verify_site_ledger(
+    work_dir: Path, heads_file: Path | None = None, public_key: Ed25519PublicKey | None = None
+) -> list[str]:
     """Problems in a site's ledger, checked against the coordinator's heads when given, with
     ``public_key`` or else the key the site published next to its ledger."""
     ledger = SiteLedger.for_reading(work_dir, public_key)
@@ -55,6 +57,8 @@ def verify_site_ledger(work_dir: Path, heads_file: Path | None = None,
     heads = coordinator_heads(heads_file, ledger.key_id)
     problems = ledger.verify(heads)
     if not heads:
-        problems.append(f"{heads_file} holds no head of the ledger key {ledger.key_id}: the site "
-                        "never reported this ledger, or its key was replaced")
+        problems.append(
+            f"{heads_file} holds no head of the ledger key {ledger.key_id}: the site "
+            "never reported this ledger, or its key was replaced"
+        )
     return problems

@@ -51,7 +51,8 @@ class Job:
     def from_config(cls, cfg: DictConfig) -> "Job":
         """The job that ``cfg`` describes, with the code and version installed here."""
         experiment = {
-            key: value for key, value in json.loads(experiment_yaml(cfg)).items()
+            key: value
+            for key, value in json.loads(experiment_yaml(cfg)).items()
             if key not in NOT_PART_OF_JOB
         }
         privacy = experiment.get("privacy") or {}
@@ -90,7 +91,8 @@ class Job:
         if self.epsilon_budget is None:
             return "non-private (no differential privacy)"
         delta = (
-            f"delta={self.delta:g}" if self.delta is not None
+            f"delta={self.delta:g}"
+            if self.delta is not None
             else "delta=1/(10 x this site's training images)"
         )
         return f"DP-SGD, epsilon at most {self.epsilon_budget:g} at {delta}"

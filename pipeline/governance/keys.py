@@ -128,7 +128,9 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm) as error:
-        raise KeyFileError(f"{path} is not a PEM public key ({_first_line(error)}): {PUBLIC_KEY_FIX}") from None
+        raise KeyFileError(
+            f"{path} is not a PEM public key ({_first_line(error)}): {PUBLIC_KEY_FIX}"
+        ) from None
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{path} is not an Ed25519 public key: {PUBLIC_KEY_FIX}")
     return key

@@ -39,8 +39,7 @@ LEDGER_NAME = "ledger.jsonl"
 GENESIS = "0" * 64
 SIGNED_FIELDS = ("seq", "time", "kind", "body", "prev")
 ENTRY_FIELDS = {*SIGNED_FIELDS, "hash", "signature"}
-FIELD_TYPES = {"seq": int, "time": str, "kind": str, "body": dict, "prev": str, "hash": str,
-               "signature": str}
+FIELD_TYPES = {"seq": int, "time": str, "kind": str, "body": dict, "prev": str, "hash": str, "signature": str}
 Head = tuple[int, str]
 
 
@@ -52,8 +51,9 @@ class LedgerCorrupted(RuntimeError):
 def canonical_json(value: object) -> bytes:
     """Deterministic JSON bytes: sorted keys, no spaces, ASCII only; NaN and Infinity (not JSON)
     raise ``ValueError``."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode()
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
 
 
 def round_trips(value: object) -> bool:
@@ -123,7 +123,7 @@ def describe(entry: dict) -> str:
 
 
 def _utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class SiteLedger:
@@ -168,8 +168,13 @@ class SiteLedger:
             try:
                 handle.seek(0)
                 seq, prev = self._head_of(handle.read())
-                entry = {"seq": seq + 1, "time": _utc_now(), "kind": str(kind),
-                         "body": _as_json(kind, body), "prev": prev}
+                entry = {
+                    "seq": seq + 1,
+                    "time": _utc_now(),
+                    "kind": str(kind),
+                    "body": _as_json(kind, body),
+                    "prev": prev,
+                }
                 entry["hash"] = entry_hash(entry)
                 entry["signature"] = self.signing_key.sign(bytes.fromhex(entry["hash"])).hex()
                 handle.write(canonical_json(entry) + b"\n")
@@ -219,8 +224,10 @@ class SiteLedger:
             try:
                 entries.append(json.loads(line))
             except ValueError as error:
-                raise LedgerCorrupted(f"{self.path} line {line_no} is not a ledger entry ({error}): "
-                                      "check it with scripts/ledger.py action=verify") from error
+                raise LedgerCorrupted(
+                    f"{self.path} line {line_no} is not a ledger entry ({error}): "
+                    "check it with scripts/ledger.py action=verify"
+                ) from error
         return entries
 
     def head(self) -> Head:
@@ -240,8 +247,9 @@ class SiteLedger:
         """
         return self._check(self._read(), expected_heads)[1]
 
-    def verified_entries(self, expected_heads: Iterable[Head] | None = None,
-                         kind: str | None = None) -> list[dict]:
+    def verified_entries(
+        self, expected_heads: Iterable[Head] | None = None, kind: str | None = None
+    ) -> list[dict]:
         """Every entry (or every entry of ``kind``), in order, once the whole ledger verifies.
 
         The one way to read the ledger for a decision: the file is read once, under a shared
@@ -281,25 +289,34 @@ class SiteLedger:
                 continue
             where = f"entry {entry['seq']} ({_printable(entry['kind'])}, line {line_no})"
             for field in sorted(entry.keys() - ENTRY_FIELDS):
-                problems.append(f"{where}: unsigned field {field[:40]!r} that neither its hash "
-                                "nor its signature covers (added after signing)")
+                problems.append(
+                    f"{where}: unsigned field {field[:40]!r} that neither its hash "
+                    "nor its signature covers (added after signing)"
+                )
             if not round_trips(entry["body"]):
-                problems.append(f"{where}: its body is not plain JSON that round-trips (NaN, "
-                                "Infinity or an out-of-range number)")
+                problems.append(
+                    f"{where}: its body is not plain JSON that round-trips (NaN, "
+                    "Infinity or an out-of-range number)"
+                )
             else:
                 try:
                     canonical = canonical_json(entry) == line
                 except ValueError:
                     canonical = False
                 if not canonical:
-                    problems.append(f"{where}: not in the canonical JSON the site writes "
-                                    "(re-serialised, a duplicate key, or edited)")
+                    problems.append(
+                        f"{where}: not in the canonical JSON the site writes "
+                        "(re-serialised, a duplicate key, or edited)"
+                    )
             if entry["seq"] != seq:
-                problems.append(f"{where}: sequence number {entry['seq']} where {seq} was expected "
-                                "(an entry was removed, inserted or moved)")
+                problems.append(
+                    f"{where}: sequence number {entry['seq']} where {seq} was expected "
+                    "(an entry was removed, inserted or moved)"
+                )
             if entry["prev"] != prev:
-                problems.append(f"{where}: does not link to the entry before it "
-                                "(an entry was removed, inserted or moved)")
+                problems.append(
+                    f"{where}: does not link to the entry before it (an entry was removed, inserted or moved)"
+                )
             try:
                 hashed = entry_hash(entry) == entry["hash"]
             except ValueError:  # NaN or Infinity: no canonical JSON, so no hash
@@ -317,10 +334,14 @@ class SiteLedger:
             if head_seq == 0:
                 continue
             if head_seq not in by_seq:
-                problems.append(f"entry {head_seq} was reported to the coordinator (head "
-                                f"{head_hash[:12]}...) but is missing: the ledger ends at entry "
-                                f"{max(by_seq, default=0)} (its tail was removed)")
+                problems.append(
+                    f"entry {head_seq} was reported to the coordinator (head "
+                    f"{head_hash[:12]}...) but is missing: the ledger ends at entry "
+                    f"{max(by_seq, default=0)} (its tail was removed)"
+                )
             elif by_seq[head_seq] != head_hash:
-                problems.append(f"entry {head_seq} differs from the head reported to the "
-                                f"coordinator ({head_hash[:12]}...): history was rewritten")
+                problems.append(
+                    f"entry {head_seq} differs from the head reported to the "
+                    f"coordinator ({head_hash[:12]}...): history was rewritten"
+                )
         return entries, problems

@@ -86,7 +86,9 @@ def _latest_decisions(work_dir: Path) -> dict[str, LedgerDecision]:
     return {d.job_hash: d for d in ledger_decisions(work_dir)}
 
 
-def _find_job(channel: JobChannel, work_dir: Path, prefix: object) -> tuple[str, Job | None, LedgerDecision | None]:
+def _find_job(
+    channel: JobChannel, work_dir: Path, prefix: object
+) -> tuple[str, Job | None, LedgerDecision | None]:
     """(hash, pending request or ``None``, latest ledger decision or ``None``) of the one job,
     pending or decided at this site, whose hash starts with ``prefix``."""
     if prefix is None or str(prefix) == "":
@@ -97,8 +99,9 @@ def _find_job(channel: JobChannel, work_dir: Path, prefix: object) -> tuple[str,
     matches = sorted(h for h in pending.keys() | decided.keys() if h.startswith(prefix))
     if len(matches) != 1:
         found = "no job" if not matches else f"{len(matches)} jobs"
-        raise LookupError(f"{found} pending or decided at this site matches job={prefix}: "
-                          "see the jobs with action=list")
+        raise LookupError(
+            f"{found} pending or decided at this site matches job={prefix}: see the jobs with action=list"
+        )
     job_hash = matches[0]
     return job_hash, pending.get(job_hash), decided.get(job_hash)
 
@@ -135,16 +138,19 @@ def _list(channel: JobChannel, site_name: str, work_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _send(channel: JobChannel, work_dir: Path, job_hash: str, summary: str, decision: Decision,
-          decided_by: str) -> tuple[JobDecision, str]:
+def _send(
+    channel: JobChannel, work_dir: Path, job_hash: str, summary: str, decision: Decision, decided_by: str
+) -> tuple[JobDecision, str]:
     """Sign ``decision`` through the channel (which sends it back), or at the site only when the
     channel cannot carry it (e.g. a syft request no longer pending); (record, how it went)."""
     try:
         return channel.answer(work_dir, job_hash, decision, decided_by), "and sent"
     except LookupError as why:
         record = sign_decision(work_dir, job_hash, summary, decision, decided_by)
-        return record, (f"at this site; the request channel cannot carry it ({why}), so the "
-                        "coordinator sees it when this site refuses to train")
+        return record, (
+            f"at this site; the request channel cannot carry it ({why}), so the "
+            "coordinator sees it when this site refuses to train"
+        )
 
 
 def review(cfg: DictConfig, site_name: str, work_dir: Path) -> str:
@@ -166,19 +172,34 @@ def review(cfg: DictConfig, site_name: str, work_dir: Path) -> str:
         state = f"This site's decision: {_state(latest)}."
         if job is None:
             history = [f"  {_state(d)}" for d in ledger_decisions(work_dir) if d.job_hash == job_hash]
-            hint = ("Withdraw the approval with action=withdraw" if latest.decision == "approval"
-                    else "Approve it again with action=approve")
-            return "\n".join([f"Training job {job_hash}", f"  {summary}", state,
-                              "Decisions (oldest first):", *history, f"{hint} job={job_hash[:16]}"])
-        return (f"{job.render()}\n\n{_code_note(job)}\n{state}\n"
-                f"Decide with action=approve or action=reject job={job_hash[:16]}")
+            hint = (
+                "Withdraw the approval with action=withdraw"
+                if latest.decision == "approval"
+                else "Approve it again with action=approve"
+            )
+            return "\n".join(
+                [
+                    f"Training job {job_hash}",
+                    f"  {summary}",
+                    state,
+                    "Decisions (oldest first):",
+                    *history,
+                    f"{hint} job={job_hash[:16]}",
+                ]
+            )
+        return (
+            f"{job.render()}\n\n{_code_note(job)}\n{state}\n"
+            f"Decide with action=approve or action=reject job={job_hash[:16]}"
+        )
     decision = DECISIONS[action]
     approved = latest is not None and latest.decision == "approval"
     if action == "reject" and approved:
         decision = "withdrawal"  # a rejection of an approved job withdraws the approval
     if decision == "withdrawal" and not approved:
-        raise LookupError(f"job {job_hash} is not approved at this site ({_state(latest)}): "
-                          "there is no approval to withdraw")
+        raise LookupError(
+            f"job {job_hash} is not approved at this site ({_state(latest)}): "
+            "there is no approval to withdraw"
+        )
     if decision == "approval" and approved:
         try:
             valid = recorded_decision(work_dir, job_hash)

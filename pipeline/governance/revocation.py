@@ -57,8 +57,10 @@ class Revocation:
 
     def text(self) -> str:
         """A few lines for the site operator (pseudonymous key only)."""
-        lines = [f"patient {self.patient_key}: {self.images_removed} images removed from the cache; "
-                 "excluded from every later round and preprocessing run"]
+        lines = [
+            f"patient {self.patient_key}: {self.images_removed} images removed from the cache; "
+            "excluded from every later round and preprocessing run"
+        ]
         if not self.rounds:
             return "\n".join(lines + ["no recorded round trained on this patient"])
         lines.append(f"rounds that trained on this patient: {', '.join(self.rounds)}")
@@ -113,8 +115,9 @@ def _models_including(work_dir: Path, rounds: list[str]) -> list[ModelVersion]:
             continue
         run, number = body["run"], body["round"]
         if kind == "round" and round_key(run, number) in rounds:
-            models.setdefault(body["update_sha256"],
-                              ModelVersion(run, number, body["update_sha256"], "site update sent"))
+            models.setdefault(
+                body["update_sha256"], ModelVersion(run, number, body["update_sha256"], "site update sent")
+            )
         aggregated = number > first[run] if kind == "round" else number >= first[run]
         if aggregated:
             sha = body["global_model_sha256"]
@@ -130,8 +133,10 @@ def revoke_patient(site: SitePaths, patient_id: str) -> Revocation:
             f"site {site.name} has no image of this patient (key {key}): check the PatientID "
             f"(it is the source files' PatientID, or the labels' patient_id column)"
         )
-    waiting = (f"site {site.name}: a round is in progress; the revocation waits for it to finish "
-               "and then lists it among the rounds that trained on the patient")
+    waiting = (
+        f"site {site.name}: a round is in progress; the revocation waits for it to finish "
+        "and then lists it among the rounds that trained on the patient"
+    )
     with round_lock(site.work_dir, waiting=waiting):
         images = _drop_from_manifest(site.cache_dir, key)
         for image in images:

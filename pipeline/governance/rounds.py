@@ -126,8 +126,8 @@ def reported_heads(work_dir: Path) -> list[tuple[int, str]]:
 
 def verified_entries(work_dir: Path) -> list[dict]:
     """The site's ledger entries once the whole ledger verifies with the site's own key and
-    against every head it reported; raises :class:`pipeline.governance.ledger.LedgerCorrupted` (naming the first problem)
-    otherwise: a ledger that does not verify blocks training."""
+    against every head it reported; raises :class:`pipeline.governance.ledger.LedgerCorrupted`
+    (naming the first problem) otherwise: a ledger that does not verify blocks training."""
     return SiteLedger.for_site(work_dir).verified_entries(reported_heads(work_dir))
 
 
@@ -143,12 +143,20 @@ class TrainedRound:
     train_rows: pd.DataFrame
 
     @classmethod
-    def start(cls, cfg: DictConfig, cache_dir: Path, global_state: dict[str, torch.Tensor],
-              server_round: int, run_id: str) -> "TrainedRound":
+    def start(
+        cls,
+        cfg: DictConfig,
+        cache_dir: Path,
+        global_state: dict[str, torch.Tensor],
+        server_round: int,
+        run_id: str,
+    ) -> "TrainedRound":
         """Read the cache's training rows and fingerprint the config and the received model."""
         manifest = SiteCache(cache_dir).manifest()
         return cls(
-            work_dir=Path(cache_dir).parent, run_id=run_id, server_round=server_round,
+            work_dir=Path(cache_dir).parent,
+            run_id=run_id,
+            server_round=server_round,
             config_sha256=experiment_sha256(cfg),
             global_model_sha256=state_sha256(global_state),
             train_rows=manifest[manifest["split"] == "train"],
@@ -166,17 +174,23 @@ class TrainedRound:
         with path.open("a") as handle:
             handle.write(json.dumps({"key": self.key, "patients": patients}) + "\n")
         body = {
-            "run": self.run_id, "round": self.server_round,
-            "config_sha256": self.config_sha256, "code_sha256": code_hash(),
-            "data_sha256": rows_sha256(self.train_rows), "images": len(self.train_rows),
-            "patients": len(patients), "global_model_sha256": self.global_model_sha256,
-            "update_sha256": state_sha256(update), **(privacy or {}),
+            "run": self.run_id,
+            "round": self.server_round,
+            "config_sha256": self.config_sha256,
+            "code_sha256": code_hash(),
+            "data_sha256": rows_sha256(self.train_rows),
+            "images": len(self.train_rows),
+            "patients": len(patients),
+            "global_model_sha256": self.global_model_sha256,
+            "update_sha256": state_sha256(update),
+            **(privacy or {}),
         }
         return SiteLedger.for_site(self.work_dir).append("round", body)
 
 
-def evaluation_head(work_dir: Path, run_id: str, server_round: int,
-                    global_state: dict[str, torch.Tensor]) -> dict[str, str | int]:
+def evaluation_head(
+    work_dir: Path, run_id: str, server_round: int, global_state: dict[str, torch.Tensor]
+) -> dict[str, str | int]:
     """Append the ``evaluation`` entry of the global model the site received to evaluate, then
     return the ledger head the site reports with its evaluation reply (that entry included),
     kept at the site too (``private/reported_heads.jsonl``)."""

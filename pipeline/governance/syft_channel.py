@@ -60,7 +60,8 @@ class SyftChannel:
         with _quiet():
             jobs = list(self.client.jobs)
         return [
-            job for job in jobs
+            job
+            for job in jobs
             if job.datasite_owner_email == self.site_email and job.name.startswith("fedrad-")
         ]
 
@@ -79,8 +80,11 @@ class SyftChannel:
             (code / ENTRYPOINT).write_text(ENTRYPOINT_TEXT)
             with _quiet():
                 self.client.submit_python_job(
-                    self.site_email, str(code), job_name=request_name(job.job_hash),
-                    entrypoint=ENTRYPOINT, force_submission=True,
+                    self.site_email,
+                    str(code),
+                    job_name=request_name(job.job_hash),
+                    entrypoint=ENTRYPOINT,
+                    force_submission=True,
                 )
         log.info("job %s submitted to %s for review", job.job_hash, self.site_email)
 

@@ -84,9 +84,7 @@ class PerSampleClipper:
         output_grads = torch.autograd.grad(loss * batch, outputs)
         if len({id(module) for module, _, _ in records}) < len(records):
             raise ValueError("a layer ran twice in one forward pass: per-sample norms need one call")
-        layers = [
-            _layer(module, inputs, grad) for (module, inputs, _), grad in zip(records, output_grads)
-        ]
+        layers = [_layer(module, inputs, grad) for (module, inputs, _), grad in zip(records, output_grads)]
         norms = torch.stack([layer.squared_norms() for layer in layers]).sum(0).sqrt()
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for layer in layers:
@@ -107,8 +105,17 @@ class _Conv2dLayer:
     def _backward_weight(self, grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, groups: int):
         m = self.module
         return torch.ops.aten.convolution_backward(
-            grad, inputs, weight, None, m.stride, m.padding, m.dilation,
-            False, [0, 0], groups, [False, True, False],
+            grad,
+            inputs,
+            weight,
+            None,
+            m.stride,
+            m.padding,
+            m.dilation,
+            False,
+            [0, 0],
+            groups,
+            [False, True, False],
         )[1]
 
     def _per_sample_weight_grads(self) -> torch.Tensor:

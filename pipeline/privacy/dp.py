@@ -137,7 +137,8 @@ def check_dp_compatible(net: nn.Module) -> None:
     ]
     if problems:
         raise ValueError(
-            "this model cannot be trained with DP-SGD: " + "; ".join(problems)
+            "this model cannot be trained with DP-SGD: "
+            + "; ".join(problems)
             + ". Use model=resnet18_groupnorm (group norm, no in-place operations) or a model "
             "fixed with opacus.validators.ModuleValidator.fix"
         )
@@ -168,8 +169,7 @@ class SourcedNoiseOptimizer(DPOptimizerFastGradientClipping):
 class PrivateTraining:
     """DP-SGD state of one site's round: clipping, noise, sampling randomness and the accountant."""
 
-    def __init__(self, plan: RoundPlan, max_grad_norm: float, accountant: str,
-                 source: RandomSource) -> None:
+    def __init__(self, plan: RoundPlan, max_grad_norm: float, accountant: str, source: RandomSource) -> None:
         self.plan = plan
         self.max_grad_norm = max_grad_norm
         self.accountant: IAccountant = create_accountant(accountant)
@@ -217,17 +217,22 @@ class PoissonDataModule(DPLightningDataModule):
         )
         sample = dataset[0]
         collate = wrap_collate_with_empty(
-            collate_fn=loader.collate_fn, batch_first=True, rand_on_empty=False,
+            collate_fn=loader.collate_fn,
+            batch_first=True,
+            rand_on_empty=False,
             sample_empty_shapes=[(0, *x.shape) for x in sample],
             dtypes=[x.dtype for x in sample],
         )
         return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=loader.num_workers,
-            worker_init_fn=loader.worker_init_fn, pin_memory=loader.pin_memory,
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=loader.num_workers,
+            worker_init_fn=loader.worker_init_fn,
+            pin_memory=loader.pin_memory,
             persistent_workers=loader.persistent_workers,
         )
 
     @property
     def num_train_examples(self) -> int:
         return self.datamodule.num_train_examples
-

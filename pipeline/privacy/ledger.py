@@ -29,7 +29,8 @@ class PrivacyLedger:
         self.work_dir = Path(work_dir)
         self.accountant = accountant
         self.entries: list[dict] = [
-            e["body"] for e in verified_entries(self.work_dir)
+            e["body"]
+            for e in verified_entries(self.work_dir)
             if e["kind"] == "round" and "history" in e["body"]
         ]
 

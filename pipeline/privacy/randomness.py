@@ -122,8 +122,9 @@ class SecurePoissonSampler(UniformWithReplacementSampler):
     """Opacus's Poisson batch sampler (each example joins a batch with probability
     ``sample_rate``), drawing its coins from a :data:`RandomSource`."""
 
-    def __init__(self, *, num_samples: int, sample_rate: float, source: RandomSource,
-                 steps: int | None = None) -> None:
+    def __init__(
+        self, *, num_samples: int, sample_rate: float, source: RandomSource, steps: int | None = None
+    ) -> None:
         super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
         self.source = source
 

@@ -7,4 +7,11 @@
 from pipeline.report.build import REPORT_HTML, REPORT_JSON, ReportOptions, build_report, write_clinical_report
 from pipeline.report.reads import ReadsError
 
-__all__ = ["REPORT_HTML", "REPORT_JSON", "ReadsError", "ReportOptions", "build_report", "write_clinical_report"]
+__all__ = [
+    "REPORT_HTML",
+    "REPORT_JSON",
+    "ReadsError",
+    "ReportOptions",
+    "build_report",
+    "write_clinical_report",
+]

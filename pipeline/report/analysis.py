@@ -37,9 +37,14 @@ def operating_threshold(validation: Cases, method: str, target: float | None) ->
     value = choose_threshold(truth, validation.pneumonia_score, method, target)
     called = validation.pneumonia_score >= value
     return {
-        "value": value, "method": method, "target_sensitivity": target, "chosen_on": "val",
-        "n_images": len(validation), "n_patients": len(set(validation.patient_keys)),
-        "sensitivity": float(called[truth].mean()), "specificity": float((~called[~truth]).mean()),
+        "value": value,
+        "method": method,
+        "target_sensitivity": target,
+        "chosen_on": "val",
+        "n_images": len(validation),
+        "n_patients": len(set(validation.patient_keys)),
+        "sensitivity": float(called[truth].mean()),
+        "specificity": float((~called[~truth]).mean()),
     }
 
 
@@ -73,7 +78,8 @@ def performance(tasks: dict[str, Task], weights: np.ndarray) -> dict[str, Any]:
 
 def counts(cases: Cases) -> dict[str, Any]:
     return {
-        "n_images": len(cases), "n_patients": len(set(cases.patient_keys)),
+        "n_images": len(cases),
+        "n_patients": len(set(cases.patient_keys)),
         "n_per_class": {name: int(np.sum(cases.labels == c)) for c, name in enumerate(CLASS_NAMES)},
     }
 
@@ -84,7 +90,9 @@ def model_section(cases: Cases, predicted: np.ndarray, weights: np.ndarray) -> d
     return counts(cases) | {
         "metrics": performance(model_tasks(cases, predicted), weights),
         "three_class_accuracy": summarise((weights @ correct) / weights.sum(axis=1)).as_dict(),
-        "confusion_matrix": confusion_matrix(cases.labels, predicted, labels=range(len(CLASS_NAMES))).tolist(),
+        "confusion_matrix": confusion_matrix(
+            cases.labels, predicted, labels=range(len(CLASS_NAMES))
+        ).tolist(),
     }
 
 
@@ -106,7 +114,9 @@ def reader_section(reader: ReaderReads, cases: Cases, weights: np.ndarray) -> di
     }
 
 
-def comparison(reader: ReaderReads, cases: Cases, predicted: np.ndarray, weights: np.ndarray) -> dict[str, Any]:
+def comparison(
+    reader: ReaderReads, cases: Cases, predicted: np.ndarray, weights: np.ndarray
+) -> dict[str, Any]:
     """The model against one reader on the images the reader read (paired)."""
     labels, model = cases.labels[reader.cases], predicted[reader.cases]
     w = weights[:, reader.cases]
@@ -116,10 +126,15 @@ def comparison(reader: ReaderReads, cases: Cases, predicted: np.ndarray, weights
     result = {
         "n_images": len(labels),
         "mcnemar_pneumonia": mcnemar_exact((model != NORMAL_INDEX) == truth, reader.says_pneumonia == truth),
-        "sensitivity_difference": summarise(model_metrics["sensitivity"] - reader_metrics["sensitivity"]).as_dict(),
-        "specificity_difference": summarise(model_metrics["specificity"] - reader_metrics["specificity"]).as_dict(),
+        "sensitivity_difference": summarise(
+            model_metrics["sensitivity"] - reader_metrics["sensitivity"]
+        ).as_dict(),
+        "specificity_difference": summarise(
+            model_metrics["specificity"] - reader_metrics["specificity"]
+        ).as_dict(),
         "kappa_pneumonia": kappa(model != NORMAL_INDEX, reader.says_pneumonia),
-        "mcnemar_three_class": None, "kappa_three_class": None,
+        "mcnemar_three_class": None,
+        "kappa_three_class": None,
     }
     if reader.three_class:
         result["mcnemar_three_class"] = mcnemar_exact(model == labels, reader.class_indices == labels)
@@ -131,17 +146,22 @@ def agreement(readers: list[ReaderReads], n_cases: int) -> list[dict[str, Any]]:
     """Cohen's kappa between every two readers on the images both read."""
     rows = []
     for i, first in enumerate(readers):
-        for second in readers[i + 1:]:
+        for second in readers[i + 1 :]:
             a, b = _on_common(first, n_cases), _on_common(second, n_cases)
             both = (a >= 0) & (b >= 0)
             first_p, second_p = first.says_pneumonia[a[both]], second.says_pneumonia[b[both]]
             three = first.three_class and second.three_class
-            rows.append({
-                "first": first.name, "second": second.name, "n_images": int(both.sum()),
-                "kappa_pneumonia": kappa(first_p, second_p) if both.any() else None,
-                "kappa_three_class": kappa(first.class_indices[a[both]], second.class_indices[b[both]])
-                if three and both.any() else None,
-            })
+            rows.append(
+                {
+                    "first": first.name,
+                    "second": second.name,
+                    "n_images": int(both.sum()),
+                    "kappa_pneumonia": kappa(first_p, second_p) if both.any() else None,
+                    "kappa_three_class": kappa(first.class_indices[a[both]], second.class_indices[b[both]])
+                    if three and both.any()
+                    else None,
+                }
+            )
     return rows
 
 
@@ -159,8 +179,11 @@ def calibration(cases: Cases) -> dict[str, Any]:
     edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
     per_bin = np.histogram(cases.pneumonia_score, bins=edges)[0]
     return {
-        "bins": CALIBRATION_BINS, "mean_predicted": predicted.tolist(), "observed_fraction": observed.tolist(),
-        "images_per_bin": per_bin.tolist(), "brier_score": float(brier_score_loss(truth, cases.pneumonia_score)),
+        "bins": CALIBRATION_BINS,
+        "mean_predicted": predicted.tolist(),
+        "observed_fraction": observed.tolist(),
+        "images_per_bin": per_bin.tolist(),
+        "brier_score": float(brier_score_loss(truth, cases.pneumonia_score)),
     }
 
 
@@ -170,5 +193,8 @@ def roc_points(cases: Cases) -> dict[str, list[float]] | None:
     if truth.all() or not truth.any():
         return None
     fpr, tpr, thresholds = roc_curve(truth, cases.pneumonia_score)
-    return {"false_positive_rate": fpr.tolist(), "true_positive_rate": tpr.tolist(),
-            "threshold": np.where(np.isfinite(thresholds), thresholds, None).tolist()}
+    return {
+        "false_positive_rate": fpr.tolist(),
+        "true_positive_rate": tpr.tolist(),
+        "threshold": np.where(np.isfinite(thresholds), thresholds, None).tolist(),
+    }

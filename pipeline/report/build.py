@@ -6,7 +6,7 @@ import base64
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +67,21 @@ def build_report(
     readers = reads.readers if reads else []
     report = {
         "title": "Chest X-ray model: clinical evaluation",
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "checkpoint": {"file": checkpoint.name, "model": info["config"]["net"].get("_target_"),
-                       "image_size": info.get("image_size"), "round": info.get("round")},
+        "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "checkpoint": {
+            "file": checkpoint.name,
+            "model": info["config"]["net"].get("_target_"),
+            "image_size": info.get("image_size"),
+            "round": info.get("round"),
+        },
         "split": options.split,
-        "bootstrap": {"unit": "patient", "resamples": options.n_resamples, "seed": options.seed,
-                      "confidence_level": CONFIDENCE_LEVEL, "interval": "percentile"},
+        "bootstrap": {
+            "unit": "patient",
+            "resamples": options.n_resamples,
+            "seed": options.seed,
+            "confidence_level": CONFIDENCE_LEVEL,
+            "interval": "percentile",
+        },
         "threshold": threshold,
         "model": analysis.model_section(cases, predicted, weights)
         | {"calibration": analysis.calibration(cases), "roc_curve": analysis.roc_points(cases)},
@@ -107,7 +116,9 @@ def write_report_files(
         (output_dir / name).write_bytes(png)
     content = content | {"figures": sorted(figures)}
     (output_dir / json_name).write_text(json.dumps(content, indent=2) + "\n")
-    embedded = {name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in figures.items()}
+    embedded = {
+        name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in figures.items()
+    }
     path = output_dir / html_name
     path.write_text(render(content, embedded), encoding="utf-8")
     return path

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from torch import nn
 
 from pipeline.cache import SiteCache
@@ -39,10 +38,10 @@ class SiteIndex:
 class Cases:
     """The images of one split, pooled over sites (row order: site after site)."""
 
-    sites: np.ndarray          # site name per image
+    sites: np.ndarray  # site name per image
     image_keys: np.ndarray
-    patient_keys: np.ndarray   # "<site>/<patient_key>": patients never merge across sites
-    labels: np.ndarray         # class index
+    patient_keys: np.ndarray  # "<site>/<patient_key>": patients never merge across sites
+    labels: np.ndarray  # class index
     probabilities: np.ndarray  # (N, classes)
 
     def __len__(self) -> int:
@@ -54,8 +53,13 @@ class Cases:
         return 1.0 - self.probabilities[:, NORMAL_INDEX]
 
     def subset(self, mask: np.ndarray) -> "Cases":
-        return Cases(self.sites[mask], self.image_keys[mask], self.patient_keys[mask],
-                     self.labels[mask], self.probabilities[mask])
+        return Cases(
+            self.sites[mask],
+            self.image_keys[mask],
+            self.patient_keys[mask],
+            self.labels[mask],
+            self.probabilities[mask],
+        )
 
 
 def site_name(cache_dir: Path) -> str:
@@ -64,7 +68,12 @@ def site_name(cache_dir: Path) -> str:
 
 
 def load_cases(
-    checkpoint: Path, net: nn.Module, info: dict[str, Any], cache_dirs: list[Path], names: list[str], split: str
+    checkpoint: Path,
+    net: nn.Module,
+    info: dict[str, Any],
+    cache_dirs: list[Path],
+    names: list[str],
+    split: str,
 ) -> Cases:
     """Score ``split`` of every cache with ``net`` (loaded from ``checkpoint`` with ``info``)."""
     parts = []
@@ -76,11 +85,15 @@ def load_cases(
             check_image_size(checkpoint, info, data.images)
         keys = manifest.loc[manifest["split"] == split, "image_key"].to_numpy(str)
         probabilities = predict_probabilities(net, data.images)
-        parts.append(Cases(
-            np.full(len(keys), name), keys,
-            np.array([f"{name}/{p}" for p in data.patient_keys], dtype=str),
-            data.labels, probabilities,
-        ))
+        parts.append(
+            Cases(
+                np.full(len(keys), name),
+                keys,
+                np.array([f"{name}/{p}" for p in data.patient_keys], dtype=str),
+                data.labels,
+                probabilities,
+            )
+        )
     cases = Cases(*(np.concatenate([getattr(p, f) for p in parts]) for f in Cases.__dataclass_fields__))
     if not len(cases):
         raise ValueError(f"no {split} images in caches {[str(c) for c in cache_dirs]}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from markupsafe import Markup
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
 from pipeline.labels import CLASS_NAMES
 from pipeline.report.analysis import PNEUMONIA_TASK
@@ -14,8 +14,14 @@ from pipeline.report.statistics import BINARY_METRICS
 
 TEMPLATE = "template.html.j2"
 METRIC_NAMES = {
-    "accuracy": "Accuracy", "sensitivity": "Sensitivity", "specificity": "Specificity", "ppv": "PPV",
-    "npv": "NPV", "f1": "F1", "mcc": "MCC", "roc_auc": "ROC-AUC",
+    "accuracy": "Accuracy",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "f1": "F1",
+    "mcc": "MCC",
+    "roc_auc": "ROC-AUC",
 }
 
 
@@ -29,7 +35,8 @@ def estimate(value: dict[str, float | None] | None, digits: int = 3) -> str:
         return "–"
     if value["ci_low"] is None:
         return number(value["value"], digits)
-    return f"{number(value['value'], digits)} ({number(value['ci_low'], digits)} to {number(value['ci_high'], digits)})"
+    low, high = number(value["ci_low"], digits), number(value["ci_high"], digits)
+    return f"{number(value['value'], digits)} ({low} to {high})"
 
 
 def cell(value: dict[str, float | None] | None) -> Markup:
@@ -37,7 +44,8 @@ def cell(value: dict[str, float | None] | None) -> Markup:
     if value is None or value["value"] is None or value["ci_low"] is None:
         return Markup(estimate(value))
     return Markup('{}<br><span class="ci">{} to {}</span>').format(
-        number(value["value"]), number(value["ci_low"]), number(value["ci_high"]))
+        number(value["value"]), number(value["ci_low"]), number(value["ci_high"])
+    )
 
 
 def p_value(value: float) -> str:
@@ -46,10 +54,19 @@ def p_value(value: float) -> str:
 
 def render(report: dict[str, Any], figures: dict[str, str]) -> str:
     """The HTML page of ``report`` with ``figures`` (file name -> data URI)."""
-    env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=select_autoescape(default=True),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(Path(__file__).parent),
+        autoescape=select_autoescape(default=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(number=number, estimate=estimate, cell=cell, p_value=p_value)
     return env.get_template(TEMPLATE).render(
-        r=report, figures=figures, task=PNEUMONIA_TASK, metrics=BINARY_METRICS, metric_names=METRIC_NAMES,
+        r=report,
+        figures=figures,
+        task=PNEUMONIA_TASK,
+        metrics=BINARY_METRICS,
+        metric_names=METRIC_NAMES,
         classes=CLASS_NAMES,
     )

@@ -45,8 +45,8 @@ class ReaderReads:
     """One reader's reads of the evaluated images."""
 
     name: str
-    cases: np.ndarray              # indices into the evaluated Cases
-    labels: np.ndarray             # read label names (READ_LABELS)
+    cases: np.ndarray  # indices into the evaluated Cases
+    labels: np.ndarray  # read label names (READ_LABELS)
     confidence: np.ndarray | None  # 0..1 certainty in the label; None unless given for every read
 
     @property
@@ -82,12 +82,19 @@ def _table(path: Path) -> tuple[pd.DataFrame, list[str]]:
     try:
         table = read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=True)
     except pd.errors.EmptyDataError:
-        raise ReadsError(path, ["the file is empty: expected a header line with columns image,reader,label"]) from None
+        raise ReadsError(
+            path, ["the file is empty: expected a header line with columns image,reader,label"]
+        ) from None
     table.columns = [str(c).strip().lower() for c in table.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
-        raise ReadsError(path, [f"missing column(s) {', '.join(missing)}: found {', '.join(table.columns)}; "
-                                f"expected {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(OPTIONAL_COLUMNS)})"])
+        raise ReadsError(
+            path,
+            [
+                f"missing column(s) {', '.join(missing)}: found {', '.join(table.columns)}; "
+                f"expected {', '.join(REQUIRED_COLUMNS)} (optional: {', '.join(OPTIONAL_COLUMNS)})"
+            ],
+        )
     if table.empty:
         raise ReadsError(path, ["the file holds no reads (only a header line)"])
     extra = [c for c in table.columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
@@ -130,7 +137,9 @@ def load_reads(path: str | Path, cases: Cases, sites: list[SiteIndex], split: st
             errors.append(f"{where}: empty {'image' if not image else 'reader'}")
             continue
         if label not in READ_LABELS:
-            errors.append(f"{where}: unknown label {row['label']!r} (expected one of {', '.join(READ_LABELS)})")
+            errors.append(
+                f"{where}: unknown label {row['label']!r} (expected one of {', '.join(READ_LABELS)})"
+            )
         confidence = None
         if row.get("confidence"):
             try:
@@ -173,8 +182,9 @@ def load_reads(path: str | Path, cases: Cases, sites: list[SiteIndex], split: st
     return Reads(_readers(rows, len(cases), split, warnings), warnings)
 
 
-def _readers(rows: list[tuple[str, int, str, float | None]], n_cases: int, split: str,
-             warnings: list[str]) -> list[ReaderReads]:
+def _readers(
+    rows: list[tuple[str, int, str, float | None]], n_cases: int, split: str, warnings: list[str]
+) -> list[ReaderReads]:
     """Group the valid reads by reader (in order of appearance), adding warnings as found."""
     if not rows:
         warnings.append(f"no read is of an image of the {split} split: the report has no reader comparison")
@@ -183,16 +193,25 @@ def _readers(rows: list[tuple[str, int, str, float | None]], n_cases: int, split
     readers = []
     for name, reads in frame.groupby("reader", sort=False):
         if len(reads) < n_cases:
-            warnings.append(f"reader {name!r} has no read for {n_cases - len(reads)} of the {n_cases} evaluated "
-                            f"images: their comparisons use the {len(reads)} images they read")
+            warnings.append(
+                f"reader {name!r} has no read for {n_cases - len(reads)} of the {n_cases} evaluated "
+                f"images: their comparisons use the {len(reads)} images they read"
+            )
         labels = reads["label"].to_numpy(str)
         if PNEUMONIA in labels and np.isin(labels, CLASS_NAMES[1:]).any():
-            warnings.append(f"reader {name!r} mixes 'pneumonia' with bacterial / viral: "
-                            "compared on pneumonia vs normal only")
+            warnings.append(
+                f"reader {name!r} mixes 'pneumonia' with bacterial / viral: "
+                "compared on pneumonia vs normal only"
+            )
         confidence = reads["confidence"].to_numpy(float)
         has_confidence = bool(np.isfinite(confidence).all())
         if not has_confidence and np.isfinite(confidence).any():
-            warnings.append(f"reader {name!r} gave a confidence for only some reads: no ROC-AUC for this reader")
-        readers.append(ReaderReads(str(name), reads["case"].to_numpy(int), labels,
-                                   confidence if has_confidence else None))
+            warnings.append(
+                f"reader {name!r} gave a confidence for only some reads: no ROC-AUC for this reader"
+            )
+        readers.append(
+            ReaderReads(
+                str(name), reads["case"].to_numpy(int), labels, confidence if has_confidence else None
+            )
+        )
     return readers

@@ -64,7 +64,11 @@ def binary_metrics(
     tn = weights @ (~truth & ~predicted)
     margins = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
     mcc = _ratio(tp * tn - fp * fn, np.sqrt(margins))
-    auc = weighted_auc(truth, np.asarray(score, float), weights) if score is not None else np.full(len(tp), np.nan)
+    auc = (
+        weighted_auc(truth, np.asarray(score, float), weights)
+        if score is not None
+        else np.full(len(tp), np.nan)
+    )
     return {
         "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
         "sensitivity": _ratio(tp, tp + fn),
@@ -127,14 +131,18 @@ def choose_threshold(truth: np.ndarray, score: np.ndarray, method: str, target: 
 def mcnemar_exact(first_correct: np.ndarray, second_correct: np.ndarray) -> dict[str, float | int]:
     """McNemar's exact (binomial) test on paired correctness of two readers of the same cases."""
     first_correct, second_correct = np.asarray(first_correct, bool), np.asarray(second_correct, bool)
-    table = np.array([
-        [np.sum(first_correct & second_correct), np.sum(first_correct & ~second_correct)],
-        [np.sum(~first_correct & second_correct), np.sum(~first_correct & ~second_correct)],
-    ])
+    table = np.array(
+        [
+            [np.sum(first_correct & second_correct), np.sum(first_correct & ~second_correct)],
+            [np.sum(~first_correct & second_correct), np.sum(~first_correct & ~second_correct)],
+        ]
+    )
     result = mcnemar(table, exact=True)
     return {
-        "both_correct": int(table[0, 0]), "only_first_correct": int(table[0, 1]),
-        "only_second_correct": int(table[1, 0]), "both_wrong": int(table[1, 1]),
+        "both_correct": int(table[0, 0]),
+        "only_first_correct": int(table[0, 1]),
+        "only_second_correct": int(table[1, 0]),
+        "both_wrong": int(table[1, 1]),
         "p_value": float(result.pvalue),
     }
 
