@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -184,12 +185,16 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
+QUOTED_VALUE = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
 def loggable_reason(reason: str) -> str:
-    """``reason`` without the source file name some reasons carry (for log lines)."""
+    """``reason`` for a log line: without the source file name some reasons carry, and without
+    the header values they quote (a hostile file can put any text, a name included, in a tag)."""
     for prefix in NAMING_REASONS:
         if reason.startswith(prefix):
             return f"{prefix}another file (see report.csv)"
-    return reason
+    return QUOTED_VALUE.sub("<value>", reason)
 
 
 @dataclass
@@ -391,7 +396,7 @@ def _run_tasks(
     whose process dies is rejected (in-process, with one worker, a crash ends the run).
     """
     workers = min(workers, len(tasks) // MIN_TASKS_PER_WORKER)
-    with tqdm(total=len(tasks), unit="file", desc=f"preprocess {site}", leave=False, disable=None) as bar:
+    with tqdm(total=len(tasks), unit="file", desc=f"preprocess {site}", mininterval=1.0) as bar:
         if workers <= 1:
             for task in tasks:
                 yield worker(task)

@@ -310,6 +310,19 @@ def test_logs_name_no_source_file(small_site, caplog):
     assert report.at["Burns_Montgomery_MRN1.dcm", "status"] == "missing"
 
 
+def test_logs_quote_no_header_value(small_site, caplog):
+    """A hostile header can hold any text, a patient's name included: logs never quote it."""
+    path = small_site.input_dir / "img_0002.dcm"
+    ds = pydicom.dcmread(path)
+    ds.BodyPartExamined = "SMITHERS_WAYLON"
+    ds.save_as(path)
+    with caplog.at_level("INFO", logger="fedrad"):
+        preprocess_site(small_site, preprocess_config())
+    assert "SMITHERS" not in caplog.text and "BodyPartExamined <value> not in" in caplog.text
+    report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
+    assert "SMITHERS_WAYLON" in report.at["img_0002.dcm", "reason"]  # the site-only report keeps it
+
+
 def crash_on_marked_file(task, **kwargs):
     """process_file, except that the worker process dies on ``crash.dcm``."""
     if task[0] == "crash.dcm":
