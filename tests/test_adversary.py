@@ -12,7 +12,6 @@ import shutil
 import threading
 import time
 
-import pydicom
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -36,11 +35,10 @@ from pipeline.governance.revocation import revoke_patient
 from pipeline.governance.rounds import trained_patients
 from pipeline.privacy.ledger import PrivacyLedger
 from pipeline.privacy.secagg import MODULUS_RANGE, SecAggSettings
-from pipeline.pseudonym import load_secret, patient_key
 from pipeline.sites import SitePaths
 from pipeline.training import build_classifier
-
 from tests.conftest import FAST_FEDERATION, compose_config
+from tests.test_governance_ledger import trained_patient_id
 
 pytestmark = pytest.mark.adversary
 
@@ -323,22 +321,10 @@ def test_unmasking_is_checked_by_the_sites_mod(site, flower_identity):
         secure_aggregation_mod(unmask, context, lambda m, c: m)
 
 
-def train_patient(site: SitePaths) -> tuple[str, str]:
-    """(PatientID, key) of a patient in the site's train split, from its DICOM headers."""
-    secret = load_secret(site.secret_file)
-    manifest = SiteCache(site.cache_dir).manifest()
-    train_keys = set(manifest.loc[manifest["split"] == "train", "patient_key"])
-    for path in sorted(site.input_dir.glob("*.dcm")):
-        patient_id = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
-        if patient_key(secret, patient_id) in train_keys:
-            return patient_id, patient_key(secret, patient_id)
-    raise AssertionError(f"no train patient in {site.input_dir}")
-
-
 def test_a_revocation_during_a_round_lists_that_round(site, monkeypatch):
     cfg = dp_job(site)
     state = build_classifier(cfg, seed=0).net.state_dict()
-    patient_id, key = train_patient(site)
+    patient_id, key = trained_patient_id(site)
     started = threading.Event()
     real_train = site_task.train
 
