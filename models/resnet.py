@@ -37,7 +37,7 @@ class XrayResNet(ResNet):
         # _make_layer runs inside ResNet.__init__, so the choice must be set beforehand.
         object.__setattr__(self, "_layer_norm", norm)
         object.__setattr__(self, "_layer_act", act)
-        super().__init__(*args, norm=norm, act=act, **kwargs)
+        super().__init__(*args, **(kwargs | {"norm": norm, "act": act}))
 
     def _make_layer(self, block, planes, blocks, spatial_dims, shortcut_type, stride=1, norm=None):
         layers = super()._make_layer(

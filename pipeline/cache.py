@@ -13,6 +13,7 @@ plus optional descriptive columns (``pixel_spacing``, ``bits``, ...).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class SiteCache:
         )
 
 
-def load_splits(roots: list[str | Path], split: str) -> SplitArrays:
+def load_splits(roots: Sequence[str | Path], split: str) -> SplitArrays:
     """Concatenate one split across several site caches (used for centralised baselines)."""
     parts = [SiteCache(r).load_split(split) for r in roots]
     parts = [p for p in parts if len(p.labels)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import cast
 
 import pytorch_lightning as pl
 import torch
@@ -58,6 +59,8 @@ class XrayClassifier(pl.LightningModule):
     trainable weights move towards the received global ones, ``w -= lr * mu * (w - w_global)``,
     a step that does not depend on the data (so it adds nothing to DP-SGD's privacy cost).
     """
+
+    class_weights: torch.Tensor | None  # a buffer (registered in __init__)
 
     def __init__(
         self,
@@ -137,7 +140,8 @@ class XrayClassifier(pl.LightningModule):
     def _log_per_class(self, prefix: str, recall: MulticlassRecall) -> None:
         """``sensitivity_<class>`` (recall of the most probable class) and ``support_<class>``."""
         sensitivity = recall.compute()
-        support = recall.tp + recall.fn
+        # Tensors: the states are lists only for samplewise statistics.
+        support = cast(torch.Tensor, recall.tp) + cast(torch.Tensor, recall.fn)
         for index, name in enumerate(CLASS_NAMES[: self.num_classes]):
             self.log(f"{prefix}sensitivity_{name}", sensitivity[index].float())
             self.log(f"{prefix}support_{name}", support[index].float())

@@ -20,7 +20,7 @@ import pandas as pd
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from pipeline.files import csv_bytes, read_csv, write_if_changed
 from pipeline.labels import CLASS_NAMES
@@ -29,8 +29,8 @@ from pipeline.sites import SitePaths
 
 DEMO_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "demo" / "kermany"
 SOP_CLASS = {
-    "CR": "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
-    "DX": "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "CR": UID("1.2.840.10008.5.1.4.1.1.1"),  # Computed Radiography Image Storage
+    "DX": UID("1.2.840.10008.5.1.4.1.1.1.1"),  # Digital X-Ray Image Storage - For Presentation
 }
 # Header fields holding invented identifying values; none may reach a cache.
 PLANTED_KEYWORDS = (
@@ -134,7 +134,7 @@ def plan_sites(
     return plans
 
 
-def _uid(seed: int, *parts: object) -> str:
+def _uid(seed: int, *parts: object) -> UID:
     return generate_uid(entropy_srcs=["fedrad-demo", str(seed), *map(str, parts)])
 
 

@@ -344,7 +344,7 @@ def process_file(
         )
     sha = hashlib.sha256(data).hexdigest()
     key = image_key(secret, sha)
-    if _reusable(previous, sha, settings, arrays_dir / f"{key}.npy"):
+    if previous is not None and _reusable(previous, sha, settings, arrays_dir / f"{key}.npy"):
         if previous["duplicate_of"]:  # processed and accepted; duplicates are decided afresh
             return FileRecord(
                 **{**previous, "status": "accepted", "reason": "", "duplicate_of": "", "reused": True}

@@ -304,6 +304,8 @@ def _deflated_start(data: bytes) -> int | None:
             handle, False, True, stop_when=lambda tag, vr, n: tag.group != 2
         ):
             if element.tag == 0x00020010:
+                if element.value is None:  # a transfer syntax without a value: malformed
+                    return None
                 syntax = bytes(element.value).rstrip(b"\0 ")
     except Exception:  # malformed meta information: pydicom reports it when it parses the file
         return None
@@ -647,7 +649,7 @@ def open_nifti(path: Path) -> SourceImage:
             volume = np.asarray(canonical.dataobj).reshape(shape)
         except Exception as error:  # truncated or corrupt data block
             raise UnreadableImage(f"unreadable NIfTI data ({type(error).__name__})") from error
-        index = [slice(None)] * 3
+        index: list[slice | int] = [slice(None)] * 3
         index[drop] = 0 if singleton else shape[drop] // 2
         return radiological_plane(volume[tuple(index)])
 

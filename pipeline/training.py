@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytorch_lightning as pl
@@ -33,7 +33,7 @@ def build_classifier(
     cfg: DictConfig,
     seed: int | None = None,
     load_pretrained: bool = True,
-    train_labels: np.ndarray | None = None,
+    train_labels: np.ndarray | torch.Tensor | None = None,
     lr_factor: float = 1.0,
 ) -> XrayClassifier:
     """Seed everything (``seed``, else ``cfg.seed``), then build ``cfg.model`` from the
@@ -47,7 +47,7 @@ def build_classifier(
     ``lr_factor`` scales the optimiser's learning rate (a round's schedule, see :func:`lr_factor`).
     """
     pl.seed_everything(int(cfg.seed if seed is None else seed), workers=True, verbose=False)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))
     net = build_network(model["net"])
     if load_pretrained and model.get("weights_path"):
         load_weights(net, model["weights_path"], strict=bool(model.get("weights_strict", True)))
@@ -93,7 +93,7 @@ def build_trainer(
     epoch (``lightning_checkpoints/``) and CSV + TensorBoard logs (``logs/``) go there.
     ``overrides`` are passed to ``pl.Trainer`` last.
     """
-    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options = cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))
     options["max_epochs"] = max_epochs
     if lean:
         options.update(

@@ -198,7 +198,7 @@ def dicom_to_unit_square(image: np.ndarray, dataset: Dataset | None, size: int) 
     """
     found = _image_table(image, dataset)
     line = None if found is None else _affine(*found)
-    if line is None:
+    if found is None or line is None:
         return resize_square(_to_unit(image, dataset, found), size)
     first, step = line
     resized = resize_square(np.asarray(image, np.float32), size)

@@ -19,7 +19,8 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """
     if image.ndim != 2:
         raise ValueError(f"resize_square expects a 2-D image, got shape {image.shape}")
-    resized = Resize(spatial_size=(size, size), mode="area")(image[None].astype(np.float32))
+    # MONAI annotates Resize's input as a tensor; it documents and accepts an array.
+    resized = Resize(spatial_size=(size, size), mode="area")(image[None].astype(np.float32))  # type: ignore[arg-type]
     return np.asarray(resized, np.float32)[0]
 
 

@@ -20,7 +20,9 @@ sites: this attack shows what someone who does hold a single site's update could
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -66,10 +68,12 @@ def site_update(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, dp: 
         optimizer.zero_grad()
         private.backward(F.cross_entropy(net(images), labels))
         optimizer.pre_step()
-        return [p.grad.detach().clone() for p in params]
+        # pre_step() leaves the clipped, noised gradient of every parameter in p.grad.
+        return [cast(torch.Tensor, p.grad).detach().clone() for p in params]
     finally:
         optimizer.zero_grad()
-        private.clipper.remove()
+        if private.clipper is not None:  # set by private.optimizer()
+            private.clipper.remove()
 
 
 def infer_label(net: nn.Module, update: Gradient) -> torch.Tensor:
@@ -86,10 +90,13 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
     ).abs().mean()
 
 
-def cosine_distance(a: Gradient, b: Gradient) -> torch.Tensor:
+def cosine_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     """``1 - cos`` of two gradients taken as single vectors."""
     dot = sum((x * y).sum() for x, y in zip(a, b))
-    norms = torch.sqrt(sum(x.pow(2).sum() for x in a)) * torch.sqrt(sum(y.pow(2).sum() for y in b))
+    # sum() of tensors is a tensor (its start, 0, only when a gradient has no tensors).
+    squared_a = cast(torch.Tensor, sum(x.pow(2).sum() for x in a))
+    squared_b = cast(torch.Tensor, sum(y.pow(2).sum() for y in b))
+    norms = torch.sqrt(squared_a) * torch.sqrt(squared_b)
     return 1 - dot / norms.clamp_min(1e-12)
 
 
@@ -124,7 +131,10 @@ def invert(
 def image_similarity(reconstructed: torch.Tensor, original: torch.Tensor) -> dict[str, float]:
     """SSIM and PSNR (dB) of images in [0, 1] (torchmetrics), averaged over the batch."""
     return {
-        "ssim": float(structural_similarity_index_measure(reconstructed, original, data_range=1.0)),
+        # a tensor: only return_full_image=True makes it a pair
+        "ssim": float(
+            cast(torch.Tensor, structural_similarity_index_measure(reconstructed, original, data_range=1.0))
+        ),
         "psnr": float(peak_signal_noise_ratio(reconstructed, original, data_range=1.0)),
     }
 

@@ -87,12 +87,12 @@ def membership_data(cache_dirs: Sequence[str | Path]) -> MembershipData:
 def logits(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
     """The network's logits (N, classes) in eval mode, without gradients."""
     device = next(net.parameters()).device
-    images = torch.as_tensor(images)
+    tensors = torch.as_tensor(images)
     was_training = net.training
     net.eval()
     with torch.inference_mode():
         out = torch.cat(
-            [net(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+            [net(tensors[i : i + batch_size].to(device)).cpu() for i in range(0, len(tensors), batch_size)]
         )
     net.train(was_training)
     return out.double()

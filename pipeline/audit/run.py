@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -74,7 +74,8 @@ def inversion_section(
     results, shown = {}, {"original": images.numpy()}
     for protection in (None, dp):
         torch.manual_seed(int(cfg.audit.seed))
-        net = build_network(OmegaConf.to_container(options.net, resolve=True), where="audit.inversion.net")
+        net_config = cast(dict[str, Any], OmegaConf.to_container(options.net, resolve=True))
+        net = build_network(net_config, where="audit.inversion.net")
         name = "none" if protection is None else "dp-sgd"
         log.info("gradient inversion of a %d-image update, protection: %s", count, name)
         results[name], reconstructed = inversion_attack(net, images, labels, protection, settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -62,9 +63,10 @@ def load_target(checkpoint: str | Path, cfg: DictConfig) -> AuditTarget:
     net, info = load_model(checkpoint)
     recorded = checkpoint.parent / HYDRA_CONFIG
     if recorded.is_file():
-        config, source = OmegaConf.load(recorded), str(recorded)
+        # Hydra's record of the run's config: a mapping.
+        config, source = cast(DictConfig, OmegaConf.load(recorded)), str(recorded)
     else:
-        config = OmegaConf.merge(cfg, {"model": info["config"]})
+        config = cast(DictConfig, OmegaConf.merge(cfg, {"model": info["config"]}))
         source = "the audit's own configuration (no .hydra/config.yaml next to the checkpoint)"
     if info.get("image_size") is not None:
         config.data.image_size = info["image_size"]

@@ -15,10 +15,15 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificateIssuerPublicKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 825  # the longest validity current TLS clients accept for a server certificate
@@ -116,7 +121,10 @@ def _subject_alt_names(hostnames: list[str]) -> x509.SubjectAlternativeName:
 def make_server_cert(certs: CoordinatorCerts, ca_key: Path, hostnames: list[str]) -> None:
     """The coordinator's TLS certificate, signed by the federation CA."""
     ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
-    signer = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    # The CA key is the one make_ca wrote (EC); a key that cannot sign fails in sign() below.
+    loaded = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    signer = cast(CertificateIssuerPrivateKeyTypes, loaded)
+    issuer_key = cast(CertificateIssuerPublicKeyTypes, ca.public_key())
     key = ec.generate_private_key(ec.SECP384R1())
     builder = (
         x509.CertificateBuilder()
@@ -127,7 +135,7 @@ def make_server_cert(certs: CoordinatorCerts, ca_key: Path, hostnames: list[str]
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_subject_alt_names(hostnames), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key), critical=False)
     )
     cert = _validity(builder).sign(signer, hashes.SHA384())
     _write(certs.key, _pem_key(key), private=True)

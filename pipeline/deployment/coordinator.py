@@ -91,7 +91,7 @@ def write_experiment(cfg: DictConfig, output_dir: Path) -> Path:
     """The resolved experiment config the ServerApp reads (kept next to the results)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / EXPERIMENT_FILE
-    shared = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("deployment", "site")])
+    shared = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k not in ("deployment", "site")])
     OmegaConf.save(shared, path, resolve=True)
     return path
 

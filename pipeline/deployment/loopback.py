@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.deployment.certificates import SiteKeys, make_federation_certs
@@ -113,7 +114,7 @@ class LoopbackDeployment:
         for thread in threads:
             thread.join()
 
-    def start_site(self, site: str, extra: list[str] = ()) -> subprocess.Popen:
+    def start_site(self, site: str, extra: Sequence[str] = ()) -> subprocess.Popen:
         return self._spawn(
             site,
             "site.py",

@@ -80,11 +80,13 @@ def _supernode_refused(command: list[str]) -> tuple[int, bool]:
         text=True,
         bufsize=1,
     )
+    output = process.stdout
+    assert output is not None  # stdout=subprocess.PIPE
     previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate())
     refused = threading.Event()
 
     def echo() -> None:
-        for line in process.stdout:
+        for line in output:
             sys.stdout.write(line)
             sys.stdout.flush()
             if CONNECTION_ERROR in line:

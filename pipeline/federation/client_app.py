@@ -23,8 +23,11 @@ three SecAgg+ stages that only exchange keys, shares and masks.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.typing import ConfigRecordValues, MetricRecordValues
 from flwr.clientapp import ClientApp
 
 from pipeline.console import quiet_third_party
@@ -40,7 +43,9 @@ app = ClientApp(mods=[approval_gate])
 
 def _metric_record(metrics: dict[str, float], num_examples: int) -> MetricRecord:
     """Scalar metrics with Flower-friendly keys and the aggregation weight."""
-    record = {key.replace("/", "_"): float(value) for key, value in metrics.items()}
+    record: dict[str, MetricRecordValues] = {
+        key.replace("/", "_"): float(value) for key, value in metrics.items()
+    }
     record["num-examples"] = int(num_examples)
     return MetricRecord(record)
 
@@ -70,7 +75,7 @@ def train(message: Message, context: Context) -> Message:
         )
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     _test_only_dropout(cfg, context, received.server_round)
-    state = message.content["arrays"].to_torch_state_dict()
+    state = cast(ArrayRecord, message.content["arrays"]).to_torch_state_dict()
     new_state, metrics = train_site(
         cfg, received.cache_dir, state, received.server_round, received.run_id, received.policy
     )
@@ -87,11 +92,16 @@ def evaluate(message: Message, context: Context) -> Message:
 
     received = received_experiment(message, context)
     torch.set_num_threads(max(1, int(received.cfg.federation.client_cpus)))
-    state = message.content["arrays"].to_torch_state_dict()
+    state = cast(ArrayRecord, message.content["arrays"]).to_torch_state_dict()
     metrics, head = evaluate_round(
         received.cfg, received.cache_dir, state, received.server_round, received.run_id
     )
     metrics = dict(metrics)
     num_examples = int(metrics.pop("num-examples"))
-    content = RecordDict({"metrics": _metric_record(metrics, num_examples), "ledger": ConfigRecord(head)})
+    content = RecordDict(
+        {
+            "metrics": _metric_record(metrics, num_examples),
+            "ledger": ConfigRecord(cast(dict[str, ConfigRecordValues], head)),
+        }
+    )
     return Message(content=content, reply_to=message)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from types import SimpleNamespace
+from typing import cast
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from pipeline.federation.client_app import app as client_app
@@ -27,7 +29,11 @@ def payload_bytes(message: Message) -> int:
         return 0
     content = message.content
     size = sum(len(a.data) for record in content.array_records.values() for a in record.values())
-    for record in [*content.config_records.values(), *content.metric_records.values()]:
+    records: list[ConfigRecord | MetricRecord] = [
+        *content.config_records.values(),
+        *content.metric_records.values(),
+    ]
+    for record in records:
         for value in record.values():
             for item in value if isinstance(value, list) else [value]:
                 size += len(item) if isinstance(item, (bytes, str)) else 8
@@ -53,12 +59,12 @@ class LoopbackGrid(Grid):
         }
         self.replies: list[tuple[str, int, Message]] = []  # (message type, bytes, reply)
 
-    def set_run(self, run_id: int) -> None:
+    def set_run(self, run: Run) -> None:
         """A loopback grid serves a single run."""
 
     @property
-    def run(self) -> SimpleNamespace:
-        return SimpleNamespace(run_id=1)
+    def run(self) -> Run:
+        return cast(Run, SimpleNamespace(run_id=1))  # run 1: its id is all a loopback run has
 
     def create_message(self, *args, **kwargs) -> Message:
         raise NotImplementedError("build messages with flwr.app.Message")

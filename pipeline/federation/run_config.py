@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,7 +30,7 @@ def experiment_yaml(cfg: DictConfig) -> str:
     Raises :class:`pipeline.federation.experiment_schema.InvalidExperiment` for a config no site
     would accept (a component outside the allow-list), so that the coordinator fails first."""
     keys = [key for key in SHARED_SECTIONS if key in cfg]
-    shared = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+    shared = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True))
     check_experiment(shared)
     return json.dumps(shared, separators=(",", ":"))
 

@@ -24,17 +24,19 @@ round records stay the same in both modes:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app.typing import ConfigRecordValues
 from flwr.client.mod import secaggplus_mod
 from flwr.common import (
     Code,
     FitRes,
     NDArrays,
     Parameters,
+    Scalar,
     Status,
     bytes_to_ndarray,
     ndarrays_to_parameters,
@@ -104,7 +106,7 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
 
 def _neighbours(ctxt: Context) -> list[int]:
     """The sites whose keys this site received in the share-keys stage (it masks against them)."""
-    state = ctxt.state.config_records.get(RECORD_KEY_STATE) or {}
+    state: Mapping[str, object] = ctxt.state.config_records.get(RECORD_KEY_STATE) or {}
     return sorted(int(node) for node in cast(list[int], state.get("public_keys_dict:K", [])))
 
 
@@ -127,7 +129,7 @@ def _check_protocol(msg: Message, ctxt: Context) -> None:
         for key, value in expected.items()
         if configs.get(key) != value
     ]
-    sampled = int(configs.get(SecAggKey.SAMPLE_NUMBER, 0))
+    sampled = int(cast(int, configs.get(SecAggKey.SAMPLE_NUMBER, 0)))
     if sampled < settings.reconstruction_threshold:
         wrong.append(f"{SecAggKey.SAMPLE_NUMBER}={sampled} below the threshold")
     if wrong:
@@ -160,11 +162,11 @@ def _training_content(content: RecordDict) -> RecordDict:
 
 def _fit_result(reply: RecordDict, training: RecordDict) -> RecordDict:
     """The legacy fit result that ``secaggplus_mod`` masks, from the handler's reply."""
-    metrics = dict(reply["metrics"])
+    metrics = cast(dict[str, Scalar], dict(reply["metrics"]))  # scalars (pipeline.training.train)
     num_examples = int(metrics["num-examples"])
     # float64: Flower quantises in the arrays' own precision, and float32 cannot hold the
     # quantisation range's integers exactly (it would multiply the error by ~max_weight / n).
-    ndarrays = [array.numpy().astype(np.float64) for array in reply["arrays"].values()]
+    ndarrays = [array.numpy().astype(np.float64) for array in cast(ArrayRecord, reply["arrays"]).values()]
     cfg = experiment_from_yaml(str(training["config"][CONFIG_KEY]))
     settings = SecAggSettings.from_config(cfg.federation, num_sites(cfg))
     settings.check_site_update(num_examples, max(float(np.abs(a).max()) for a in ndarrays))
@@ -192,22 +194,27 @@ class SecureFitStrategy(LegacyFedAvg):
     ) -> None:
         self.names = list(initial)
         self.dtypes = [array.dtype for array in initial.values()]
+        initial_parameters = ndarrays_to_parameters(list(initial.values()))
         super().__init__(
             fraction_fit=recorder.fraction_train,
             fraction_evaluate=0.0,  # evaluation runs in the ordinary message layout
             min_fit_clients=recorder.min_train_nodes,
             min_available_clients=recorder.min_available_nodes,
-            initial_parameters=ndarrays_to_parameters(list(initial.values())),
-            on_fit_config_fn=lambda server_round: {
-                **train_config,
-                "server-round": recorder.run_round(server_round),
-                ARRAY_NAMES: self.names,
-            },
+            initial_parameters=initial_parameters,
+            # Flower annotates a config as scalars; it turns into a ConfigRecord, which holds lists too.
+            on_fit_config_fn=lambda server_round: cast(
+                dict[str, Scalar],
+                {
+                    **train_config,
+                    "server-round": recorder.run_round(server_round),
+                    ARRAY_NAMES: self.names,
+                },
+            ),
         )
         self.recorder = recorder
         self.checkpointer = checkpointer
         self.aggregated_round = 0
-        self.sent: Parameters = self.initial_parameters
+        self.sent: Parameters = initial_parameters
 
     def arrays(self, parameters: Parameters) -> ArrayRecord:
         """Named arrays (with the model's dtypes) from legacy, unnamed parameters."""
@@ -315,9 +322,12 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def __call__(self, grid: Grid, context: Context) -> None:
         context = cast(LegacyContext, context)
-        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        server_round = int(cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]))
         self.recorder.check_stop()
-        stamp = {**self.shared_config, "server-round": self.recorder.run_round(server_round)}
+        stamp: dict[str, ConfigRecordValues] = {
+            **self.shared_config,
+            "server-round": self.recorder.run_round(server_round),
+        }
         grid = ExperimentStampingGrid(grid, ConfigRecord(stamp))
         state = WorkflowState()
         stages = {
@@ -365,7 +375,7 @@ def evaluation_workflow(
 
     def evaluate(grid: Grid, context: Context) -> None:
         context = cast(LegacyContext, context)
-        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        server_round = int(cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]))
         parameters = compat.arrayrecord_to_parameters(
             context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
         )
@@ -407,7 +417,10 @@ def run_secure_federation(
     workflow = DefaultWorkflow(
         fit_workflow=ReportingSecAggPlusWorkflow(settings, recorder, shared_config),
         evaluate_workflow=evaluation_workflow(
-            recorder, strategy, ConfigRecord(shared_config), float(fed.round_timeout_s)
+            recorder,
+            strategy,
+            ConfigRecord(cast(dict[str, ConfigRecordValues], shared_config)),
+            float(fed.round_timeout_s),
         ),
     )
     workflow(grid, legacy)

@@ -23,8 +23,10 @@ import logging
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 from flwr.app import MetricRecord, RecordDict
+from flwr.app.typing import MetricRecordValues
 
 from pipeline.files import atomic_write
 from pipeline.labels import CLASS_NAMES
@@ -41,7 +43,8 @@ class EarlyStop(RuntimeError):
 
 def pooled_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
     """Pool the sites' evaluation metrics (see the module docstring)."""
-    records = [dict(next(iter(c.metric_records.values()))) for c in contents]
+    # The sites' evaluation metrics are scalars (pipeline.training.evaluate).
+    records = [cast(dict[str, float], dict(next(iter(c.metric_records.values())))) for c in contents]
     pooled: dict[str, float] = {}
     keys = sorted(set().union(*records))
     for key in keys:
@@ -61,7 +64,7 @@ def pooled_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
     ]
     if present:
         pooled[MIN_SENSITIVITY] = min(present)
-    return MetricRecord(pooled)
+    return MetricRecord(cast(dict[str, MetricRecordValues], pooled))
 
 
 def warn_collapsed_classes(server_round: int, metrics: dict[str, float]) -> list[str]:

@@ -13,8 +13,10 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app.typing import ConfigRecordValues
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from omegaconf import DictConfig, OmegaConf
@@ -115,8 +117,8 @@ def run_federation(
             initial_arrays=ArrayRecord(initial),
             num_rounds=remaining,
             timeout=float(fed.round_timeout_s),
-            train_config=ConfigRecord(shared),
-            evaluate_config=ConfigRecord(shared),
+            train_config=ConfigRecord(cast(dict[str, ConfigRecordValues], shared)),
+            evaluate_config=ConfigRecord(cast(dict[str, ConfigRecordValues], shared)),
             evaluate_fn=checkpointer,
         )
     except TooFewSites as stop:
@@ -167,6 +169,6 @@ def main(grid: Grid, context: Context) -> None:
     """Deployment entry point: the run config names the resolved experiment config file."""
     _log_to_console()
     config_path = Path(str(context.run_config[CONFIG_KEY]))
-    cfg = OmegaConf.load(config_path)
+    cfg = cast(DictConfig, OmegaConf.load(config_path))  # the resolved experiment: a mapping
     output_dir = Path(str(context.run_config.get("output-dir", "outputs/federation")))
     run_federation(grid, cfg, output_dir, context)

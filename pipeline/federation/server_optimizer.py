@@ -13,9 +13,10 @@ resumed coordinator restarts them from zero.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 from omegaconf import DictConfig
 
@@ -29,7 +30,7 @@ class ServerOptimizer:
         settings = dict(settings or {"name": "fedavg"})
         self.name = str(settings.get("name", "fedavg"))
         lr = float(settings.get("server_lr", 1.0))
-        adaptive = {
+        adaptive: dict[str, Any] = {
             "eta": lr,
             "beta_1": float(settings.get("beta_1", 0.9)),
             "beta_2": float(settings.get("beta_2", 0.99)),
@@ -59,7 +60,10 @@ class ServerOptimizer:
         else:
             self.strategy.current_arrays = {k: a.numpy() for k, a in current.items()}
         reply = _AverageReply(RecordDict({"arrays": average, "metrics": MetricRecord({"num-examples": 1})}))
-        stepped, _ = self.strategy.aggregate_train(server_round, [reply])
+        # The strategies read only has_error() and content of a reply: _AverageReply stands in for a Message.
+        stepped, _ = self.strategy.aggregate_train(server_round, [cast(Message, reply)])
+        if stepped is None:
+            raise RuntimeError(f"{self.name} made no model from the sites' average")
         dtypes = {k: a.numpy().dtype for k, a in average.items()}
         return ArrayRecord({k: Array(_as(a.numpy(), dtypes[k])) for k, a in stepped.items()})
 

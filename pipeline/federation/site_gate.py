@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from flwr.app import Context, Message
 from omegaconf import DictConfig
@@ -52,7 +53,9 @@ def received_experiment(message: Message, context: Context) -> ReceivedExperimen
         raise InvalidExperiment(
             "the message carries different experiments, runs or rounds in its records: refused"
         )
-    text, run_id, server_round = identity.pop()
+    text, run_id, carried_round = identity.pop()
+    # An int from the coordinator (Flower's strategies, the SecAgg+ stamp of secure_aggregation).
+    server_round = cast(int | None, carried_round)
     cfg = experiment_from_yaml(text)
     node_config = dict(context.node_config)
     cfg.governance = site_governance(node_config, cfg)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.typing import MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -32,7 +34,8 @@ def _site_metrics(replies: list[Message]) -> SiteMetrics:
         if reply.has_error():
             log.warning("site %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        record = next(iter(reply.content.metric_records.values()))
+        # The sites' metrics are scalars (pipeline.training.train and evaluate).
+        record = cast(Mapping[str, float], next(iter(reply.content.metric_records.values())))
         per_site[str(reply.metadata.src_node_id)] = {k: float(v) for k, v in record.items()}
     return per_site
 
@@ -135,7 +138,7 @@ class RecordingFedAvg(FedAvg):
         server_round: int,
         per_site: SiteMetrics,
         aggregated: MetricRecord | None,
-        failures: list[str] | None = None,
+        failures: Sequence[str | None] | None = None,
     ) -> None:
         """Log each site's training metrics and keep them (and the sites' refusals) for the
         round's record."""
@@ -160,7 +163,10 @@ class RecordingFedAvg(FedAvg):
         """Example-weighted mean of the sites' scalar training metrics."""
         if not per_site:
             return None
-        contents = [RecordDict({"metrics": MetricRecord(m)}) for m in per_site.values()]
+        contents = [
+            RecordDict({"metrics": MetricRecord(cast(dict[str, MetricRecordValues], m))})
+            for m in per_site.values()
+        ]
         return self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def record_failed_round(self, server_round: int, reason: str) -> None:
@@ -176,7 +182,7 @@ class RecordingFedAvg(FedAvg):
         record_heads(self.rounds_file.parent, self.run_round(server_round), heads)
         metrics = super().aggregate_evaluate(server_round, replies)
         run_round = self.run_round(server_round)
-        pooled = dict(metrics or {})
+        pooled = cast(dict[str, float], dict(metrics or {}))  # pooled_metrics: scalars
         self._round.update({"val_per_site": per_site, "val": pooled, "ledger_heads": heads})
         log.info("round %d  global model on sites' validation data  %s", run_round, _format(pooled))
         warn_collapsed_classes(run_round, pooled)
@@ -190,8 +196,9 @@ class RecordingFedAvg(FedAvg):
 
     def check_stop(self) -> None:
         """Raise :class:`EarlyStop` before a round once the selection stopped improving."""
-        if self.selector.should_stop():
-            best = self.selector.best[0]
+        best_round = self.selector.best
+        if best_round is not None and self.selector.should_stop():  # should_stop() needs a best round
+            best = best_round[0]
             raise EarlyStop(
                 f"{self.selector.metric} has not improved for {self.selector.patience} rounds "
                 f"since round {best}: the run stops and releases round {best}"

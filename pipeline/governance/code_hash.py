@@ -46,16 +46,24 @@ def _files_under(root: Path, prefix: str) -> list[tuple[str, Path]]:
     return sorted((f"{prefix}/{path.relative_to(root).as_posix()}", path) for path in files)
 
 
+def _package_dir(package: str) -> Path:
+    """The folder of the installed package ``package``."""
+    file = importlib.import_module(package).__file__
+    if file is None:
+        raise TypeError(f"package {package!r} has no __file__ (a namespace package?)")
+    return Path(file).parent
+
+
 def _source_files(package: str) -> list[tuple[str, Path]]:
     """``(relative name, path)`` of every source file of an installed package, sorted."""
-    return _files_under(Path(importlib.import_module(package).__file__).parent, package)
+    return _files_under(_package_dir(package), package)
 
 
 def scripts_folder(package_dir: Path | None = None) -> Path | None:
     """The repository's ``scripts/`` folder next to the installed ``pipeline`` package (or
     ``package_dir``) when that is a checkout (``pyproject.toml`` beside it); else ``None``."""
     if package_dir is None:
-        package_dir = Path(importlib.import_module("pipeline").__file__).parent
+        package_dir = _package_dir("pipeline")
     root = Path(package_dir).resolve().parent
     folder = root / SCRIPTS_DIR
     return folder if (root / "pyproject.toml").is_file() and folder.is_dir() else None

@@ -175,8 +175,9 @@ class SiteLedger:
                     "body": _as_json(kind, body),
                     "prev": prev,
                 }
-                entry["hash"] = entry_hash(entry)
-                entry["signature"] = self.signing_key.sign(bytes.fromhex(entry["hash"])).hex()
+                digest = entry_hash(entry)
+                entry["hash"] = digest
+                entry["signature"] = self.signing_key.sign(bytes.fromhex(digest)).hex()
                 handle.write(canonical_json(entry) + b"\n")
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -167,10 +167,15 @@ def review(cfg: DictConfig, site_name: str, work_dir: Path) -> str:
     if action == "list":
         return _list(channel, site_name, work_dir)
     job_hash, job, latest = _find_job(channel, work_dir, cfg.job)
-    summary = job.summary() if job is not None else latest.summary
+    if job is None:
+        assert latest is not None  # _find_job matches pending or decided jobs: this one was decided
+        summary = latest.summary
+    else:
+        summary = job.summary()
     if action == "show":
         state = f"This site's decision: {_state(latest)}."
         if job is None:
+            assert latest is not None  # as above
             history = [f"  {_state(d)}" for d in ledger_decisions(work_dir) if d.job_hash == job_hash]
             hint = (
                 "Withdraw the approval with action=withdraw"

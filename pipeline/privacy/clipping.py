@@ -20,6 +20,8 @@ The result, ``sum_i c_i g_i`` in ``p.grad``, is what Opacus's
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -100,7 +102,7 @@ class _Conv2dLayer:
         fan_in, fan_out = module.weight[0].numel(), module.out_channels
         # Ghost norm costs ~positions^2 (fan_in + fan_out); materialising ~fan_in * fan_out.
         self.ghost = positions * (fan_in + fan_out) < fan_in * fan_out
-        self.per_sample = None if self.ghost else self._per_sample_weight_grads()
+        self.per_sample: torch.Tensor | None = None if self.ghost else self._per_sample_weight_grads()
 
     def _backward_weight(self, grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, groups: int):
         m = self.module
@@ -130,9 +132,10 @@ class _Conv2dLayer:
 
     def squared_norms(self) -> torch.Tensor:
         n = self.grad.shape[0]
-        if self.ghost:
+        if self.per_sample is None:  # ghost norm
             m = self.module
-            unfolded = F.unfold(self.inputs, m.kernel_size, m.dilation, m.padding, m.stride)
+            padding = cast(tuple[int, ...], m.padding)  # string padding is refused (unsupported_layers)
+            unfolded = F.unfold(self.inputs, m.kernel_size, m.dilation, padding, m.stride)
             outputs = self.grad.reshape(n, self.grad.shape[1], -1)
             gram_in = unfolded.transpose(1, 2) @ unfolded
             gram_out = outputs.transpose(1, 2) @ outputs
@@ -145,7 +148,7 @@ class _Conv2dLayer:
 
     def clipped_sums(self, factors: torch.Tensor):
         weight = self.module.weight
-        if self.ghost:
+        if self.per_sample is None:  # ghost norm
             scaled = self.grad * factors.view(-1, 1, 1, 1)
             yield weight, self._backward_weight(scaled, self.inputs, weight.detach(), groups=1)
         else:
@@ -194,4 +197,4 @@ def _layer(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor):
         return _Conv2dLayer(module, inputs, grad)
     if isinstance(module, nn.Linear):
         return _LinearLayer(module, inputs, grad)
-    return _GroupNormLayer(module, inputs, grad)
+    return _GroupNormLayer(cast(nn.GroupNorm, module), inputs, grad)  # only SUPPORTED layers are recorded

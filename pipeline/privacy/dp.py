@@ -15,6 +15,7 @@ Noise and Poisson sampling come from the round's :data:`pipeline.privacy.randomn
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +119,9 @@ def plan_round(
     return RoundPlan(noise, sample_rate, steps, delta, int(num_examples * sample_rate))
 
 
-def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """Epsilon at ``delta`` of an Opacus accountant history (0 when empty)."""
+def epsilon_of(history: Sequence[Sequence[float]], delta: float, accountant: str) -> float:
+    """Epsilon at ``delta`` of an Opacus accountant history (0 when empty): entries
+    ``(noise multiplier, sample rate, steps)``, as tuples or as lists read back from JSON."""
     if not history:
         return 0.0
     acc = create_accountant(accountant)

@@ -50,7 +50,7 @@ class PrivacyLedger:
     def check_budget(self, server_round: int, plan: RoundPlan, budget: float) -> float:
         """Epsilon after this round if trained; raises if that exceeds ``budget``."""
         spent = self.spent(plan.delta)
-        after = epsilon_of(self.history() + plan.history, plan.delta, self.accountant)
+        after = epsilon_of([*self.history(), *plan.history], plan.delta, self.accountant)
         if after > budget:
             raise PrivacyBudgetExhausted(
                 f"privacy budget: this site has spent epsilon={spent:.3f} (delta={plan.delta:.2g}, "

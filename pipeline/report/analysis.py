@@ -56,7 +56,9 @@ def model_classes(cases: Cases, threshold: float) -> np.ndarray:
 
 def model_tasks(cases: Cases, predicted: np.ndarray) -> dict[str, Task]:
     """Pneumonia vs normal, then each class against the others."""
-    tasks = {PNEUMONIA_TASK: (cases.labels != NORMAL_INDEX, predicted != NORMAL_INDEX, cases.pneumonia_score)}
+    tasks: dict[str, Task] = {
+        PNEUMONIA_TASK: (cases.labels != NORMAL_INDEX, predicted != NORMAL_INDEX, cases.pneumonia_score)
+    }
     for c, name in enumerate(CLASS_NAMES):
         tasks[name] = (cases.labels == c, predicted == c, cases.probabilities[:, c])
     return tasks
@@ -196,5 +198,5 @@ def roc_points(cases: Cases) -> dict[str, list[float]] | None:
     return {
         "false_positive_rate": fpr.tolist(),
         "true_positive_rate": tpr.tolist(),
-        "threshold": np.where(np.isfinite(thresholds), thresholds, None).tolist(),
+        "threshold": [float(t) if np.isfinite(t) else None for t in thresholds],
     }

@@ -60,10 +60,11 @@ def build_report(
             site_weights = bootstrap_weights(site.patient_keys, options.n_resamples, options.seed)
             sites[name] = analysis.model_section(site, predicted[mask], site_weights)
 
-    reads = None
+    reads = reads_section = None
     if reads_csv is not None:
         indexes = [load_site_index(cache, name) for cache, name in zip(caches, names)]
         reads = load_reads(reads_csv, cases, indexes, options.split)
+        reads_section = {"file": Path(reads_csv).name, "warnings": reads.warnings}
     readers = reads.readers if reads else []
     report = {
         "title": "Chest X-ray model: clinical evaluation",
@@ -89,7 +90,7 @@ def build_report(
         "readers": {r.name: analysis.reader_section(r, cases, weights) for r in readers},
         "comparisons": {r.name: analysis.comparison(r, cases, predicted, weights) for r in readers},
         "agreement": analysis.agreement(readers, len(cases)),
-        "reads": None if reads is None else {"file": Path(reads_csv).name, "warnings": reads.warnings},
+        "reads": reads_section,
     }
     return report, cases
 

@@ -126,7 +126,7 @@ def load_reads(path: str | Path, cases: Cases, sites: list[SiteIndex], split: st
     by_name = {site.name: site for site in sites}
     case_of = {(s, k): i for i, (s, k) in enumerate(zip(cases.sites, cases.image_keys))}
     errors: list[str] = []
-    rows: list[tuple[str, int | None, str, float | None]] = []  # reader, case index, label, confidence
+    rows: list[tuple[str, int, str, float | None]] = []  # reader, case index, label, confidence
     seen: dict[tuple[str, str, str], int] = {}
     outside_split, rejected_reads = 0, []
     for offset, row in enumerate(table.to_dict("records")):

@@ -81,7 +81,7 @@ def binary_metrics(
     }
 
 
-def bootstrap_weights(patient_keys: Sequence[str], n_resamples: int, seed: int) -> np.ndarray:
+def bootstrap_weights(patient_keys: Sequence[str] | np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     """Weights (1 + n_resamples, N): row 0 all ones (the observed data), then one row per
     resample of the patients with replacement; an image weighs as often as its patient was drawn."""
     patients, image_patient = np.unique(np.asarray(patient_keys), return_inverse=True)
