@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_INDEX ?=
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo lint test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) scripts/simulate.py experiment=demo
 
-test: setup
+# Quality gates (seconds): lint, format check and type check of the packages.
+lint: setup
+	$(VENV)/bin/ruff check pipeline models transforms
+	$(VENV)/bin/ruff format --check pipeline models transforms
+	$(VENV)/bin/mypy pipeline models transforms
+
+test: setup lint
 	$(PY) -m pytest
 
 test-fast: setup
