@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from matplotlib.figure import Figure
 
 from pipeline.report.build import write_report_files
 from pipeline.report.figures import png_bytes
-from pipeline.report.html import number
+from pipeline.report.html import page_template
 
 AUDIT_JSON = "audit.json"
 AUDIT_HTML = "audit.html"
@@ -84,15 +83,12 @@ def inversion_figure(images: dict[str, np.ndarray]) -> bytes:
 
 def render(audit: dict[str, Any], figures: dict[str, str]) -> str:
     """The HTML page of ``audit`` with ``figures`` (file name -> data URI)."""
-    env = Environment(
-        loader=FileSystemLoader(Path(__file__).parent),
-        autoescape=select_autoescape(default=True),
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters.update(number=number, percent=lambda v: "–" if v is None else f"{100 * v:.1f}%")
-    return env.get_template(TEMPLATE).render(a=audit, figures=figures, attack_names=ATTACK_NAMES)
+    template = page_template(Path(__file__).parent, TEMPLATE, percent=_percent)
+    return template.render(a=audit, figures=figures, attack_names=ATTACK_NAMES)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
 
 
 def write_audit_report(audit: dict[str, Any], images: dict[str, np.ndarray], output_dir: str | Path) -> Path:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template, select_autoescape
 from markupsafe import Markup
 
 from pipeline.labels import CLASS_NAMES
@@ -52,17 +53,24 @@ def p_value(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def render(report: dict[str, Any], figures: dict[str, str]) -> str:
-    """The HTML page of ``report`` with ``figures`` (file name -> data URI)."""
+def page_template(folder: Path, name: str, **filters: Callable[..., Any]) -> Template:
+    """A report page's Jinja template from ``folder``: autoescaped, strict about undefined
+    names, with ``number`` and the given ``filters`` (the clinical and the audit report share it)."""
     env = Environment(
-        loader=FileSystemLoader(Path(__file__).parent),
+        loader=FileSystemLoader(folder),
         autoescape=select_autoescape(default=True),
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(number=number, estimate=estimate, cell=cell, p_value=p_value)
-    return env.get_template(TEMPLATE).render(
+    env.filters.update(number=number, **filters)
+    return env.get_template(name)
+
+
+def render(report: dict[str, Any], figures: dict[str, str]) -> str:
+    """The HTML page of ``report`` with ``figures`` (file name -> data URI)."""
+    template = page_template(Path(__file__).parent, TEMPLATE, estimate=estimate, cell=cell, p_value=p_value)
+    return template.render(
         r=report,
         figures=figures,
         task=PNEUMONIA_TASK,
