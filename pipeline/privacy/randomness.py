@@ -39,7 +39,7 @@ class SecureRandom:
     name = SECURE
 
     def __init__(self) -> None:
-        cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
+        cipher = Cipher(algorithms.ChaCha20(os.urandom(32), bytes(4) + os.urandom(12)), mode=None)
         self._stream = cipher.encryptor()
 
     def _words(self, count: int) -> np.ndarray:
