@@ -97,7 +97,7 @@ def parse_args() -> argparse.Namespace:
         "--model", default="resnet18_groupnorm", help="conf/model/ name (group norm: SecAgg+, DP)"
     )
     parser.add_argument("--epsilon", type=float, default=8.0, help="DP arm: target epsilon per site")
-    parser.add_argument("--pretrain-epochs", type=int, default=30)
+    parser.add_argument("--pretrain-epochs", type=int, default=60)
     parser.add_argument("--no-pretrain", action="store_true", help="every arm from scratch")
     parser.add_argument("--test-fraction", type=float, default=0.25)
     parser.add_argument("--public-fraction", type=float, default=0.15)
@@ -378,45 +378,48 @@ def run_arm(args, arm: str, seed: int, data: dict[str, SitePaths], weights: Path
         **info,
         "wall_s": round(time.perf_counter() - start, 1),
     }
+    report(result)
+    return result
+
+
+def report(result: dict, note: str = "") -> None:
+    """One line per trained model."""
     sens = " ".join(f"{c}={v:.2f}" for c, v in result["sensitivity"].items())
     extra = "" if result.get("epsilon") is None else f"  epsilon={result['epsilon']:.2f}"
     chosen = "" if result.get("selected_round") is None else f"  round {result['selected_round']}"
     print(
-        f"{arm:<11} seed {seed}  pneumonia AUC {result['pneumonia_auc']:.4f}  macro AUC "
-        f"{result['macro_auc']:.4f}  sensitivity {sens}{extra}{chosen}  {result['wall_s']:.0f} s",
+        f"{result['arm']:<11} seed {result['seed']}  pneumonia AUC {result['pneumonia_auc']:.4f}  macro AUC "
+        f"{result['macro_auc']:.4f}  sensitivity {sens}{extra}{chosen}  {result['wall_s']:.0f} s"
+        + (f"  ({note})" if note else ""),
         flush=True,
     )
-    return result
 
 
-def public_weights(args: argparse.Namespace, data: dict[str, SitePaths], work: Path) -> Path | None:
-    """Pretrain on the public part (the coordinator's data), as ``scripts/pretrain.py`` does."""
-    if args.no_pretrain:
-        return None
+def public_weights(args: argparse.Namespace, data: dict[str, SitePaths], work: Path, seed: int) -> dict:
+    """Pretrain on the public part (the coordinator's data) with ``seed``, as ``scripts/pretrain.py``
+    does, and score the weights on the held-out part: the start of every arm of this seed."""
     public = data["public"]
     cfg = compose_config(
         [
-            *common_overrides(args, work / "sites", args.split_seed),
+            *common_overrides(args, work / "sites", seed),
             f"pretrain.input_dir={public.input_dir}",
             f"pretrain.labels_csv={public.labels_csv}",
-            f"pretrain.work_dir={work / 'public' / 'pretrain'}",
+            f"pretrain.work_dir={work / 'public' / f'pretrain_seed{seed}'}",
             f"pretrain.epochs={args.pretrain_epochs}",
             "preprocess.split.val_fraction=0.15",
         ]
     )
     start = time.perf_counter()
-    weights, metrics = pretrain(cfg)
-    scores = "  ".join(
-        f"{k.split('/')[-1]}={v:.3f}"
-        for k, v in sorted(metrics.items())
-        if k in ("val/auroc", "val/pneumonia_auroc")
-    )
-    print(
-        f"pretrained on the public part, {args.pretrain_epochs} epochs, {time.perf_counter() - start:.0f} s "
-        f"(public validation: {scores or 'none'})",
-        flush=True,
-    )
-    return weights
+    weights, _ = pretrain(cfg)
+    result = {
+        "arm": "pretrained",
+        "seed": seed,
+        **score(weights, data["test"], weights.parent),
+        "weights": weights,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    report(result, f"public part only, {args.pretrain_epochs} epochs: every arm's start")
+    return result
 
 
 def summary(results: list[dict], arm: str) -> dict:
@@ -461,27 +464,23 @@ def main() -> None:
     try:
         base = compose_config(common_overrides(args, work / "sites", args.split_seed))
         data = build_data(args, work, base)
-        weights = public_weights(args, data, work)
-        public = score(weights, data["test"], work / "runs" / "pretrained") if weights else None
-        if public is not None:
-            print(
-                f"public-pretrained model (every arm's start) on the held-out part: pneumonia AUC "
-                f"{public['pneumonia_auc']:.4f}  macro AUC {public['macro_auc']:.4f}  min sensitivity "
-                f"{public['min_sensitivity']:.2f}",
-                flush=True,
-            )
         print(
             f"{args.model}, {args.image_size} px, {args.rounds} rounds x {args.local_epochs} local epochs, "
             f"seeds 0..{args.seeds - 1}, DP preset {args.dp_preset} at epsilon {args.epsilon}",
             flush=True,
         )
-        results = [
-            run_arm(args, arm, seed, data, weights, work) for seed in range(args.seeds) for arm in args.arms
-        ]
+        results = []
+        for seed in range(args.seeds):
+            weights = None
+            if not args.no_pretrain:
+                results.append(public_weights(args, data, work, seed))
+                weights = results[-1]["weights"]
+            results += [run_arm(args, arm, seed, data, weights, work) for arm in args.arms]
     finally:
         if temporary is not None:
             temporary.cleanup()
-    arms = {arm: summary(results, arm) for arm in args.arms}
+    shown = ([] if args.no_pretrain else ["pretrained"]) + args.arms
+    arms = {arm: summary(results, arm) for arm in shown}
     print(
         f"\n{'arm':<12}{'pneumonia AUC':>26}{'macro AUC':>12}{'min sens.':>11}   sensitivity n/b/v     s/run"
     )
@@ -521,18 +520,40 @@ def main() -> None:
         "per_seed_auc": {
             arm: [round(r["pneumonia_auc"], 4) for r in results if r["arm"] == arm] for arm in args.arms
         },
+        "per_seed_min_sensitivity": {
+            arm: [round(r["min_sensitivity"], 4) for r in results if r["arm"] == arm] for arm in args.arms
+        },
         "seeds": args.seeds,
         "rounds": args.rounds,
         "local_epochs": args.local_epochs,
         "image_size": args.image_size,
         "model": args.model,
         "dp_preset": args.dp_preset,
-        "pretrained_auc": round(public["pneumonia_auc"], 4) if public else None,
-        "pretrained_macro_auc": round(public["macro_auc"], 4) if public else None,
-        "pretrained_min_sensitivity": round(public["min_sensitivity"], 4) if public else None,
+        "pretrained_auc": mean("pretrained", "pneumonia_auc"),
+        "pretrained_macro_auc": mean("pretrained", "macro_auc"),
+        "min_class_sensitivity_pretrained": mean("pretrained", "min_sensitivity"),
+        "pretrain_epochs": None if args.no_pretrain else args.pretrain_epochs,
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    result["target_margins"] = target_margins(result)
     print("RESULT " + json.dumps(result))
+
+
+def target_margins(result: dict) -> dict[str, float | None]:
+    """How far each target of the benchmark is met (>= 0) or missed (< 0)."""
+
+    def margin(value: float | None, bound: float | None) -> float | None:
+        return None if value is None or bound is None else round(value - bound, 4)
+
+    central = result["central_auc"]
+    return {
+        "central_auc>=0.95": margin(central, 0.95),
+        "fed_secagg_auc>=central_auc-0.02": margin(result["fed_secagg_auc"], central and central - 0.02),
+        "fed_dp_auc>=central_auc-0.05": margin(result["fed_dp_auc"], central and central - 0.05),
+        "epsilon<=8": margin(8.0, result["epsilon"]),
+        "min_class_sensitivity_fed>=0.5": margin(result["min_class_sensitivity_fed"], 0.5),
+        "min_class_sensitivity_dp>=0.5": margin(result["min_class_sensitivity_dp"], 0.5),
+    }
 
 
 if __name__ == "__main__":
