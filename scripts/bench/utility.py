@@ -1,7 +1,7 @@
 """Clinical utility on held-out patients: centralised vs FedAvg + SecAgg+ vs FedAvg + SecAgg+ + DP-SGD.
 
-    python scripts/bench/utility.py                       # 3 seeds per arm, defaults below (~25 min, 2 cores)
-    python scripts/bench/utility.py --quick               # smoke run: 1 seed, 2 rounds, 32 px
+    python scripts/bench/utility.py                       # 3 seeds per arm, defaults below (~11 min, 2 cores)
+    python scripts/bench/utility.py --quick               # smoke run: 1 seed, 2 rounds, 32 px (~2 min)
     python scripts/bench/utility.py --seeds 5 --rounds 12 --work outputs/bench/utility
 
 Data: the 602 pediatric chest X-rays of ``shared/data/kermany`` (manifest.csv), split by
@@ -17,18 +17,21 @@ patient (``personNNN`` ids group bacterial and viral files) into four disjoint p
   (file,label,patient_id), preprocessed by fedrad's own ``preprocess_site`` with
   ``preprocess.split.test_fraction=0``: fedrad's patient split gives train and val.
 
-Arms, all from the same public-pretrained weights, same model, ``--rounds`` x
-``--local-epochs`` epochs of local training each:
+For every seed, the public part is first pretrained on (``--pretrain-epochs``, with that seed)
+and the public model is scored on the held-out part (row ``pretrained``); the three arms of that
+seed start from it, with the same model and ``--rounds`` x ``--local-epochs`` epochs of local
+training each (``--no-pretrain``: all from scratch):
 
 * ``central``: the sites' train splits pooled, trained centrally for rounds x local_epochs
   epochs (the last epoch is released);
 * ``fed_secagg``: FedAvg over the three sites under SecAgg+, the real ServerApp / ClientApp
   code on an in-process grid (:class:`pipeline.federation.loopback.LoopbackGrid`); the
-  released ``model.pt`` is the best round by the sites' pooled validation metric;
+  released ``model.pt`` is the best round by the sites' pooled validation metric
+  (``--selection``, default ``val_min_sensitivity``: the lowest per-class sensitivity);
 * ``fed_dp``: the same with DP-SGD at every site (``privacy=dp_sgd``), the site's noise
-  calibrated so that the whole run spends ``--epsilon`` at delta = 1 / (10 N); the DP recipe
-  (frozen early layers, batch size, clipping, server optimiser) is the benchmark's own preset,
-  ``conf/experiment/utility_dp.yaml``, overridable with ``--dp-override key=value``.
+  calibrated so that the whole run spends at most ``--epsilon`` at delta = 1 / (10 N); the DP
+  recipe (frozen backbone: only the head trains; batch size, clipping) is the benchmark's own
+  preset, ``conf/experiment/utility_dp.yaml``, overridable with ``--dp-override key=value``.
 
 Each arm is run for every seed (``--seeds``; fresh copies of the site caches for every
 federated run, so no privacy budget carries over) and its released model is scored on the
@@ -38,7 +41,9 @@ arm's mean, min and max over seeds; the last line is ``RESULT {json}`` with ``ce
 ``fed_secagg_auc``, ``fed_dp_auc`` (means of the pneumonia-vs-normal AUC),
 ``fed_secagg_macro_auc``, ``min_class_sensitivity_fed`` and ``min_class_sensitivity_dp``
 (the lowest per-class sensitivity, averaged over seeds) and ``epsilon`` (the largest
-cumulative epsilon any site reached in the DP arm), plus per-arm spreads and wall times.
+cumulative epsilon any site reached in the DP arm), plus the public model's figures, per-seed
+values, spreads, wall times and ``target_margins`` (how far each target is met, or missed
+when negative).
 """
 
 from __future__ import annotations
