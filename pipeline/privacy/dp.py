@@ -15,6 +15,7 @@ Noise and Poisson sampling come from the round's :data:`pipeline.privacy.randomn
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -109,14 +110,26 @@ def plan_round(
     delta = settings.delta_for(num_examples)
     noise = settings.noise_multiplier
     if noise is None:
-        noise = get_noise_multiplier(
-            target_epsilon=settings.target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps * num_rounds,
-            accountant=settings.accountant,
+        noise = _calibrated_noise(
+            settings.target_epsilon, delta, sample_rate, steps * num_rounds, settings.accountant
         )
     return RoundPlan(noise, sample_rate, steps, delta, int(num_examples * sample_rate))
+
+
+@lru_cache(maxsize=64)
+def _calibrated_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Opacus's noise calibration (seconds of RDP search), once per process and plan."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
 
 
 def epsilon_of(history: Sequence[Sequence[float]], delta: float, accountant: str) -> float:
