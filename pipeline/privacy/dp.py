@@ -15,9 +15,9 @@ Noise and Poisson sampling come from the round's :data:`pipeline.privacy.randomn
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from omegaconf import DictConfig
