@@ -21,11 +21,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) scripts/simulate.py experiment=demo
 
-# Quality gates (seconds): lint, format check and type check of the packages.
+# Quality gates (seconds): lint, format check, type check and the import layers of the packages.
 lint: setup
 	$(VENV)/bin/ruff check pipeline models transforms
 	$(VENV)/bin/ruff format --check pipeline models transforms
 	$(VENV)/bin/mypy pipeline models transforms
+	$(VENV)/bin/lint-imports
 
 test: setup lint
 	$(PY) -m pytest

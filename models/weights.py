@@ -1,7 +1,7 @@
 """Load locally stored pretrained weights into a network (never downloads anything).
 
 Accepted files (``torch.save``): a bare state dict, fedrad's ``model.pt`` (``{"state_dict": ...}``)
-or a Lightning checkpoint of :class:`pipeline.classifier.XrayClassifier` (keys prefixed ``net.``).
+or a Lightning checkpoint of :class:`pipeline.training.classifier.XrayClassifier` (keys prefixed ``net.``).
 """
 
 from __future__ import annotations

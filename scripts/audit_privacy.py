@@ -25,8 +25,8 @@ from pipeline.cli import answer_help
 
 answer_help(__doc__)  # before the training stack is imported
 
-from pipeline.audit.report import write_audit_report  # noqa: E402
-from pipeline.audit.run import audit_output_dir, run_audit  # noqa: E402
+from pipeline.evaluation.audit.report import write_audit_report  # noqa: E402
+from pipeline.evaluation.audit.run import audit_output_dir, run_audit  # noqa: E402
 
 log = logging.getLogger("fedrad.audit")
 
@@ -37,9 +37,14 @@ def main(cfg: DictConfig) -> None:
     html = write_audit_report(audit, images, audit_output_dir(cfg))
     for model in audit["models"]:
         metrics = model["release_metrics"]
-        log.info("%s: membership AUC %.3f, TPR at 1%% FPR %.3f, reconstruction SSIM %.3f: %s", model["name"],
-                 metrics["membership_auc"], metrics["tpr_at_1pct_fpr"], metrics["reconstruction_ssim"],
-                 "; ".join(model["release"]["violations"]) or "within the release policy")
+        log.info(
+            "%s: membership AUC %.3f, TPR at 1%% FPR %.3f, reconstruction SSIM %.3f: %s",
+            model["name"],
+            metrics["membership_auc"],
+            metrics["tpr_at_1pct_fpr"],
+            metrics["reconstruction_ssim"],
+            "; ".join(model["release"]["violations"]) or "within the release policy",
+        )
     log.info("audit report: %s", html)
 
 

@@ -29,7 +29,7 @@ answer_help(__doc__)  # before the training stack is imported
 from pipeline.deployment.site import configured_site  # noqa: E402
 from pipeline.governance.heads import verify_site_ledger  # noqa: E402
 from pipeline.governance.keys import load_public_key  # noqa: E402
-from pipeline.governance.ledger import LedgerCorrupted, SiteLedger, describe  # noqa: E402
+from pipeline.governance.site_ledger import LedgerCorrupted, SiteLedger, describe  # noqa: E402
 
 ACTIONS = ("show", "verify")
 # What the tool reports as one line (file and fix) instead of a traceback; KeyFileError is a ValueError.

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from pipeline.files import write_csv
+from pipeline.contracts.files import write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"NORMAL": "normal", "PNEUMONIA_bacteria": "bacterial", "PNEUMONIA_virus": "viral"}
@@ -67,11 +67,21 @@ def write_sample(source: Path, out_dir: Path, per_class: int, long_side: int, se
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, default=Path("../shared/data/kermany"),
-                        help="Kermany copy with manifest.csv (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=REPO / "data" / "demo" / "kermany",
-                        help="output folder (default: data/demo/kermany)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=Path("../shared/data/kermany"),
+        help="Kermany copy with manifest.csv (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "data" / "demo" / "kermany",
+        help="output folder (default: data/demo/kermany)",
+    )
     parser.add_argument("--per-class", type=int, default=72, help="images per class, at most")
     parser.add_argument("--long-side", type=int, default=224, help="long side in pixels")
     parser.add_argument("--seed", type=int, default=2018)

@@ -12,17 +12,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.demo_sites import prepare_demo_sites
+from pipeline.support.demo_sites import prepare_demo_sites
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=Path("outputs/demo_sites"), help="output root (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--root", type=Path, default=Path("outputs/demo_sites"), help="output root (default: %(default)s)"
+    )
     parser.add_argument("--sites", type=int, default=3, help="number of sites (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient assignment and headers")
-    parser.add_argument("--skew", type=float, default=1.0,
-                        help="extra share of one class per site: 0 = IID (default: %(default)s)")
-    parser.add_argument("--max-images", type=int, default=None, help="cap per site, whole patients (for quick tests)")
+    parser.add_argument(
+        "--skew",
+        type=float,
+        default=1.0,
+        help="extra share of one class per site: 0 = IID (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-images", type=int, default=None, help="cap per site, whole patients (for quick tests)"
+    )
     args = parser.parse_args()
     for site in prepare_demo_sites(args.root, args.sites, args.seed, args.skew, args.max_images):
         count = sum(1 for _ in site.input_dir.glob("*.dcm"))

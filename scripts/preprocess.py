@@ -19,8 +19,8 @@ from pipeline.cli import answer_help
 
 answer_help(__doc__)  # before the training stack is imported
 
-from pipeline.labels import LabelsError  # noqa: E402
-from pipeline.preprocess import preprocess_sites  # noqa: E402
+from pipeline.contracts.labels import LabelsError  # noqa: E402
+from pipeline.governance.revocation import preprocess_sites  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

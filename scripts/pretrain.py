@@ -23,7 +23,7 @@ from pipeline.cli import answer_help
 
 answer_help(__doc__)  # before the training stack is imported
 
-from pipeline.pretraining import pretrain  # noqa: E402
+from pipeline.training.pretraining import pretrain  # noqa: E402
 
 log = logging.getLogger("fedrad.pretrain")
 

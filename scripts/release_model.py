@@ -26,8 +26,8 @@ from pipeline.cli import answer_help
 
 answer_help(__doc__)  # before the training stack is imported
 
-from pipeline.audit.release import ReleasePolicy, ReleaseRefused, release_model  # noqa: E402
-from pipeline.audit.report import AUDIT_JSON  # noqa: E402
+from pipeline.evaluation.audit.release import ReleasePolicy, ReleaseRefused, release_model  # noqa: E402
+from pipeline.evaluation.audit.report import AUDIT_JSON  # noqa: E402
 
 log = logging.getLogger("fedrad.release")
 
@@ -37,8 +37,9 @@ def main(cfg: DictConfig) -> None:
     model = Path(cfg.release.model)
     audit_json = Path(cfg.release.audit or model.parent / "audit" / AUDIT_JSON)
     try:
-        released = release_model(model, audit_json, ReleasePolicy.from_config(cfg.audit.release),
-                                 Path(cfg.audit.release.folder))
+        released = release_model(
+            model, audit_json, ReleasePolicy.from_config(cfg.audit.release), Path(cfg.audit.release.folder)
+        )
     except ReleaseRefused as refusal:
         log.error("%s", refusal)
         sys.exit(1)

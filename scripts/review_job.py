@@ -29,8 +29,8 @@ from pipeline.cli import answer_help
 answer_help(__doc__)  # before the training stack is imported
 
 from pipeline.deployment.site import configured_site  # noqa: E402
-from pipeline.governance.ledger import LedgerCorrupted  # noqa: E402
 from pipeline.governance.review import review  # noqa: E402
+from pipeline.governance.site_ledger import LedgerCorrupted  # noqa: E402
 
 # KeyFileError is a ValueError; JobNotApproved a PermissionError (an OSError).
 ONE_LINE_ERRORS = (ValueError, LookupError, OSError, LedgerCorrupted)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.demo_sites import load_sample, plan_sites
-from pipeline.files import write_csv
-from pipeline.labels import CLASS_NAMES, NORMAL_INDEX
+from pipeline.contracts.files import write_csv
+from pipeline.contracts.labels import CLASS_NAMES, NORMAL_INDEX
+from pipeline.support.demo_sites import load_sample, plan_sites
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_READS = REPO / "data" / "demo" / "reads_sample.csv"
@@ -76,7 +76,9 @@ def simulate_reads(seed: int = 0) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=SAMPLE_READS, help=f"CSV to write (default: {SAMPLE_READS})")
+    parser.add_argument(
+        "--output", type=Path, default=SAMPLE_READS, help=f"CSV to write (default: {SAMPLE_READS})"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated reads (default: 0)")
     args = parser.parse_args(argv)
     reads = simulate_reads(args.seed)

@@ -23,7 +23,7 @@ from pipeline.cli import answer_help
 
 answer_help(__doc__)  # before the training stack is imported
 
-from pipeline.baseline import run_baseline  # noqa: E402
+from pipeline.evaluation.baseline import run_baseline  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -12,17 +12,21 @@ from typing import NamedTuple
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pipeline.demo_sites import planted_identifiers as site_identifiers
-from pipeline.demo_sites import prepare_demo_sites
-from pipeline.preprocess import preprocess_sites
-from pipeline.sites import SitePaths
+from pipeline.contracts.layout import SitePaths
+from pipeline.governance.revocation import preprocess_sites
+from pipeline.support.demo_sites import planted_identifiers as site_identifiers
+from pipeline.support.demo_sites import prepare_demo_sites
 
 REPO = Path(__file__).resolve().parents[1]
 DICOM_DIR = REPO / "data" / "dicom"
 DEMO_IMAGE_SIZE = 64
 # A quick federation of the demo sites: small CNN, one local epoch.
-FAST_FEDERATION = ("experiment=demo", "model=small_cnn", f"data.image_size={DEMO_IMAGE_SIZE}",
-                   "federation.local_epochs=1")
+FAST_FEDERATION = (
+    "experiment=demo",
+    "model=small_cnn",
+    f"data.image_size={DEMO_IMAGE_SIZE}",
+    "federation.local_epochs=1",
+)
 
 
 class DemoSites(NamedTuple):
@@ -44,8 +48,10 @@ def demo_sites(tmp_path_factory) -> DemoSites:
     root = tmp_path_factory.mktemp("demo_sites")
     sites = prepare_demo_sites(root, n_sites=3)
     cfg = compose_config(
-        f"data.sites_root={root}", f"data.image_size={DEMO_IMAGE_SIZE}",
-        "data.sites=[site1,site2,site3]", "preprocess.workers=1",
+        f"data.sites_root={root}",
+        f"data.image_size={DEMO_IMAGE_SIZE}",
+        "data.sites=[site1,site2,site3]",
+        "preprocess.workers=1",
     )
     preprocess_sites(cfg)
     return DemoSites(root=root, sites=sites)
@@ -63,9 +69,13 @@ def demo_run(demo_sites, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo_run")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     command = [
-        sys.executable, str(REPO / "scripts" / "simulate.py"), *FAST_FEDERATION,
-        f"data.sites_root={demo_sites.root}", "data.prepare_demo=false",
-        "federation.num_rounds=1", f"output_dir={out}",
+        sys.executable,
+        str(REPO / "scripts" / "simulate.py"),
+        *FAST_FEDERATION,
+        f"data.sites_root={demo_sites.root}",
+        "data.prepare_demo=false",
+        "federation.num_rounds=1",
+        f"output_dir={out}",
     ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -85,8 +95,12 @@ def chromium() -> str:
     if os.geteuid() != 0:
         pytest.fail(f"chromium is not installed and installing it needs root: run `sudo {CHROMIUM_INSTALL}`")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    done = subprocess.run(["bash", "-c", CHROMIUM_INSTALL], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        ["bash", "-c", CHROMIUM_INSTALL], env=env, capture_output=True, text=True, timeout=900
+    )
     found = shutil.which("chromium")
     if done.returncode != 0 or not found:
-        pytest.fail(f"could not install chromium with `{CHROMIUM_INSTALL}`:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        pytest.fail(
+            f"could not install chromium with `{CHROMIUM_INSTALL}`:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
     return found

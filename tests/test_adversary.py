@@ -20,24 +20,24 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch.nn import functional as F
 
 from models.registry import ForbiddenComponent
-from pipeline.cache import SiteCache
+from pipeline.contracts.cache import SiteCache
+from pipeline.contracts.experiment import InvalidExperiment, experiment_yaml
+from pipeline.contracts.layout import SitePaths
+from pipeline.contracts.messages import CONFIG_KEY, RUN_ID_KEY, NodeConfig
 from pipeline.federation import site_task
 from pipeline.federation.client_app import app as client_app
-from pipeline.federation.experiment_schema import InvalidExperiment
 from pipeline.federation.releases import MASKING_NEIGHBOURS, ReleaseRefused, ReleaseStore
-from pipeline.federation.run_config import CONFIG_KEY, RUN_ID_KEY, experiment_yaml
 from pipeline.federation.secure_aggregation import STAMP, secure_aggregation_mod
 from pipeline.federation.site_policy import SitePolicy
 from pipeline.federation.site_task import evaluate_round, train_site
 from pipeline.governance.approval import Job, JobNotApproved, decide
-from pipeline.governance.ledger import LEDGER_NAME, LedgerCorrupted, SiteLedger
+from pipeline.governance.budget import PrivacyLedger
 from pipeline.governance.revocation import revoke_patient
 from pipeline.governance.rounds import trained_patients
-from pipeline.privacy.ledger import PrivacyLedger
+from pipeline.governance.site_ledger import LedgerCorrupted, SiteLedger
 from pipeline.privacy.secagg import MODULUS_RANGE, SecAggSettings
-from pipeline.sites import SitePaths
-from pipeline.training import build_classifier
-from tests.conftest import FAST_FEDERATION, compose_config
+from pipeline.training.loop import build_classifier
+from tests.conftest import FAST_FEDERATION, compose_config, DEMO_IMAGE_SIZE
 from tests.test_governance_ledger import trained_patient_id
 
 pytestmark = pytest.mark.adversary
@@ -49,10 +49,18 @@ CLIP = 1.0
 def site(demo_sites, tmp_path) -> SitePaths:
     """A private copy of demo site 1 (images, secret, cache): its ledger is this test's own."""
     source = demo_sites.sites[0]
-    bookkeeping = (LEDGER_NAME, "approvals", "releases", "trained_patients.jsonl",
-                   "reported_heads.jsonl", "revoked_patients.txt", "round.lock")
-    shutil.copytree(source.work_dir.parent, tmp_path / "sites" / source.name,
-                    ignore=shutil.ignore_patterns(*bookkeeping))
+    bookkeeping = (
+        "ledger.jsonl",
+        "approvals",
+        "releases",
+        "trained_patients.jsonl",
+        "reported_heads.jsonl",
+        "revoked_patients.txt",
+        "round.lock",
+    )
+    shutil.copytree(
+        source.work_dir.parent, tmp_path / "sites" / source.name, ignore=shutil.ignore_patterns(*bookkeeping)
+    )
     return SitePaths.under(tmp_path / "sites", source.name)
 
 
@@ -67,11 +75,19 @@ def dp_job(site: SitePaths, *overrides: str):
     """A DP-SGD job whose local round is exactly one step of plain SGD over every training
     image (Poisson rate 1), so that an update is ``-(clipped gradient sum + noise) / n``."""
     return compose_config(
-        *FAST_FEDERATION, f"data.sites_root={site.work_dir.parent.parent}", "data.sites=[site1]",
-        "privacy=dp_sgd", "privacy.noise_multiplier=1.0", f"privacy.max_grad_norm={CLIP}",
-        "privacy.epsilon_budget=1000", "data.augment.prob=0", "data.batch_size=4096",
-        "model.optimizer._target_=torch.optim.SGD", "model.optimizer.weight_decay=0.0",
-        "model.optimizer.lr=1.0", *overrides,
+        *FAST_FEDERATION,
+        f"data.sites_root={site.work_dir.parent.parent}",
+        "data.sites=[site1]",
+        "privacy=dp_sgd",
+        "privacy.noise_multiplier=1.0",
+        f"privacy.max_grad_norm={CLIP}",
+        "privacy.epsilon_budget=1000",
+        "data.augment.prob=0",
+        "data.batch_size=4096",
+        "model.optimizer._target_=torch.optim.SGD",
+        "model.optimizer.weight_decay=0.0",
+        "model.optimizer.lr=1.0",
+        *overrides,
     )
 
 
@@ -79,19 +95,21 @@ def zero_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.zeros_like(v) for k, v in state.items()}
 
 
-def flat_step(update: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
-              names: list[str]) -> torch.Tensor:
+def flat_step(
+    update: dict[str, torch.Tensor], received: dict[str, torch.Tensor], names: list[str]
+) -> torch.Tensor:
     """The site's released step, received - update = (clipped sum + noise) / n, over ``names``."""
     return torch.cat([(received[k] - update[k]).flatten() for k in names])
 
 
-def clipped_gradient_sum(cfg, site: SitePaths, state: dict[str, torch.Tensor],
-                         names: list[str]) -> torch.Tensor:
+def clipped_gradient_sum(
+    cfg, site: SitePaths, state: dict[str, torch.Tensor], names: list[str]
+) -> torch.Tensor:
     """The true sum of the per-sample gradients clipped to ``CLIP`` (one image at a time),
     over the parameters ``names``."""
     net = build_classifier(cfg, seed=0, load_pretrained=False).net
     net.load_state_dict(state)
-    split = SiteCache(site.cache_dir).load_split("train")
+    split = SiteCache(site.cache(DEMO_IMAGE_SIZE)).load_split("train")
     params = dict(net.named_parameters())
     total = None
     for image, label in zip(torch.tensor(split.images), torch.tensor(split.labels)):
@@ -101,7 +119,7 @@ def clipped_gradient_sum(cfg, site: SitePaths, state: dict[str, torch.Tensor],
         grad = grad * min(1.0, CLIP / (float(grad.norm()) + 1e-6))
         total = grad if total is None else total + grad
     offsets = dict(zip(params, torch.tensor([0] + [p.numel() for p in params.values()]).cumsum(0).tolist()))
-    return torch.cat([total[offsets[k]: offsets[k] + params[k].numel()] for k in names])
+    return torch.cat([total[offsets[k] : offsets[k] + params[k].numel()] for k in names])
 
 
 def zero_model_attack(cfg, site: SitePaths, runs: tuple[str, str], policy: SitePolicy) -> float:
@@ -112,9 +130,9 @@ def zero_model_attack(cfg, site: SitePaths, runs: tuple[str, str], policy: SiteP
     alone; the comparison leaves the head's bias out."""
     real = build_classifier(cfg, seed=0, load_pretrained=False).net.state_dict()
     zero = zero_model(real)
-    from_zero, _ = train_site(cfg, site.cache_dir, zero, 1, runs[0], policy)
-    from_real, _ = train_site(cfg, site.cache_dir, real, 1, runs[1], policy)
-    n = len(SiteCache(site.cache_dir).load_split("train").labels)
+    from_zero, _ = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), zero, 1, runs[0], policy)
+    from_real, _ = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), real, 1, runs[1], policy)
+    n = len(SiteCache(site.cache(DEMO_IMAGE_SIZE)).load_split("train").labels)
     names = list(real)[:-1]  # every parameter but the head's bias
     recovered = (flat_step(from_real, real, names) - flat_step(from_zero, zero, names)) * n
     truth = clipped_gradient_sum(cfg, site, real, names)
@@ -124,10 +142,10 @@ def zero_model_attack(cfg, site: SitePaths, runs: tuple[str, str], policy: SiteP
 def test_zero_model_replay_in_one_run_is_refused_and_charges_once(site):
     cfg = dp_job(site)
     real = build_classifier(cfg, seed=0, load_pretrained=False).net.state_dict()
-    train_site(cfg, site.cache_dir, zero_model(real), 1, "run-a")
+    train_site(cfg, site.cache(DEMO_IMAGE_SIZE), zero_model(real), 1, "run-a")
     charged = PrivacyLedger(site.work_dir, "rdp").spent(1e-5)
     with pytest.raises(ReleaseRefused, match="already released round 1 of run run-a"):
-        train_site(cfg, site.cache_dir, real, 1, "run-a")
+        train_site(cfg, site.cache(DEMO_IMAGE_SIZE), real, 1, "run-a")
     assert PrivacyLedger(site.work_dir, "rdp").spent(1e-5) == charged  # nothing replaced a charge
 
 
@@ -144,7 +162,7 @@ def test_the_attack_succeeds_with_seeded_noise_which_sites_refuse(site, tmp_path
     test above can fail. Sites refuse such a job unless their own policy allows it."""
     cfg = dp_job(site, "privacy.debug_seeded_noise=true")
     with pytest.raises(PermissionError, match="debug_seeded_noise"):
-        train_site(cfg, site.cache_dir, build_classifier(cfg, seed=0).net.state_dict(), 1, "run-a")
+        train_site(cfg, site.cache(DEMO_IMAGE_SIZE), build_classifier(cfg, seed=0).net.state_dict(), 1, "run-a")
     cosine = zero_model_attack(cfg, site, ("run-b", "run-c"), SitePolicy(allow_seeded_noise=True))
     assert cosine > 0.99, cosine
 
@@ -153,15 +171,22 @@ def test_same_round_with_another_model_is_charged_in_full_when_the_site_allows_i
     cfg = dp_job(site)
     real = build_classifier(cfg, seed=0, load_pretrained=False).net.state_dict()
     charge = SitePolicy(retrain_round="charge")
-    _, first = train_site(cfg, site.cache_dir, zero_model(real), 1, "run-a", charge)
-    _, second = train_site(cfg, site.cache_dir, real, 1, "run-a", charge)
-    _, replayed = train_site(cfg, site.cache_dir, real, 1, "run-a", charge)
+    _, first = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), zero_model(real), 1, "run-a", charge)
+    _, second = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), real, 1, "run-a", charge)
+    _, replayed = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), real, 1, "run-a", charge)
     assert second["epsilon"] > first["epsilon"] and replayed == second
     assert len(PrivacyLedger(site.work_dir, "rdp").entries) == 2
 
 
-def message(cfg, state, kind: str, server_round: int = 1, run: str = "run-a", text: str | None = None,
-            extra: dict | None = None) -> Message:
+def message(
+    cfg,
+    state,
+    kind: str,
+    server_round: int = 1,
+    run: str = "run-a",
+    text: str | None = None,
+    extra: dict | None = None,
+) -> Message:
     config = {CONFIG_KEY: text or experiment_yaml(cfg), RUN_ID_KEY: run, "server-round": server_round}
     records = {"arrays": ArrayRecord(state), "config": ConfigRecord(config)} | (extra or {})
     return Message(RecordDict(records), dst_node_id=1, message_type=kind)
@@ -169,8 +194,9 @@ def message(cfg, state, kind: str, server_round: int = 1, run: str = "run-a", te
 
 def deployed(site: SitePaths) -> Context:
     """The context of a deployed site that requires approval and approves nothing by itself."""
-    return Context(run_id=1, node_id=1, node_config={"cache-dir": str(site.cache_dir)},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1, node_id=1, node_config=NodeConfig(site.work_dir).as_node_config(), state=RecordDict(), run_config={}
+    )
 
 
 def test_evaluation_and_secagg_stages_of_an_unapproved_job_are_refused(site, flower_identity):
@@ -182,12 +208,18 @@ def test_evaluation_and_secagg_stages_of_an_unapproved_job_are_refused(site, flo
     with pytest.raises(JobNotApproved, match="rejected job"):
         client_app(message(cfg, state, "evaluate"), deployed(site))
     stamp = ConfigRecord({CONFIG_KEY: experiment_yaml(cfg), RUN_ID_KEY: "run-a", "server-round": 1})
-    setup = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SETUP}),
-                                STAMP: stamp}), dst_node_id=1, message_type="train")
+    setup = Message(
+        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SETUP}), STAMP: stamp}),
+        dst_node_id=1,
+        message_type="train",
+    )
     with pytest.raises(JobNotApproved, match="rejected job"):
         client_app(setup, deployed(site))
-    bare = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SETUP})}),
-                   dst_node_id=1, message_type="train")
+    bare = Message(
+        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SETUP})}),
+        dst_node_id=1,
+        message_type="train",
+    )
     with pytest.raises(InvalidExperiment, match="carries no experiment"):
         client_app(bare, deployed(site))
     assert [e["kind"] for e in SiteLedger.for_site(site.work_dir).entries()] == ["rejection"]
@@ -215,7 +247,9 @@ def test_a_secure_aggregation_job_is_never_answered_in_the_clear(site, flower_id
 FORBIDDEN = {
     "model.net": lambda e, p: e["model"]["net"].update(_target_="pathlib.Path.write_text", self=p, data="x"),
     "model.optimizer": lambda e, p: e["model"]["optimizer"].update(_target_="shutil.copyfile", src=p, dst=p),
-    "model.net option": lambda e, p: e["model"]["net"].update(width={"_target_": "torch.save", "obj": 1, "f": p}),
+    "model.net option": lambda e, p: e["model"]["net"].update(
+        width={"_target_": "torch.save", "obj": 1, "f": p}
+    ),
     "model": lambda e, p: e["model"].update(writer={"_target_": "numpy.save", "file": p, "arr": [1]}),
     "trainer": lambda e, p: e["trainer"].update(callbacks=[{"_target_": "torch.save", "obj": 1, "f": p}]),
     "data": lambda e, p: e["data"].update(_target_="pathlib.Path.write_text", self=p, data="x"),
@@ -239,30 +273,31 @@ def test_file_writing_targets_are_refused_in_every_part_of_the_config(site, flow
     experiment = json.loads(experiment_yaml(cfg))
     FORBIDDEN[where](experiment, str(target))
     state = build_classifier(cfg, seed=0).net.state_dict()
-    simulated = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
-                        run_config={})
+    simulated = Context(
+        run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+    )
     with pytest.raises(ForbiddenComponent):
         client_app(message(cfg, state, kind, text=json.dumps(experiment)), simulated)
     assert not target.exists()
-    assert not (site.work_dir / LEDGER_NAME).exists()  # nothing was approved, trained or logged
+    assert not (site.work.ledger).exists()  # nothing was approved, trained or logged
 
 
 def test_the_spent_budget_cannot_be_lowered(site):
     cfg = dp_job(site)
     state = build_classifier(cfg, seed=0).net.state_dict()
-    train_site(cfg, site.cache_dir, state, 1, "run-a")
-    evaluate_round(cfg, site.cache_dir, state, 1, "run-a")  # the site reports its ledger head
-    train_site(cfg, site.cache_dir, state, 2, "run-a")
+    train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 1, "run-a")
+    evaluate_round(cfg, site.cache(DEMO_IMAGE_SIZE), state, 1, "run-a")  # the site reports its ledger head
+    train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 2, "run-a")
     spent = PrivacyLedger(site.work_dir, "rdp").spent(1e-5)
     # the old side file that listed the charged rounds no longer counts for anything
     (site.work_dir / "privacy_ledger.json").write_text('{"rounds": []}')
     assert PrivacyLedger(site.work_dir, "rdp").spent(1e-5) == spent
     # a lost release store makes the same request a new, fully charged training
     shutil.rmtree(site.private_dir / "releases")
-    train_site(cfg, site.cache_dir, state, 2, "run-a")
+    train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 2, "run-a")
     assert PrivacyLedger(site.work_dir, "rdp").spent(1e-5) > spent
 
-    ledger_path = site.work_dir / LEDGER_NAME
+    ledger_path = site.work.ledger
     signed = ledger_path.read_text()
     lines = signed.splitlines(keepends=True)
     tampered = {
@@ -274,9 +309,9 @@ def test_the_spent_budget_cannot_be_lowered(site):
     for name, text in tampered.items():
         ledger_path.write_text(text)
         with pytest.raises((LedgerCorrupted, JobNotApproved), match="does not verify|has no decision"):
-            train_site(cfg, site.cache_dir, state, 3, "run-a")
+            train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 3, "run-a")
     ledger_path.write_text(signed)
-    train_site(cfg, site.cache_dir, state, 3, "run-a")
+    train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 3, "run-a")
 
 
 def test_secagg_update_enters_a_second_aggregation_only_with_the_same_participants(site):
@@ -284,17 +319,17 @@ def test_secagg_update_enters_a_second_aggregation_only_with_the_same_participan
     state = build_classifier(cfg, seed=0).net.state_dict()
     token = MASKING_NEIGHBOURS.set([11, 12, 13])
     try:
-        first, _ = train_site(cfg, site.cache_dir, state, 1, "run-a")
-        again, _ = train_site(cfg, site.cache_dir, state, 1, "run-a")  # a resumed round
+        first, _ = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 1, "run-a")
+        again, _ = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 1, "run-a")  # a resumed round
         assert all(torch.equal(first[k], again[k]) for k in first)
         MASKING_NEIGHBOURS.set([11, 12])
         with pytest.raises(ReleaseRefused, match="same participants"):
-            train_site(cfg, site.cache_dir, state, 1, "run-a")
+            train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 1, "run-a")
     finally:
         MASKING_NEIGHBOURS.reset(token)
     with pytest.raises(ReleaseRefused, match="secure"):  # the same update in the clear
-        train_site(cfg, site.cache_dir, state, 1, "run-a")
-    store = ReleaseStore(site.private_dir)
+        train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 1, "run-a")
+    store = ReleaseStore(site.work)
     store.unmasking("run-a", 1, [11, 12, 13], [])
     store.unmasking("run-a", 1, [11, 12, 13], [])
     with pytest.raises(ReleaseRefused, match="already unmasked"):
@@ -306,17 +341,24 @@ def test_unmasking_is_checked_by_the_sites_mod(site, flower_identity):
     state = build_classifier(cfg, seed=0).net.state_dict()
     token = MASKING_NEIGHBOURS.set([1, 2, 3])
     try:
-        train_site(cfg, site.cache_dir, state, 1, "run-a")
+        train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 1, "run-a")
     finally:
         MASKING_NEIGHBOURS.reset(token)
-    ReleaseStore(site.private_dir).unmasking("run-a", 1, [1, 2, 3], [])
+    ReleaseStore(site.work).unmasking("run-a", 1, [1, 2, 3], [])
     stamp = ConfigRecord({CONFIG_KEY: experiment_yaml(cfg), RUN_ID_KEY: "run-a", "server-round": 1})
-    unmask = Message(RecordDict({
-        RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [1, 2],
-                                          Key.DEAD_NODE_ID_LIST: [3]}),
-        STAMP: stamp}), dst_node_id=1, message_type="train")
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
-                      run_config={})
+    unmask = Message(
+        RecordDict(
+            {
+                RECORD_KEY_CONFIGS: ConfigRecord(
+                    {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [1, 2], Key.DEAD_NODE_ID_LIST: [3]}
+                ),
+                STAMP: stamp,
+            }
+        ),
+        dst_node_id=1,
+        message_type="train",
+    )
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     with pytest.raises(ReleaseRefused, match="already unmasked"):
         secure_aggregation_mod(unmask, context, lambda m, c: m)
 
@@ -334,7 +376,7 @@ def test_a_revocation_during_a_round_lists_that_round(site, monkeypatch):
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(site_task, "train", slow_train)
-    round_in_flight = threading.Thread(target=train_site, args=(cfg, site.cache_dir, state, 5, "run-a"))
+    round_in_flight = threading.Thread(target=train_site, args=(cfg, site.cache(DEMO_IMAGE_SIZE), state, 5, "run-a"))
     round_in_flight.start()
     assert started.wait(timeout=120)
     revocation = revoke_patient(site, patient_id)
@@ -345,7 +387,7 @@ def test_a_revocation_during_a_round_lists_that_round(site, monkeypatch):
     assert kinds.index("round") < kinds.index("revocation")
     # and the released round is never sent again
     with pytest.raises(ReleaseRefused, match="consent has since been revoked"):
-        train_site(cfg, site.cache_dir, state, 5, "run-a")
+        train_site(cfg, site.cache(DEMO_IMAGE_SIZE), state, 5, "run-a")
 
 
 def test_a_job_naming_code_can_be_neither_proposed_nor_approved(site):
@@ -360,8 +402,9 @@ def test_a_job_naming_code_can_be_neither_proposed_nor_approved(site):
 def test_the_validation_split_cannot_be_probed_beyond_one_model_per_approved_round(site, flower_identity):
     cfg = dp_job(site, "governance.auto_approve_simulated_sites=true")
     state = build_classifier(cfg, seed=0).net.state_dict()
-    simulated = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
-                        run_config={})
+    simulated = Context(
+        run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+    )
     rounds = int(cfg.federation.num_rounds)
     for outside in (0, rounds + 1, 10**6):
         with pytest.raises(InvalidExperiment, match="outside the approved job's rounds"):
@@ -373,26 +416,48 @@ def test_the_validation_split_cannot_be_probed_beyond_one_model_per_approved_rou
         client_app(message(cfg, zero_model(state), "evaluate", server_round=rounds), simulated)
 
 
-@pytest.mark.parametrize("change", [{Key.THRESHOLD: 1}, {Key.SHARE_NUMBER: 2}, {Key.CLIPPING_RANGE: 1e6},
-                                    {Key.MAX_WEIGHT: 1.0}, {Key.SAMPLE_NUMBER: 1}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {Key.THRESHOLD: 1},
+        {Key.SHARE_NUMBER: 2},
+        {Key.CLIPPING_RANGE: 1e6},
+        {Key.MAX_WEIGHT: 1.0},
+        {Key.SAMPLE_NUMBER: 1},
+    ],
+)
 def test_secagg_setup_with_other_parameters_than_the_job_is_refused(site, flower_identity, change):
-    cfg = dp_job(site, "governance.auto_approve_simulated_sites=true", "federation.secure_aggregation=true",
-                 "federation.num_sites=3")
+    cfg = dp_job(
+        site,
+        "governance.auto_approve_simulated_sites=true",
+        "federation.secure_aggregation=true",
+        "federation.num_sites=3",
+    )
     settings = SecAggSettings.from_config(cfg.federation, 3)
-    honest = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: settings.num_shares,
-              Key.THRESHOLD: settings.reconstruction_threshold, Key.CLIPPING_RANGE: settings.clipping_range,
-              Key.TARGET_RANGE: settings.quantization_range, Key.MOD_RANGE: MODULUS_RANGE,
-              Key.MAX_WEIGHT: settings.max_weight}
+    honest = {
+        Key.STAGE: Stage.SETUP,
+        Key.SAMPLE_NUMBER: 3,
+        Key.SHARE_NUMBER: settings.num_shares,
+        Key.THRESHOLD: settings.reconstruction_threshold,
+        Key.CLIPPING_RANGE: settings.clipping_range,
+        Key.TARGET_RANGE: settings.quantization_range,
+        Key.MOD_RANGE: MODULUS_RANGE,
+        Key.MAX_WEIGHT: settings.max_weight,
+    }
     stamp = ConfigRecord({CONFIG_KEY: experiment_yaml(cfg), RUN_ID_KEY: "run-a", "server-round": 1})
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
-                      run_config={})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
 
     def setup(configs: dict) -> Message:
-        return Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs), STAMP: stamp}),
-                       dst_node_id=1, message_type="train")
+        return Message(
+            RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(configs), STAMP: stamp}),
+            dst_node_id=1,
+            message_type="train",
+        )
 
     reply = client_app(setup(honest), context)  # the job's own parameters: keys come back
     assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]
     with pytest.raises(InvalidExperiment, match="other than the approved job's"):
-        client_app(setup(honest | change), Context(run_id=1, node_id=1, node_config={"partition-id": 0},
-                                                   state=RecordDict(), run_config={}))
+        client_app(
+            setup(honest | change),
+            Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}),
+        )

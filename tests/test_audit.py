@@ -15,22 +15,45 @@ import torch
 from omegaconf import OmegaConf
 
 from models.small_cnn import SmallCNN
-from pipeline.audit.inversion import DPUpdate, InversionSettings, chance_similarity, inversion_attack, resize
-from pipeline.audit.membership import membership_audit, membership_data, shadow_assignment, train_like_run
-from pipeline.audit.release import ReleasePolicy, ReleaseRefused, check_release, release_metrics, release_model
-from pipeline.audit.report import AUDIT_HTML, AUDIT_JSON, write_audit_report
-from pipeline.audit.run import run_audit
-from pipeline.audit.target import HYDRA_CONFIG
-from pipeline.cache import SiteCache
-from pipeline.checkpoints import save_checkpoint
+from pipeline.contracts.cache import SiteCache
+from pipeline.evaluation.audit.inversion import (
+    DPUpdate,
+    InversionSettings,
+    chance_similarity,
+    inversion_attack,
+    resize,
+)
+from pipeline.evaluation.audit.membership import (
+    membership_audit,
+    membership_data,
+    shadow_assignment,
+    train_like_run,
+)
+from pipeline.evaluation.audit.release import (
+    ReleasePolicy,
+    ReleaseRefused,
+    check_release,
+    release_metrics,
+    release_model,
+)
+from pipeline.evaluation.audit.report import AUDIT_HTML, AUDIT_JSON, write_audit_report
+from pipeline.evaluation.audit.run import run_audit
+from pipeline.evaluation.audit.target import HYDRA_CONFIG
+from pipeline.ingestion.pseudonym import file_sha256
 from pipeline.privacy.dp import DPSettings, plan_round
-from pipeline.pseudonym import file_sha256
-from tests.conftest import REPO, compose_config
+from pipeline.training.checkpoints import save_checkpoint
+from tests.conftest import REPO, compose_config, DEMO_IMAGE_SIZE
 
 pytestmark = pytest.mark.audit
 
 # A deliberately overfit recipe: small CNN, no augmentation, a high learning rate, many epochs.
-OVERFIT = ("experiment=demo", "model=small_cnn", "model.net.width=32", "model.optimizer.lr=0.01", "data.augment.prob=0")
+OVERFIT = (
+    "experiment=demo",
+    "model=small_cnn",
+    "model.net.width=32",
+    "model.optimizer.lr=0.01",
+    "data.augment.prob=0",
+)
 OVERFIT_EPOCHS = 100
 INVERSION = InversionSettings(iterations=300)
 
@@ -38,7 +61,7 @@ INVERSION = InversionSettings(iterations=300)
 @pytest.fixture(scope="module")
 def site_data(demo_sites):
     """Members and non-members of the three demo sites, at 32 px to keep training fast."""
-    data = membership_data([site.cache_dir for site in demo_sites.sites])
+    data = membership_data([site.cache(DEMO_IMAGE_SIZE) for site in demo_sites.sites])
     return dataclasses.replace(data, images=resize(torch.from_numpy(data.images), 32).numpy())
 
 
@@ -58,7 +81,7 @@ def inversion(demo_sites):
     """The inversion of one real training image's update, without protection and under the
     demo's DP-SGD (noise multiplier calibrated for the site as in experiment=demo_private)."""
     site = demo_sites.sites[0]
-    cache, manifest = SiteCache(site.cache_dir), SiteCache(site.cache_dir).manifest()
+    cache, manifest = SiteCache(site.cache(DEMO_IMAGE_SIZE)), SiteCache(site.cache(DEMO_IMAGE_SIZE)).manifest()
     # The site's first DICOM file (its pseudonymous key from the site-private source index).
     index = pd.read_csv(site.private_dir / "source_index.csv", dtype=str)
     key = index.loc[index["file"] == "img_0001.dcm", "image_key"].item()
@@ -67,8 +90,13 @@ def inversion(demo_sites):
     image = pixels[:1]
     label = torch.tensor([int(manifest.loc[manifest["image_key"] == key, "label"].item())])
     cfg = compose_config("experiment=demo_private")
-    plan = plan_round(DPSettings.from_config(cfg.privacy), int((manifest["split"] == "train").sum()),
-                      int(cfg.data.batch_size), int(cfg.federation.local_epochs), int(cfg.federation.num_rounds))
+    plan = plan_round(
+        DPSettings.from_config(cfg.privacy),
+        int((manifest["split"] == "train").sum()),
+        int(cfg.data.batch_size),
+        int(cfg.federation.local_epochs),
+        int(cfg.federation.num_rounds),
+    )
     results, images = {}, {"original": image.numpy()}
     for name, dp in (("none", None), ("dp-sgd", DPUpdate(plan.noise_multiplier, cfg.privacy.max_grad_norm))):
         torch.manual_seed(0)
@@ -78,7 +106,7 @@ def inversion(demo_sites):
 
 
 def test_members_are_the_training_patients(demo_sites, site_data):
-    manifest = pd.concat([SiteCache(site.cache_dir).manifest() for site in demo_sites.sites])
+    manifest = pd.concat([SiteCache(site.cache(DEMO_IMAGE_SIZE)).manifest() for site in demo_sites.sites])
     assert site_data.member.sum() == (manifest["split"] == "train").sum()
     assert (~site_data.member).sum() == manifest["split"].isin(["val", "test"]).sum()
     members = {k for k, m in zip(site_data.patient_keys, site_data.member) if m}
@@ -122,17 +150,25 @@ def test_gradient_inversion_recovers_an_unprotected_image_and_fails_under_dp(inv
 
 
 def test_release_policy_refuses_the_overfit_model_and_accepts_the_dp_one(trained, inversion, tmp_path):
-    policy = ReleasePolicy.from_config(compose_config(
-        "audit.release.max_membership_auc=0.65", "audit.release.max_tpr_at_1pct_fpr=0.2",
-        "audit.release.max_reconstruction_ssim=0.3").audit.release)
+    policy = ReleasePolicy.from_config(
+        compose_config(
+            "audit.release.max_membership_auc=0.65",
+            "audit.release.max_tpr_at_1pct_fpr=0.2",
+            "audit.release.max_reconstruction_ssim=0.3",
+        ).audit.release
+    )
     assert policy.max_membership_auc == 0.65
     results = inversion[0]
     entries = {}
     for name, own in (("overfit", "none"), ("dp", "dp-sgd")):
         cfg, net, membership = trained[name]
         model = save_checkpoint(tmp_path / name / "model.pt", net, cfg)
-        entries[name] = {"name": name, "sha256": file_sha256(model), "membership": membership,
-                         "release_metrics": release_metrics(membership, results[own])}
+        entries[name] = {
+            "name": name,
+            "sha256": file_sha256(model),
+            "membership": membership,
+            "release_metrics": release_metrics(membership, results[own]),
+        }
     audit_json = tmp_path / AUDIT_JSON
     audit_json.write_text(json.dumps({"models": list(entries.values())}))
 
@@ -154,9 +190,17 @@ def test_release_policy_refuses_the_overfit_model_and_accepts_the_dp_one(trained
         release_model(tmp_path / "dp" / "model.pt", audit_json, policy, releases)
 
     done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "release_model.py"), f"release.model={tmp_path / 'overfit' / 'model.pt'}",
-         f"release.audit={audit_json}", f"audit.release.folder={releases}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "release_model.py"),
+            f"release.model={tmp_path / 'overfit' / 'model.pt'}",
+            f"release.audit={audit_json}",
+            f"audit.release.folder={releases}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 1
     assert "max_membership_auc" in done.stdout + done.stderr
@@ -171,9 +215,13 @@ def test_audit_report_holds_its_figures_and_tables(demo_sites, trained, tmp_path
         (tmp_path / name / HYDRA_CONFIG).parent.mkdir()
         OmegaConf.save(cfg, tmp_path / name / HYDRA_CONFIG)  # what Hydra records for every run
     cfg = compose_config(
-        f"data.sites_root={demo_sites.root}", "data.sites=[site1]", f"audit.checkpoint={checkpoints[0]}",
-        f"audit.compare_checkpoint={checkpoints[1]}", "audit.membership.shadow_models=2",
-        "audit.membership.shadow_epochs=3", "audit.inversion.iterations=20",
+        f"data.sites_root={demo_sites.root}",
+        "data.sites=[site1]",
+        f"audit.checkpoint={checkpoints[0]}",
+        f"audit.compare_checkpoint={checkpoints[1]}",
+        "audit.membership.shadow_models=2",
+        "audit.membership.shadow_epochs=3",
+        "audit.inversion.iterations=20",
     )
     audit, images = run_audit(cfg)
     html = write_audit_report(audit, images, tmp_path / "audit")

@@ -9,10 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HYDRA_SCRIPTS = sorted(
-    p.name for p in (REPO / "scripts").glob("*.py")
-    if "@hydra.main" in p.read_text()
-)
+HYDRA_SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py") if "@hydra.main" in p.read_text())
 PROBE = """
 import runpy, sys
 sys.argv = [{script!r}, "--help"]
@@ -27,8 +24,13 @@ print("TORCH_IMPORTED=" + str("torch" in sys.modules))
 @pytest.mark.parametrize("script", HYDRA_SCRIPTS)
 def test_help_is_the_scripts_own_and_imports_no_torch(script):
     path = f"scripts/{script}"
-    done = subprocess.run([sys.executable, "-c", PROBE.format(script=path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(script=path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     text = done.stdout
     assert "TORCH_IMPORTED=False" in text
@@ -39,7 +41,12 @@ def test_help_is_the_scripts_own_and_imports_no_torch(script):
 
 
 def test_argparse_entry_point_answers_help_before_the_training_stack():
-    done = subprocess.run([sys.executable, "-c", PROBE.format(script="scripts/evaluate.py")], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(script="scripts/evaluate.py")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "TORCH_IMPORTED=False" in done.stdout, done.stderr[-2000:]
     assert "--reads" in done.stdout

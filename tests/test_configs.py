@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 
-from pipeline.training import build_classifier, build_trainer
+from pipeline.training.loop import build_classifier, build_trainer
 from tests.conftest import compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

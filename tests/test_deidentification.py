@@ -2,7 +2,7 @@
 
 The demo sites' DICOM headers carry invented patient names, patient ids, birth dates,
 accession numbers, study ids, institution and physician names, and study / series / SOP
-instance UIDs (``pipeline.demo_sites.PLANTED_KEYWORDS``). After preprocessing and one
+instance UIDs (``pipeline.support.demo_sites.PLANTED_KEYWORDS``). After preprocessing and one
 federated round, every byte of every artifact is scanned for every one of those values:
 
 - what may leave a site: ``cache/`` (``manifest.csv``, ``arrays/*.npy``) and what the
@@ -22,7 +22,7 @@ import inspect
 
 import pytest
 
-from pipeline.deid_scan import files_under, find_values
+from pipeline.support.deid_scan import files_under, find_values
 
 
 def test_scanner_finds_a_planted_value_in_any_encoding(tmp_path):

@@ -1,7 +1,7 @@
 """Flower deployment engine on loopback: TLS, SuperNode authentication, resume, docker files.
 
 Every test here is marked ``deployment`` (``pytest -m deployment``). The coordinator and the
-sites run as separate processes (:class:`pipeline.deployment.loopback.LoopbackDeployment`),
+sites run as separate processes (:class:`pipeline.support.local_deployment.LoopbackDeployment`),
 each in its own process group, stopped in teardown (SIGTERM, then SIGKILL).
 """
 
@@ -22,12 +22,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from opacus.accountants import RDPAccountant
 
-from pipeline.checkpoints import load_checkpoint
+from pipeline.contracts.layout import SitePaths
 from pipeline.deployment.certificates import CoordinatorCerts, SiteKeys, make_federation_certs
-from pipeline.deployment.loopback import LoopbackDeployment
-from pipeline.privacy.ledger import PrivacyLedger
-from pipeline.sites import SitePaths
-from tests.conftest import FAST_FEDERATION, REPO
+from pipeline.governance.budget import PrivacyLedger
+from pipeline.support.local_deployment import LoopbackDeployment
+from pipeline.training.checkpoints import load_checkpoint
+from tests.conftest import FAST_FEDERATION, REPO, DEMO_IMAGE_SIZE
 
 pytestmark = pytest.mark.deployment
 
@@ -44,9 +44,13 @@ def certs_dir(tmp_path_factory) -> Path:
 def experiment_overrides(sites_root: Path, output_dir: Path, min_sites: int = 3) -> list[str]:
     """Two quick rounds; no federated evaluation (each message starts a ClientApp process)."""
     return [
-        *FAST_FEDERATION, f"data.sites_root={sites_root}", "data.sites=[site1,site2,site3]",
-        "federation.num_rounds=2", "federation.fraction_evaluate=0.0",
-        f"federation.min_sites={min_sites}", f"output_dir={output_dir}",
+        *FAST_FEDERATION,
+        f"data.sites_root={sites_root}",
+        "data.sites=[site1,site2,site3]",
+        "federation.num_rounds=2",
+        "federation.fraction_evaluate=0.0",
+        f"federation.min_sites={min_sites}",
+        f"output_dir={output_dir}",
     ]
 
 
@@ -62,8 +66,10 @@ def deployment(demo_sites, tmp_path, certs_dir) -> Iterator[LoopbackDeployment]:
 @pytest.fixture
 def dropout_deployment(demo_sites, tmp_path, certs_dir) -> Iterator[LoopbackDeployment]:
     """Two rounds that accept two sites' updates but start only when all three are connected."""
-    overrides = [*experiment_overrides(demo_sites.root, tmp_path / "run", min_sites=2),
-                 "federation.min_available_sites=3"]
+    overrides = [
+        *experiment_overrides(demo_sites.root, tmp_path / "run", min_sites=2),
+        "federation.min_available_sites=3",
+    ]
     deployment = LoopbackDeployment(tmp_path, overrides, SITES, certs_dir=certs_dir)
     yield deployment
     deployment.close()
@@ -125,7 +131,7 @@ def test_three_sites_with_tls_and_auth_and_a_killed_site_rejoins(dropout_deploym
 
 def _charged_rounds(sites_root: Path) -> set[int]:
     """Rounds any site has charged to its privacy ledger."""
-    ledgers = (PrivacyLedger.for_cache(SitePaths.under(sites_root, s).cache_dir, "rdp") for s in SITES)
+    ledgers = (PrivacyLedger.for_cache(SitePaths.under(sites_root, s).cache(DEMO_IMAGE_SIZE), "rdp") for s in SITES)
     return {entry["round"] for ledger in ledgers for entry in ledger.entries}
 
 
@@ -154,7 +160,9 @@ def private_deployment(sites_copy, tmp_path, certs_dir) -> Iterator[tuple[Loopba
     """Two rounds of DP-SGD over the copied sites."""
     overrides = [
         *experiment_overrides(sites_copy, tmp_path / "run"),
-        "privacy=dp_sgd", "privacy.noise_multiplier=1.0", "privacy.epsilon_budget=1000",
+        "privacy=dp_sgd",
+        "privacy.noise_multiplier=1.0",
+        "privacy.epsilon_budget=1000",
     ]
     deployment = LoopbackDeployment(tmp_path, overrides, SITES, certs_dir=certs_dir)
     yield deployment, sites_copy
@@ -189,7 +197,7 @@ def test_coordinator_killed_mid_round_resumes(private_deployment):
 
     run_id = json.loads((output_dir / "run.json").read_text())["run_id"]
     for site in SITES:
-        ledger = PrivacyLedger.for_cache(SitePaths.under(sites_root, site).cache_dir, "rdp")
+        ledger = PrivacyLedger.for_cache(SitePaths.under(sites_root, site).cache(DEMO_IMAGE_SIZE), "rdp")
         assert sorted(f"{e['run']}:{e['round']}" for e in ledger.entries) == [f"{run_id}:{r}" for r in (1, 2)]
         histories = [e["history"] for e in ledger.entries]
         assert histories[0] == histories[1]  # one charge per round
@@ -227,6 +235,13 @@ def test_compose_file_runs_project_entry_points():
             continue
         script = text.split()[1]
         assert text.startswith("python scripts/") and (REPO / script).is_file(), (name, text)
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        done = subprocess.run(["docker", "compose", "-f", str(compose_file), "config", "--quiet"], capture_output=True, text=True)
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        done = subprocess.run(
+            ["docker", "compose", "-f", str(compose_file), "config", "--quiet"],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,24 @@ from pydicom import uid
 from pydicom.encaps import generate_fragments, generate_frames
 
 import transforms.dicom as dicom_module
-from pipeline.acceptance import AcceptanceRules, rejection_reason
-from pipeline.codestream import (JP2_SIGNATURE, CodestreamError, DeclaredSize, declared_size, jpeg2000_size,
-                                 jpeg_size)
-from pipeline.readers import UnreadableImage, image_format, open_image, read_image
-from transforms.dicom import (VOILUT, ModalityLUT, PixelTransformError, dicom_pipeline, dicom_to_unit,
-                              dicom_to_unit_square)
+from pipeline.ingestion.acceptance import AcceptanceRules, rejection_reason
+from pipeline.ingestion.codestream import (
+    JP2_SIGNATURE,
+    CodestreamError,
+    DeclaredSize,
+    declared_size,
+    jpeg2000_size,
+    jpeg_size,
+)
+from pipeline.ingestion.readers import UnreadableImage, image_format, open_image, read_image
+from transforms.dicom import (
+    VOILUT,
+    ModalityLUT,
+    PixelTransformError,
+    dicom_pipeline,
+    dicom_to_unit,
+    dicom_to_unit_square,
+)
 from transforms.image import build_augmentation, resize_square
 
 DICOM_DIR = Path(__file__).resolve().parents[1] / "data" / "dicom"
@@ -45,16 +58,16 @@ def test_monochrome1_twin_is_the_inverse_of_monochrome2():
 
 def test_jpeg2000_chest_decodes():
     loaded = read_image(J2K_CHEST)
-    assert loaded.meta["transfer_syntax"] == JPEG_2000
+    assert loaded.header.transfer_syntax == JPEG_2000
     assert loaded.pixels.shape == (1955, 1841)
-    assert loaded.meta["photometric"] == "MONOCHROME1"
-    assert loaded.meta["bits_stored"] == 15
+    assert loaded.header.photometric == "MONOCHROME1"
+    assert loaded.header.bits_stored == 15
     assert loaded.pixels.max() > 1000
 
 
 def test_jpeg_baseline_chest_decodes():
     loaded = read_image(SIIM_CHEST)
-    assert loaded.meta["transfer_syntax"] == JPEG_BASELINE
+    assert loaded.header.transfer_syntax == JPEG_BASELINE
     assert loaded.pixels.shape == (1024, 1024)
     assert loaded.pixels.std() > 10
 
@@ -88,25 +101,27 @@ def test_png_reads_as_grayscale_and_skips_dicom_rules():
     png = sorted(DEMO_DIR.glob("*.png"))[0]
     loaded = read_image(png)
     assert loaded.pixels.ndim == 2 and loaded.dicom is None
-    assert rejection_reason(loaded.meta, AcceptanceRules()) is None
+    assert rejection_reason(loaded.header, AcceptanceRules()) is None
     assert processed(png).shape == (64, 64)
 
 
 def test_acceptance_takes_chests_and_rejects_the_tibia():
     rules = AcceptanceRules()
-    assert rejection_reason(read_image(J2K_CHEST).meta, rules) is None
-    assert rejection_reason(read_image(SIIM_CHEST).meta, rules) is None
-    tibia = read_image(TIBIA).meta
-    assert tibia["body_part"] == "EXTREMITY"
+    assert rejection_reason(read_image(J2K_CHEST).header, rules) is None
+    assert rejection_reason(read_image(SIIM_CHEST).header, rules) is None
+    tibia = read_image(TIBIA).header
+    assert tibia.body_part == "EXTREMITY"
     assert rejection_reason(tibia, rules) == "BodyPartExamined 'EXTREMITY' not in ['CHEST']"
 
 
 def test_acceptance_rules_for_missing_tags_and_size():
-    meta = {**read_image(SIIM_CHEST).meta, "body_part": None}
+    meta = replace(read_image(SIIM_CHEST).header, body_part=None)
     assert rejection_reason(meta, AcceptanceRules()) == "BodyPartExamined missing"
     assert rejection_reason(meta, AcceptanceRules(allow_missing_body_part=True)) is None
-    assert rejection_reason({**meta, "modality": "MR"}, AcceptanceRules()) == "Modality 'MR' not in ['CR', 'DX']"
-    small = read_image(DICOM_DIR / "pydicom_wheel_CR" / "CR2_6247.dcm").meta
+    assert (
+        rejection_reason(replace(meta, modality="MR"), AcceptanceRules()) == "Modality 'MR' not in ['CR', 'DX']"
+    )
+    small = read_image(DICOM_DIR / "pydicom_wheel_CR" / "CR2_6247.dcm").header
     loose = AcceptanceRules(body_parts=("CSPINE",))
     assert rejection_reason(small, loose) == "image 16x16 smaller than 64x64"
 
@@ -144,28 +159,35 @@ def chest_dataset(pixels: np.ndarray) -> pydicom.Dataset:
     return ds
 
 
-@pytest.mark.parametrize("syntax", [
-    uid.RLELossless, uid.JPEGLSLossless, uid.JPEG2000Lossless,
-], ids=lambda u: u.name)
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        uid.RLELossless,
+        uid.JPEGLSLossless,
+        uid.JPEG2000Lossless,
+    ],
+    ids=lambda u: u.name,
+)
 def test_compressed_transfer_syntaxes_decode_losslessly(syntax, tmp_path):
     pixels = chest_pixels()
     ds = chest_dataset(pixels)
     ds.compress(syntax)
     ds.save_as(tmp_path / "chest.dcm")
     loaded = read_image(tmp_path / "chest.dcm")
-    assert loaded.meta["transfer_syntax"] == syntax
+    assert loaded.header.transfer_syntax == syntax
     np.testing.assert_array_equal(loaded.pixels, pixels)
 
 
-@pytest.mark.parametrize("syntax", [uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian],
-                         ids=lambda u: u.name)
+@pytest.mark.parametrize(
+    "syntax", [uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian], ids=lambda u: u.name
+)
 def test_uncompressed_transfer_syntaxes(syntax, tmp_path):
     pixels = chest_pixels()
     ds = chest_dataset(pixels)
     ds.file_meta.TransferSyntaxUID = syntax
     ds.save_as(tmp_path / "chest.dcm", enforce_file_format=True)
     loaded = read_image(tmp_path / "chest.dcm")
-    assert loaded.meta["transfer_syntax"] == syntax
+    assert loaded.header.transfer_syntax == syntax
     np.testing.assert_array_equal(loaded.pixels, pixels)
 
 
@@ -177,7 +199,7 @@ def test_bits_stored_masks_unused_high_bits_and_pixel_representation_signs(tmp_p
     ds.PixelRepresentation = 1  # two's complement in 12 bits: 0x800 and above are negative
     ds.save_as(tmp_path / "signed.dcm")
     signed = read_image(tmp_path / "signed.dcm")
-    assert signed.pixels.dtype == np.int16 and signed.meta["pixel_representation"] == 1
+    assert signed.pixels.dtype == np.int16 and signed.header.pixel_representation == 1
     expected = np.where(pixels >= 2048, pixels.astype(np.int32) - 4096, pixels)
     np.testing.assert_array_equal(signed.pixels, expected)
 
@@ -233,12 +255,17 @@ def test_multi_frame_reads_the_first_frame_only(tmp_path):
     ds.NumberOfFrames = 2
     ds.save_as(tmp_path / "two.dcm")
     loaded = read_image(tmp_path / "two.dcm")
-    assert loaded.meta["number_of_frames"] == 2
+    assert loaded.header.number_of_frames == 2
     np.testing.assert_array_equal(loaded.pixels, pixels)
-    assert rejection_reason({**loaded.meta, "body_part": "CHEST", "view": "PA"}, AcceptanceRules()).startswith(
-        "multi-frame object (2 frames)")
-    assert rejection_reason({**loaded.meta, "body_part": "CHEST", "view": "PA"},
-                            AcceptanceRules(multiframe="first_frame")) is None
+    assert rejection_reason(
+        replace(loaded.header, body_part="CHEST", view="PA"), AcceptanceRules()
+    ).startswith("multi-frame object (2 frames)")
+    assert (
+        rejection_reason(
+            replace(loaded.header, body_part="CHEST", view="PA"), AcceptanceRules(multiframe="first_frame")
+        )
+        is None
+    )
 
 
 def test_header_rules_run_without_decoding(tmp_path):
@@ -246,8 +273,8 @@ def test_header_rules_run_without_decoding(tmp_path):
     ds.Rows = ds.Columns = 60000
     ds.save_as(tmp_path / "huge.dcm")
     source = open_image(tmp_path / "huge.dcm")
-    assert rejection_reason(source.meta, AcceptanceRules()).startswith("image 60000x60000 = 3600.0 MP")
-    assert rejection_reason(source.meta, AcceptanceRules(max_pixels=10**10)) is None
+    assert rejection_reason(source.header, AcceptanceRules()).startswith("image 60000x60000 = 3600.0 MP")
+    assert rejection_reason(source.header, AcceptanceRules(max_pixels=10**10)) is None
 
 
 def test_jpeg_file_reads_as_grayscale(tmp_path):
@@ -256,7 +283,7 @@ def test_jpeg_file_reads_as_grayscale(tmp_path):
     png = sorted(DEMO_DIR.glob("*.png"))[0]
     Image.open(png).convert("RGB").save(tmp_path / "chest.jpg", quality=95)
     loaded = read_image(tmp_path / "chest.jpg")
-    assert loaded.pixels.ndim == 2 and loaded.meta["bits_stored"] == 8
+    assert loaded.pixels.ndim == 2 and loaded.header.bits_stored == 8
     assert np.abs(loaded.pixels.astype(int) - np.asarray(Image.open(png).convert("L"), int)).mean() < 3
 
 
@@ -277,7 +304,7 @@ def test_nifti_coronal_radiograph_is_oriented_whatever_its_storage_order(tmp_pat
     second = read_image(save_nifti(tmp_path / "lps.nii", lps, np.diag([-1.0, 1, -1, 1])))
     np.testing.assert_array_equal(first.pixels, image)
     np.testing.assert_array_equal(second.pixels, image)
-    assert first.meta["format"] == "nifti" and first.meta["bits_stored"] == 16
+    assert first.header.format == "nifti" and first.header.bits_stored == 16
 
 
 def test_nifti_volume_reads_its_middle_axial_slice(tmp_path):
@@ -287,6 +314,7 @@ def test_nifti_volume_reads_its_middle_axial_slice(tmp_path):
 
 
 # --- codestream headers, read without decoding -------------------------------------------
+
 
 def first_fragment(path: Path) -> bytes:
     fragments = generate_fragments(pydicom.dcmread(path).PixelData)
@@ -362,3 +390,33 @@ def test_lut_failures_and_non_finite_values_raise_pixel_transform_errors():
     ds.RescaleSlope = 1e300
     with pytest.raises(PixelTransformError, match="pixel values not finite"):
         dicom_to_unit(ds.pixel_array, ds)
+
+
+def test_header_facts_keep_only_coarse_subgroup_categories():
+    """Real CR / DX headers: view, sex, age band and maker as fixed categories, never free text."""
+    assert read_image(SIIM_CHEST).header.subgroups() == {
+        "view": "PA", "sex": "M", "age_band": "40-64 y", "manufacturer": "unknown"  # PatientAge "62"
+    }
+    assert read_image(J2K_CHEST).header.subgroups() == {
+        "view": "PA", "sex": "F", "age_band": "unknown", "manufacturer": "Philips"
+    }
+    lateral = read_image(DICOM_DIR / "pydicom_wheel_CR" / "CR1_6154.dcm").header
+    assert lateral.manufacturer == "AGFA-GEVAERT AG"
+    assert lateral.subgroups() == {"view": "LAT", "sex": "unknown", "age_band": "40-64 y", "manufacturer": "Agfa"}
+    hostile = replace(lateral, view="ANNA SMITH", sex="ANNA", age="ANNA", manufacturer="ANNA SMITH HOSPITAL")
+    assert hostile.subgroups() == {"view": "other", "sex": "other", "age_band": "unknown", "manufacturer": "other"}
+    for age, band in [("006M", "<1 y"), ("004Y", "1-4 y"), ("009Y", "5-9 y"), ("017Y", "10-17 y"),
+                      ("070Y", "65+ y"), ("010D", "<1 y"), ("999X", "unknown")]:
+        assert replace(lateral, age=age).subgroups()["age_band"] == band
+
+
+def test_malformed_descriptive_tag_is_unknown_not_a_rejection(tmp_path):
+    ds = pydicom.dcmread(SIIM_CHEST)
+    ds.PatientAge = "0\\1\\2"  # several values where one is expected
+    ds.Manufacturer = "x" * 200
+    path = tmp_path / "odd_age.dcm"
+    ds.save_as(path)
+    source = read_image(path)
+    assert source.header.subgroups()["manufacturer"] == "other"
+    assert source.header.subgroups()["age_band"] == "unknown"
+    assert rejection_reason(source.header, AcceptanceRules()) is None

@@ -48,8 +48,11 @@ def test_configuration_reference_covers_every_config_file_and_key():
     for path in (REPO / "conf").rglob("*.yaml"):
         relative = path.relative_to(REPO / "conf")
         group = table.ROOT_GROUP if len(relative.parts) == 1 else relative.parts[0]
-        option = relative.with_suffix("").name if len(relative.parts) == 1 else \
-            Path(*relative.parts[1:]).with_suffix("").as_posix()
+        option = (
+            relative.with_suffix("").name
+            if len(relative.parts) == 1
+            else Path(*relative.parts[1:]).with_suffix("").as_posix()
+        )
         assert (group, option) in files, f"conf/{relative} is missing from the reference"
     keyed = {(r.group, r.option, r.key): r for r in rows}
     assert keyed[("federation", "fedavg", "secagg.clipping_range")].default == "8.0"
@@ -101,9 +104,33 @@ def test_readme_is_short_and_its_links_resolve():
 @pytest.mark.skipif(_mkdocs() is None, reason="mkdocs is not installed (it comes with the test extra)")
 def test_mkdocs_builds_strict(tmp_path):
     result = subprocess.run(
-        [*_mkdocs(), "build", "--strict", "--config-file", str(REPO / "mkdocs.yml"),
-         "--site-dir", str(tmp_path / "site")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            *_mkdocs(),
+            "build",
+            "--strict",
+            "--config-file",
+            str(REPO / "mkdocs.yml"),
+            "--site-dir",
+            str(tmp_path / "site"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "reference" / "configuration" / "index.html").is_file()
+
+
+def test_architecture_module_tree_is_generated_from_the_packages():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "module_tree.py"), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_pipeline_module_is_in_the_architecture_page():
+    page = (REPO / "docs" / "architecture.md").read_text()
+    for module in (REPO / "pipeline").rglob("*.py"):
+        if module.name != "__init__.py":
+            assert f" {module.name} " in page or f"{module.name}  " in page, module

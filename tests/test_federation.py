@@ -12,23 +12,21 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from pipeline.cache import SiteCache
-from pipeline.checkpoints import load_checkpoint
+from pipeline.contracts.cache import SiteCache
+from pipeline.contracts.experiment import experiment_yaml
+from pipeline.contracts.messages import CONFIG_KEY
 from pipeline.federation.client_app import app as client_app
-from pipeline.federation.run_config import CONFIG_KEY, experiment_yaml
 from pipeline.federation.site_task import train_site
-from pipeline.training import build_classifier
-
-from tests.conftest import FAST_FEDERATION, compose_config
+from pipeline.training.checkpoints import load_checkpoint
+from pipeline.training.loop import build_classifier
+from tests.conftest import FAST_FEDERATION, compose_config, DEMO_IMAGE_SIZE
 
 
 def fast_config(sites_root: Path, *overrides: str):
     return compose_config(*FAST_FEDERATION, f"data.sites_root={sites_root}", *overrides)
 
 
-def test_site_reply_holds_only_parameters_count_and_scalars(
-    demo_sites, planted_identifiers, monkeypatch
-):
+def test_site_reply_holds_only_parameters_count_and_scalars(demo_sites, planted_identifiers, monkeypatch):
     # Outside a Flower runtime, say which run this process serves (as the SuperNode does).
     for attribute in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attribute, 1)
@@ -36,16 +34,16 @@ def test_site_reply_holds_only_parameters_count_and_scalars(
     torch.manual_seed(0)
     state = build_classifier(cfg, seed=0).net.state_dict()
     message = Message(
-        RecordDict({
-            "arrays": ArrayRecord(state),
-            "config": ConfigRecord({CONFIG_KEY: experiment_yaml(cfg), "server-round": 1}),
-        }),
+        RecordDict(
+            {
+                "arrays": ArrayRecord(state),
+                "config": ConfigRecord({CONFIG_KEY: experiment_yaml(cfg), "server-round": 1}),
+            }
+        ),
         dst_node_id=1,
         message_type="train",
     )
-    context = Context(
-        run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
-    )
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     reply = client_app(message, context)
 
     content = reply.content
@@ -56,7 +54,7 @@ def test_site_reply_holds_only_parameters_count_and_scalars(
     for key, tensor in state.items():
         assert tuple(arrays[key].shape) == tuple(tensor.shape), key
     metrics = dict(content["metrics"])
-    train_split = SiteCache(demo_sites.sites[0].cache_dir).load_split("train")
+    train_split = SiteCache(demo_sites.sites[0].cache(DEMO_IMAGE_SIZE)).load_split("train")
     assert metrics["num-examples"] == len(train_split.labels)
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     # No planted identifier of any site appears anywhere in what is sent back.
@@ -85,7 +83,7 @@ def test_federated_round_is_example_weighted_average(demo_run, demo_sites):
     initial = build_classifier(cfg, seed=int(cfg.seed)).net.state_dict()
     updates, weights = [], []
     for site in demo_sites.sites:
-        state, metrics = train_site(cfg, site.cache_dir, initial, server_round=1, run_id=f"check-{uuid4()}")
+        state, metrics = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial, server_round=1, run_id=f"check-{uuid4()}")
         updates.append(state)
         weights.append(metrics["num-examples"])
     assert len(set(weights)) > 1, "sites should differ in size for this test to mean something"

@@ -13,11 +13,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from pipeline.contracts.experiment import experiment_yaml
+from pipeline.contracts.layout import SitePaths
+from pipeline.contracts.messages import CONFIG_KEY, NodeConfig
 from pipeline.federation.client_app import app as client_app
-from pipeline.federation.loopback import LoopbackGrid
-from pipeline.federation.run_config import CONFIG_KEY, experiment_yaml
 from pipeline.federation.server_app import run_federation
 from pipeline.federation.site_task import train_site
+from pipeline.governance import review as review_module
 from pipeline.governance.approval import (
     JobDecision,
     JobNotApproved,
@@ -39,13 +41,11 @@ from pipeline.governance.code_hash import (
 )
 from pipeline.governance.job import Job
 from pipeline.governance.keys import site_signing_key
-from pipeline.governance.ledger import SiteLedger
-from pipeline.governance import review as review_module
 from pipeline.governance.review import job_status, review, submit_job
-from pipeline.sites import SitePaths
-from pipeline.training import build_classifier
-
-from tests.conftest import FAST_FEDERATION, compose_config
+from pipeline.governance.site_ledger import SiteLedger
+from pipeline.support.flower_grid import LoopbackGrid
+from pipeline.training.loop import build_classifier
+from tests.conftest import FAST_FEDERATION, compose_config, DEMO_IMAGE_SIZE
 
 pytestmark = pytest.mark.governance
 
@@ -54,15 +54,18 @@ pytestmark = pytest.mark.governance
 def sites_root(demo_sites, tmp_path) -> Path:
     """Private copies of the demo sites' caches: no key, approval or ledger of other tests."""
     for site in demo_sites.sites:
-        shutil.copytree(site.cache_dir, SitePaths.under(tmp_path, site.name).cache_dir)
+        shutil.copytree(site.cache(DEMO_IMAGE_SIZE), SitePaths.under(tmp_path, site.name).cache(DEMO_IMAGE_SIZE))
     return tmp_path
 
 
 def strict_config(root: Path, *overrides: str):
     """The fast demo federation with approval required and nobody approving automatically."""
     return compose_config(
-        *FAST_FEDERATION, f"data.sites_root={root}", "federation.num_rounds=1",
-        "governance.auto_approve_simulated_sites=false", *overrides,
+        *FAST_FEDERATION,
+        f"data.sites_root={root}",
+        "federation.num_rounds=1",
+        "governance.auto_approve_simulated_sites=false",
+        *overrides,
     )
 
 
@@ -80,7 +83,7 @@ def test_unapproved_job_does_not_train(sites_root, caplog):
     job_hash = Job.from_config(cfg).job_hash
     with caplog.at_level(logging.ERROR, "fedrad.governance"):
         with pytest.raises(JobNotApproved, match=f"has not approved job {job_hash}.*review_job.py"):
-            train_site(cfg, site.cache_dir, initial_state(cfg), server_round=1)
+            train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial_state(cfg), server_round=1)
     assert f"site site1 refuses to train: this site has not approved job {job_hash}" in caplog.text
     assert trained_rounds(site.work_dir) == []
 
@@ -90,16 +93,19 @@ def test_rejected_job_does_not_train(sites_root):
     site = SitePaths.under(sites_root, "site1")
     decide(site.work_dir, Job.from_config(cfg), "rejection", "data owner of site1")
     with pytest.raises(JobNotApproved, match="data owner rejected job"):
-        train_site(cfg, site.cache_dir, initial_state(cfg), server_round=1)
+        train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial_state(cfg), server_round=1)
     assert trained_rounds(site.work_dir) == []
     assert [e["kind"] for e in SiteLedger.for_site(site.work_dir).entries()] == ["rejection"]
 
 
-@pytest.mark.parametrize("changed", [
-    ["federation.num_rounds=5"],
-    ["model.optimizer.lr=0.1"],
-    ["privacy=dp_sgd", "privacy.epsilon_budget=50"],
-])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        ["federation.num_rounds=5"],
+        ["model.optimizer.lr=0.1"],
+        ["privacy=dp_sgd", "privacy.epsilon_budget=50"],
+    ],
+)
 def test_approval_of_another_job_does_not_count(sites_root, changed):
     """The data owner approved the 1-round, non-private job; the coordinator sends another."""
     site = SitePaths.under(sites_root, "site1")
@@ -108,7 +114,7 @@ def test_approval_of_another_job_does_not_count(sites_root, changed):
     cfg = strict_config(sites_root, *changed)
     assert Job.from_config(cfg).job_hash != approved.job_hash
     with pytest.raises(JobNotApproved, match="has not approved job"):
-        train_site(cfg, site.cache_dir, initial_state(cfg), server_round=1)
+        train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial_state(cfg), server_round=1)
     assert trained_rounds(site.work_dir) == []
 
 
@@ -119,7 +125,10 @@ def test_forged_or_altered_decision_does_not_count(sites_root):
     site_signing_key(site.work_dir)  # the site has its own key
     other_key = Ed25519PrivateKey.generate()
     forged = JobDecision(
-        job_hash=job.job_hash, decision="approval", summary=job.summary(), decided_by="someone",
+        job_hash=job.job_hash,
+        decision="approval",
+        summary=job.summary(),
+        decided_by="someone",
         decided_at="2026-01-01T00:00:00+00:00",
         signature=other_key.sign(JobDecision.signed_bytes(job.job_hash, "approval")).hex(),
     )
@@ -127,13 +136,13 @@ def test_forged_or_altered_decision_does_not_count(sites_root):
     path.parent.mkdir(parents=True)
     path.write_text(forged.to_json())
     with pytest.raises(JobNotApproved, match="not a decision signed by this site's key"):
-        train_site(cfg, site.cache_dir, initial_state(cfg), server_round=1)
+        train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial_state(cfg), server_round=1)
     # The site's own rejection, edited into an approval, is no approval either.
     decide(site.work_dir, job, "rejection", "data owner of site1")
     record = json.loads(path.read_text()) | {"decision": "approval"}
     path.write_text(json.dumps(record))
     with pytest.raises(JobNotApproved, match="not a decision signed by this site's key"):
-        train_site(cfg, site.cache_dir, initial_state(cfg), server_round=1)
+        train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial_state(cfg), server_round=1)
     assert trained_rounds(site.work_dir) == []
 
 
@@ -142,14 +151,14 @@ def test_approved_job_trains(sites_root):
     site = SitePaths.under(sites_root, "site1")
     decide(site.work_dir, Job.from_config(cfg), "approval", "data owner of site1")
     initial = initial_state(cfg)
-    state, metrics = train_site(cfg, site.cache_dir, initial, server_round=1)
+    state, metrics = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial, server_round=1)
     assert metrics["num-examples"] > 0
     assert any(not torch.equal(state[k], initial[k]) for k in initial)
     assert [e["kind"] for e in SiteLedger.for_site(site.work_dir).entries()] == ["approval", "round"]
 
 
 def test_coordinator_cannot_switch_a_deployed_sites_gate_off(sites_root, monkeypatch):
-    """A deployed site (cache-dir in its node config) ignores the governance the coordinator sends."""
+    """A deployed site (work-dir in its node config) ignores the governance the coordinator sends."""
     for attribute in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attribute, 1)
     site = SitePaths.under(sites_root, "site1")
@@ -157,15 +166,21 @@ def test_coordinator_cannot_switch_a_deployed_sites_gate_off(sites_root, monkeyp
         sites_root, "governance.require_approval=false", "governance.auto_approve_simulated_sites=true"
     )
     message = Message(
-        RecordDict({
-            "arrays": ArrayRecord(initial_state(sent)),
-            "config": ConfigRecord({CONFIG_KEY: experiment_yaml(sent), "server-round": 1}),
-        }),
-        dst_node_id=1, message_type="train",
+        RecordDict(
+            {
+                "arrays": ArrayRecord(initial_state(sent)),
+                "config": ConfigRecord({CONFIG_KEY: experiment_yaml(sent), "server-round": 1}),
+            }
+        ),
+        dst_node_id=1,
+        message_type="train",
     )
     context = Context(
-        run_id=1, node_id=1, node_config={"cache-dir": str(site.cache_dir)},
-        state=RecordDict(), run_config={},
+        run_id=1,
+        node_id=1,
+        node_config=NodeConfig(site.work_dir).as_node_config(),
+        state=RecordDict(),
+        run_config={},
     )
     with pytest.raises(JobNotApproved, match="has not approved job"):
         client_app(message, context)
@@ -183,9 +198,13 @@ def test_federation_stops_when_sites_have_not_approved(sites_root, tmp_path, cap
     grid = LoopbackGrid(partitions=3)
     with caplog.at_level(logging.INFO):
         run_federation(grid, cfg, tmp_path / "run")
-    refusals = [r for r in caplog.records if r.name == "fedrad.governance" and "refuses to train" in r.message]
+    refusals = [
+        r for r in caplog.records if r.name == "fedrad.governance" and "refuses to train" in r.message
+    ]
     assert sorted(r.getMessage().split()[1] for r in refusals) == ["site2", "site3"]
-    failed = [r.getMessage() for r in caplog.records if r.name == "fedrad.federation" and "failed" in r.getMessage()]
+    failed = [
+        r.getMessage() for r in caplog.records if r.name == "fedrad.federation" and "failed" in r.getMessage()
+    ]
     assert len(failed) == 2 and all("has not approved job" in line for line in failed)
     assert "only 1 sites trained in round 1 but federation.min_sites=2: the federation stops" in caplog.text
     assert not (tmp_path / "run" / "model.pt").exists()
@@ -195,10 +214,14 @@ def test_federation_stops_when_sites_have_not_approved(sites_root, tmp_path, cap
 
 def test_data_owner_reviews_through_the_request_folder(sites_root):
     """The coordinator's request, the data owner's review and decision, the decision read back."""
+
     def tool(*overrides: str):
         return compose_config(
-            *FAST_FEDERATION, f"data.sites_root={sites_root}", "federation.num_rounds=1",
-            "+job_requests=folder", *overrides,
+            *FAST_FEDERATION,
+            f"data.sites_root={sites_root}",
+            "federation.num_rounds=1",
+            "+job_requests=folder",
+            *overrides,
         )
 
     job = Job.from_config(strict_config(sites_root, "governance.auto_approve_simulated_sites=true"))
@@ -213,7 +236,7 @@ def test_data_owner_reviews_through_the_request_folder(sites_root):
     status = job_status(tool())
     assert "site2: approval" in status and "site1: pending" in status
     assert "no job waits" in review(tool("+action=list"), "site2", site.work_dir)
-    train_site(tool(), site.cache_dir, initial_state(tool()), server_round=1)
+    train_site(tool(), site.cache(DEMO_IMAGE_SIZE), initial_state(tool()), server_round=1)
 
 
 def test_syft_request_review_and_decision_round_trip(sites_root, tmp_path):
@@ -226,8 +249,10 @@ def test_syft_request_review_and_decision_round_trip(sites_root, tmp_path):
     # (data scientist, data owner); email1 / base_path1 are the data owner's. The data owner's
     # datasite must be on disk (use_in_memory_cache=False): syft jobs are listed from files.
     coordinator_client, site_client = SyftRDSClient.pair_with_mock_drive_service_connection(
-        email1="data-owner@site1.example", email2="coordinator@fedrad.example",
-        base_path1=str(tmp_path / "syft_site1"), base_path2=str(tmp_path / "syft_coordinator"),
+        email1="data-owner@site1.example",
+        email2="coordinator@fedrad.example",
+        base_path1=str(tmp_path / "syft_site1"),
+        base_path2=str(tmp_path / "syft_coordinator"),
         use_in_memory_cache=False,
     )
     coordinator = SyftChannel(coordinator_client, "data-owner@site1.example")
@@ -248,26 +273,26 @@ def test_syft_request_review_and_decision_round_trip(sites_root, tmp_path):
     assert (approval.decision, rejection.decision) == ("approval", "rejection")
     approval.verify(site_public_key(site.work_dir))  # the coordinator checks the site's signature
     rejection.verify(site_public_key(site.work_dir))
-    train_site(cfg, site.cache_dir, initial_state(cfg), server_round=1)
+    train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial_state(cfg), server_round=1)
     bigger_cfg = strict_config(sites_root, "federation.num_rounds=9")
     with pytest.raises(JobNotApproved, match="rejected"):
-        train_site(bigger_cfg, site.cache_dir, initial_state(bigger_cfg), server_round=1)
+        train_site(bigger_cfg, site.cache(DEMO_IMAGE_SIZE), initial_state(bigger_cfg), server_round=1)
 
 
 def test_simulated_data_owner_approves_but_never_overrides_a_rejection(sites_root):
     cfg = strict_config(sites_root, "governance.auto_approve_simulated_sites=true")
     approving, rejecting = (SitePaths.under(sites_root, name) for name in ("site1", "site2"))
     decide(rejecting.work_dir, Job.from_config(cfg), "rejection", "data owner of site2")
-    train_site(cfg, approving.cache_dir, initial_state(cfg), server_round=1)
+    train_site(cfg, approving.cache(DEMO_IMAGE_SIZE), initial_state(cfg), server_round=1)
     entries = SiteLedger.for_site(approving.work_dir).entries()
     assert [e["kind"] for e in entries] == ["approval", "round"]
     assert entries[0]["body"]["decided_by"] == "simulated data owner of site1 (auto-approve)"
     with pytest.raises(JobNotApproved, match="rejected"):
-        train_site(cfg, rejecting.cache_dir, initial_state(cfg), server_round=1)
+        train_site(cfg, rejecting.cache(DEMO_IMAGE_SIZE), initial_state(cfg), server_round=1)
 
 
 def test_deployed_site_passes_its_own_policy_to_its_supernode(sites_root):
-    from pipeline.deployment.site import supernode_command
+    from pipeline.deployment.site import node_config, supernode_command
 
     site = SitePaths.under(sites_root, "site1")
     for overrides, expected in [
@@ -275,10 +300,12 @@ def test_deployed_site_passes_its_own_policy_to_its_supernode(sites_root):
         (("governance.require_approval=false",), "require-approval=false auto-approve=false"),
     ]:
         cfg = compose_config("+site=demo_site1", "deployment.insecure=true", *overrides)
-        command = supernode_command(cfg.deployment, site.cache_dir, cfg.governance)
-        node_config = command[command.index("--node-config") + 1]
-        assert node_config == (f"cache-dir='{site.cache_dir.resolve()}' {expected} "
-                               "allow-seeded-noise=false retrain-round='refuse'")
+        command = supernode_command(cfg.deployment, node_config(site, cfg))
+        flag = command[command.index("--node-config") + 1]
+        assert flag == (
+            f"work-dir='{site.work_dir.resolve()}' {expected} "
+            "allow-seeded-noise=false retrain-round='refuse'"
+        )
 
 
 # --- withdrawal: the latest decision in the site's signed ledger counts ------------------------
@@ -295,7 +322,10 @@ def test_withdrawn_approval_stands_even_when_the_old_approval_file_is_restored(s
     record = withdraw(site.work_dir, job.job_hash, "data owner of site1 (Dr Rossi)")
     assert record.decision == "withdrawal"
     record.verify(site_signing_key(site.work_dir).public_key())  # signed over the withdrawal
-    assert JobDecision.signed_bytes(job.job_hash, "withdrawal") == f"fedrad job withdrawal\n{job.job_hash}".encode()
+    assert (
+        JobDecision.signed_bytes(job.job_hash, "withdrawal")
+        == f"fedrad job withdrawal\n{job.job_hash}".encode()
+    )
     entries = SiteLedger.for_site(site.work_dir).entries()
     assert [e["kind"] for e in entries] == ["approval", "withdrawal"]
     when = entries[-1]["time"]
@@ -308,7 +338,7 @@ def test_withdrawn_approval_stands_even_when_the_old_approval_file_is_restored(s
     with pytest.raises(JobNotApproved, match=refusal):
         require_approval(site.work_dir, job)
     with pytest.raises(JobNotApproved, match="withdrew the approval"):
-        train_site(cfg, site.cache_dir, initial_state(cfg), server_round=1)
+        train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial_state(cfg), server_round=1)
     assert trained_rounds(site.work_dir) == []
     with pytest.raises(LookupError, match="no approval to withdraw"):
         withdraw(site.work_dir, job.job_hash, "data owner of site1")
@@ -341,8 +371,10 @@ def test_approval_counts_only_with_both_the_ledger_entry_and_the_signed_file(sit
 
     ledger = SiteLedger.for_site(site.work_dir)
     ledger.path.write_text("")  # the signed file is there, the ledger's decision is gone
-    with pytest.raises(JobNotApproved, match="has not approved job .*the site's ledger, which is the authority, "
-                                             "has no decision on this job"):
+    with pytest.raises(
+        JobNotApproved,
+        match="has not approved job .*the site's ledger, which is the authority, has no decision on this job",
+    ):
         require_approval(site.work_dir, job)
     with pytest.raises(JobNotApproved, match="has no decision on this job"):
         enforce_approval(cfg, site.work_dir)  # and no automatic approval over an existing file
@@ -362,8 +394,11 @@ def test_a_ledger_that_does_not_verify_blocks_every_approval(sites_root):
     assert lines[1].count('"kind":"rejection"') == 1
     ledger.path.write_text(lines[0] + lines[1].replace('"kind":"rejection"', '"kind":"approval"'))
     decision_path(site.work_dir, job.job_hash).write_bytes(approval_file)
-    with pytest.raises(JobNotApproved, match=f"while this site's ledger does not verify.*{ledger.path} does not "
-                                             r"verify: entry 2 \(approval, line 2\): its hash does not match"):
+    with pytest.raises(
+        JobNotApproved,
+        match=f"while this site's ledger does not verify.*{ledger.path} does not "
+        r"verify: entry 2 \(approval, line 2\): its hash does not match",
+    ):
         require_approval(site.work_dir, job)
     # An unsigned field claiming an approval is refused the same way.
     ledger.path.write_text(lines[0] + lines[1][:-2] + ',"decision_override":"approval"}\n')
@@ -390,8 +425,13 @@ def test_a_ledger_cut_back_to_before_a_withdrawal_is_caught_by_the_reported_head
 
 
 def tool_config(sites_root: Path, *overrides: str):
-    return compose_config(*FAST_FEDERATION, f"data.sites_root={sites_root}", "federation.num_rounds=1",
-                          "+job_requests=folder", *overrides)
+    return compose_config(
+        *FAST_FEDERATION,
+        f"data.sites_root={sites_root}",
+        "federation.num_rounds=1",
+        "+job_requests=folder",
+        *overrides,
+    )
 
 
 def test_data_owner_withdraws_and_approves_again_through_review(sites_root):
@@ -442,8 +482,12 @@ def test_withdrawal_is_signed_at_the_site_when_the_channel_cannot_carry_it(sites
     job = Job.from_config(strict_config(sites_root))
     decide(site.work_dir, job, "approval", "data owner of site1")
     monkeypatch.setattr(review_module, "open_channel", lambda *args, **kwargs: _NoReturnChannel())
-    report = review(tool_config(sites_root, "+action=reject", f"+job={job.job_hash[:12]}"), "site1", site.work_dir)
-    assert report.startswith(f"site1: withdrawal of job {job.job_hash} signed with the site's key at this site")
+    report = review(
+        tool_config(sites_root, "+action=reject", f"+job={job.job_hash[:12]}"), "site1", site.work_dir
+    )
+    assert report.startswith(
+        f"site1: withdrawal of job {job.job_hash} signed with the site's key at this site"
+    )
     assert "status approved" in report
     with pytest.raises(JobNotApproved, match="withdrew the approval"):
         require_approval(site.work_dir, job)
@@ -518,8 +562,12 @@ def test_scripts_are_found_only_next_to_a_checkouts_package(tmp_path):
 
 def test_job_text_says_what_the_code_hash_covers(sites_root):
     text = Job.from_config(strict_config(sites_root)).render()
-    code = text[text.index("\nCode\n"):text.index("Full experiment configuration")]
-    for covered in ("pipeline/, models/ and transforms/ sources", "scripts/", "name==version of every",
-                    "installed Python distribution"):
+    code = text[text.index("\nCode\n") : text.index("Full experiment configuration")]
+    for covered in (
+        "pipeline/, models/ and transforms/ sources",
+        "scripts/",
+        "name==version of every",
+        "installed Python distribution",
+    ):
         assert covered in " ".join(code.split()), code
     assert "scripts/" in CODE_HASH_COVERS and "name==version" in CODE_HASH_COVERS

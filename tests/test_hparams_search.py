@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from pipeline.federation.objective import validation_metric
-
 from tests.conftest import FAST_FEDERATION, REPO
 
 
@@ -18,9 +17,16 @@ from tests.conftest import FAST_FEDERATION, REPO
 def test_optuna_sweep_maximises_the_validation_metric(demo_sites, tmp_path):
     sweep_dir = tmp_path / "sweep"
     command = [
-        sys.executable, str(REPO / "scripts" / "simulate.py"), "-m", "hparams_search=demo_optuna",
-        *FAST_FEDERATION, "federation.num_rounds=1", "hydra.sweeper.n_trials=2",
-        f"data.sites_root={demo_sites.root}", "data.prepare_demo=false", f"hydra.sweep.dir={sweep_dir}",
+        sys.executable,
+        str(REPO / "scripts" / "simulate.py"),
+        "-m",
+        "hparams_search=demo_optuna",
+        *FAST_FEDERATION,
+        "federation.num_rounds=1",
+        "hydra.sweeper.n_trials=2",
+        f"data.sites_root={demo_sites.root}",
+        "data.prepare_demo=false",
+        f"hydra.sweep.dir={sweep_dir}",
     ]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -29,7 +35,9 @@ def test_optuna_sweep_maximises_the_validation_metric(demo_sites, tmp_path):
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     # federation.num_rounds is fixed on the command line, so it leaves the search space.
     assert set(results["best_params"]) == {
-        "model.optimizer.lr", "data.augment.prob", "data.augment.rotate_degrees"
+        "model.optimizer.lr",
+        "data.augment.prob",
+        "data.augment.rotate_degrees",
     }
     assert 1e-4 <= results["best_params"]["model.optimizer.lr"] <= 1e-2
     trials = [validation_metric(sweep_dir / f"trial_{n}", "val_pneumonia_auroc") for n in (0, 1)]

@@ -15,40 +15,45 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 from torch.nn import functional as F
 
-from pipeline.cache import SiteCache
-from pipeline.checkpoints import load_checkpoint
-from pipeline.classifier import balanced_class_weights
-from pipeline.federation.loopback import LoopbackGrid
+from pipeline.contracts.cache import SiteCache
+from pipeline.contracts.labels import CLASS_NAMES
+from pipeline.contracts.layout import SitePaths
 from pipeline.federation.selection import MIN_SENSITIVITY, pooled_metrics, warn_collapsed_classes
 from pipeline.federation.server_app import run_federation
 from pipeline.federation.site_task import train_site
 from pipeline.governance.rounds import state_sha256
-from pipeline.governance.ledger import SiteLedger
-from pipeline.labels import CLASS_NAMES
-from pipeline.pretraining import pretrain
-from pipeline.sites import SitePaths
-from pipeline.training import build_classifier, lr_factor
-
-from tests.conftest import FAST_FEDERATION, compose_config
+from pipeline.governance.site_ledger import SiteLedger
+from pipeline.support.flower_grid import LoopbackGrid
+from pipeline.training.checkpoints import load_checkpoint
+from pipeline.training.classifier import balanced_class_weights
+from pipeline.training.loop import build_classifier, lr_factor
+from pipeline.training.pretraining import pretrain
+from tests.conftest import FAST_FEDERATION, compose_config, DEMO_IMAGE_SIZE
 
 
 @pytest.fixture
 def sites_root(demo_sites, tmp_path) -> Path:
     """Private copies of the demo sites' caches (their own ledgers and releases)."""
     for site in demo_sites.sites:
-        shutil.copytree(site.cache_dir, SitePaths.under(tmp_path, site.name).cache_dir)
+        shutil.copytree(site.cache(DEMO_IMAGE_SIZE), SitePaths.under(tmp_path, site.name).cache(DEMO_IMAGE_SIZE))
     return tmp_path
 
 
 def federation(root: Path, rounds: int, *overrides: str):
-    return compose_config(*FAST_FEDERATION, f"data.sites_root={root}", "data.sites=[site1,site2,site3]",
-                          f"federation.num_rounds={rounds}", "federation.min_sites=3",
-                          "data.augment.prob=0", *overrides)
+    return compose_config(
+        *FAST_FEDERATION,
+        f"data.sites_root={root}",
+        "data.sites=[site1,site2,site3]",
+        f"federation.num_rounds={rounds}",
+        "federation.min_sites=3",
+        "data.augment.prob=0",
+        *overrides,
+    )
 
 
 def test_balanced_weights_give_every_present_class_the_same_mass(demo_sites):
     for site in demo_sites.sites:
-        labels = torch.from_numpy(SiteCache(site.cache_dir).load_split("train").labels.astype(np.int64))
+        labels = torch.from_numpy(SiteCache(site.cache(DEMO_IMAGE_SIZE)).load_split("train").labels.astype(np.int64))
         weights = balanced_class_weights(labels)
         masses = [float(weights[c] * (labels == c).sum()) for c in range(len(CLASS_NAMES))]
         assert masses == pytest.approx([len(labels) / 3] * 3)
@@ -58,11 +63,12 @@ def test_balanced_weights_give_every_present_class_the_same_mass(demo_sites):
 
 def test_the_weighted_loss_is_the_balanced_cross_entropy(demo_sites):
     cfg = compose_config(*FAST_FEDERATION, "model.class_balance=true")
-    split = SiteCache(demo_sites.sites[1].cache_dir).load_split("train")
+    split = SiteCache(demo_sites.sites[1].cache(DEMO_IMAGE_SIZE)).load_split("train")
     classifier = build_classifier(cfg, seed=0, train_labels=split.labels)
     images, labels = torch.from_numpy(split.images[:16]), torch.from_numpy(split.labels[:16]).long()
-    expected = (F.cross_entropy(classifier.net(images), labels, reduction="none")
-                * classifier.class_weights[labels]).mean()
+    expected = (
+        F.cross_entropy(classifier.net(images), labels, reduction="none") * classifier.class_weights[labels]
+    ).mean()
     classifier.log = lambda *args, **kwargs: None  # outside a Trainer
     assert float(classifier.training_step((images, labels), 0)) == pytest.approx(float(expected))
     plain = compose_config(*FAST_FEDERATION, "model.class_balance=false")
@@ -71,10 +77,24 @@ def test_the_weighted_loss_is_the_balanced_cross_entropy(demo_sites):
 
 
 def test_pooled_sensitivity_is_the_federations_own_and_collapse_is_warned(caplog):
-    sites = [{"val_sensitivity_viral": 0.0, "val_support_viral": 10.0, "val_sensitivity_normal": 1.0,
-              "val_support_normal": 2.0, "val_auroc": 0.6, "num-examples": 12.0},
-             {"val_sensitivity_viral": 1.0, "val_support_viral": 30.0, "val_sensitivity_normal": 0.5,
-              "val_support_normal": 6.0, "val_auroc": 0.8, "num-examples": 36.0}]
+    sites = [
+        {
+            "val_sensitivity_viral": 0.0,
+            "val_support_viral": 10.0,
+            "val_sensitivity_normal": 1.0,
+            "val_support_normal": 2.0,
+            "val_auroc": 0.6,
+            "num-examples": 12.0,
+        },
+        {
+            "val_sensitivity_viral": 1.0,
+            "val_support_viral": 30.0,
+            "val_sensitivity_normal": 0.5,
+            "val_support_normal": 6.0,
+            "val_auroc": 0.8,
+            "num-examples": 36.0,
+        },
+    ]
     pooled = dict(pooled_metrics([RecordDict({"m": MetricRecord(s)}) for s in sites], "num-examples"))
     assert pooled["val_sensitivity_viral"] == pytest.approx(30 / 40)  # true positives / images
     assert pooled["val_sensitivity_normal"] == pytest.approx((2 + 3) / 8)
@@ -91,8 +111,11 @@ def test_the_best_round_is_released_and_a_stalled_run_stops(sites_root, tmp_path
     records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: r["val"]["val_auroc"])["round"]
     selection = json.loads((out / "selection.json").read_text())
-    assert selection == {"round": best, "metric": "val_auroc",
-                         "value": pytest.approx(records[best - 1]["val"]["val_auroc"])}
+    assert selection == {
+        "round": best,
+        "metric": "val_auroc",
+        "value": pytest.approx(records[best - 1]["val"]["val_auroc"]),
+    }
     assert (out / "model.pt").read_bytes() == (out / "checkpoints" / f"round_{best:03d}.pt").read_bytes()
     assert all(r["selected_round"] <= r["round"] for r in records)
     for record in records:  # per-class sensitivity is reported every round
@@ -101,8 +124,9 @@ def test_the_best_round_is_released_and_a_stalled_run_stops(sites_root, tmp_path
     # A metric that cannot improve (the validation images of a class): round 1 stays the best
     # and, with patience 1, the run stops after round 2 and a rerun trains no more.
     stalled = tmp_path / "stalled"
-    cfg = federation(sites_root, 4, "federation.selection.metric=val_support_normal",
-                     "federation.selection.patience=1")
+    cfg = federation(
+        sites_root, 4, "federation.selection.metric=val_support_normal", "federation.selection.patience=1"
+    )
     run_federation(LoopbackGrid(partitions=3), cfg, stalled)
     run_federation(LoopbackGrid(partitions=3), cfg, stalled)
     records = [json.loads(line) for line in (stalled / "rounds.jsonl").read_text().splitlines()]
@@ -133,15 +157,16 @@ def test_fedprox_keeps_the_update_near_the_global_model(sites_root):
     def distance(*overrides: str, run: str) -> float:
         cfg = federation(sites_root, 1, *overrides)
         start = build_classifier(cfg, seed=0).net.state_dict()
-        update, _ = train_site(cfg, site.cache_dir, start, 1, run)
+        update, _ = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), start, 1, run)
         return float(sum((update[k].float() - start[k].float()).norm() ** 2 for k in start) ** 0.5)
 
     assert distance("federation.proximal_mu=100.0", run="prox") < 0.8 * distance(run="plain")
 
 
 def test_cosine_schedule_runs_from_the_base_rate_to_the_final_factor():
-    fed = compose_config("federation.num_rounds=5", "federation.lr_schedule=cosine",
-                         "federation.lr_final_factor=0.1").federation
+    fed = compose_config(
+        "federation.num_rounds=5", "federation.lr_schedule=cosine", "federation.lr_final_factor=0.1"
+    ).federation
     factors = [lr_factor(fed, r) for r in range(1, 6)]
     assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
     assert factors[2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
@@ -153,9 +178,15 @@ def test_pretraining_on_public_images_starts_the_federation(demo_sites, sites_ro
     """Demo site 3's real images play the public set; sites 1 and 2 federate from its weights."""
     public = demo_sites.sites[2]
     weights = tmp_path / "pretrain" / "pretrained.pt"
-    cfg = compose_config(*FAST_FEDERATION, f"pretrain.input_dir={public.input_dir}",
-                         f"pretrain.labels_csv={public.labels_csv}", f"pretrain.work_dir={tmp_path / 'pretrain'}",
-                         "pretrain.epochs=3", "model.class_balance=true", "data.augment.prob=0")
+    cfg = compose_config(
+        *FAST_FEDERATION,
+        f"pretrain.input_dir={public.input_dir}",
+        f"pretrain.labels_csv={public.labels_csv}",
+        f"pretrain.work_dir={tmp_path / 'pretrain'}",
+        "pretrain.epochs=3",
+        "model.class_balance=true",
+        "data.augment.prob=0",
+    )
     output, metrics = pretrain(cfg)
     assert output == weights and metrics["num-examples"] > 0  # scored on the public set's own val
     pretrained, _ = load_checkpoint(weights)
@@ -167,10 +198,14 @@ def test_pretraining_on_public_images_starts_the_federation(demo_sites, sites_ro
     assert all(math.isfinite(v) for v in metrics.values())
 
     out = tmp_path / "run"
-    fed = federation(sites_root, 1, f"model.weights_path={weights}", "data.sites=[site1,site2]",
-                     "federation.min_sites=2")
+    fed = federation(
+        sites_root, 1, f"model.weights_path={weights}", "data.sites=[site1,site2]", "federation.min_sites=2"
+    )
     run_federation(LoopbackGrid(partitions=2), fed, out)
     for name in ("site1", "site2"):
-        [entry] = [e for e in SiteLedger.for_site(SitePaths.under(sites_root, name).work_dir).entries()
-                   if e["kind"] == "round"]
+        [entry] = [
+            e
+            for e in SiteLedger.for_site(SitePaths.under(sites_root, name).work_dir).entries()
+            if e["kind"] == "round"
+        ]
         assert entry["body"]["global_model_sha256"] == state_sha256(pretrained)

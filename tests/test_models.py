@@ -10,7 +10,7 @@ from models.densenet import densenet121
 from models.resnet import resnet18
 from models.small_cnn import SmallCNN
 from models.weights import load_weights
-from pipeline.checkpoints import save_checkpoint
+from pipeline.training.checkpoints import save_checkpoint
 from tests.conftest import compose_config
 
 NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)

@@ -12,16 +12,15 @@ from torch.nn import functional as F
 
 from models.resnet import resnet18
 from models.small_cnn import SmallCNN
+from pipeline.contracts.cache import SiteCache
+from pipeline.contracts.layout import SitePaths
 from pipeline.federation.site_task import train_site
+from pipeline.governance.budget import PrivacyBudgetExhausted, PrivacyLedger
 from pipeline.privacy.clipping import PerSampleClipper
-from pipeline.cache import SiteCache
 from pipeline.privacy.dp import PrivateTraining, RoundPlan, check_dp_compatible
 from pipeline.privacy.randomness import SecureRandom
-from pipeline.privacy.ledger import PrivacyBudgetExhausted, PrivacyLedger
-from pipeline.sites import SitePaths
-from pipeline.training import build_classifier
-
-from tests.conftest import FAST_FEDERATION, compose_config
+from pipeline.training.loop import build_classifier
+from tests.conftest import FAST_FEDERATION, compose_config, DEMO_IMAGE_SIZE
 
 NETS = {
     "small_cnn": (lambda: SmallCNN(width=8), 16),
@@ -90,13 +89,16 @@ def test_batch_norm_model_is_refused_with_the_fix_named():
 def private_site(demo_sites, tmp_path):
     """A copy of demo site 1 (so that its privacy ledger is this test's own)."""
     site = SitePaths.under(tmp_path, "site1")
-    shutil.copytree(demo_sites.sites[0].cache_dir, site.cache_dir)
+    shutil.copytree(demo_sites.sites[0].cache(DEMO_IMAGE_SIZE), site.cache(DEMO_IMAGE_SIZE))
     return site
 
 
 def dp_config(root, *overrides):
     return compose_config(
-        *FAST_FEDERATION, f"data.sites_root={root}", "privacy=dp_sgd", "data.augment.prob=0",
+        *FAST_FEDERATION,
+        f"data.sites_root={root}",
+        "privacy=dp_sgd",
+        "data.augment.prob=0",
         *overrides,
     )
 
@@ -104,9 +106,9 @@ def dp_config(root, *overrides):
 def test_a_round_asked_again_is_replayed_and_a_new_run_draws_fresh_noise(private_site, tmp_path):
     cfg = dp_config(tmp_path, "privacy.noise_multiplier=1.0")
     initial = build_classifier(cfg, seed=0).net.state_dict()
-    first, charged = train_site(cfg, private_site.cache_dir, initial, server_round=1, run_id="a")
-    again, replayed = train_site(cfg, private_site.cache_dir, initial, server_round=1, run_id="a")
-    other, fresh = train_site(cfg, private_site.cache_dir, initial, 1, run_id="b")  # same seed
+    first, charged = train_site(cfg, private_site.cache(DEMO_IMAGE_SIZE), initial, server_round=1, run_id="a")
+    again, replayed = train_site(cfg, private_site.cache(DEMO_IMAGE_SIZE), initial, server_round=1, run_id="a")
+    other, fresh = train_site(cfg, private_site.cache(DEMO_IMAGE_SIZE), initial, 1, run_id="b")  # same seed
     assert all(torch.equal(first[k], again[k]) for k in first)  # the same bytes, uncharged
     assert replayed["epsilon"] == charged["epsilon"]
     assert any(not torch.equal(first[k], other[k]) for k in first)  # fresh noise, not the seed's
@@ -116,10 +118,14 @@ def test_a_round_asked_again_is_replayed_and_a_new_run_draws_fresh_noise(private
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_epsilon_ledger_refusal_and_restart(private_site, tmp_path, accountant):
     noise, rounds = 1.2, 2
-    cfg = dp_config(tmp_path, f"privacy.noise_multiplier={noise}",
-                    f"privacy.accountant={accountant}", "data.batch_size=16")
+    cfg = dp_config(
+        tmp_path,
+        f"privacy.noise_multiplier={noise}",
+        f"privacy.accountant={accountant}",
+        "data.batch_size=16",
+    )
     initial = build_classifier(cfg, seed=0).net.state_dict()
-    n = int((SiteCache(private_site.cache_dir).manifest()["split"] == "train").sum())
+    n = int((SiteCache(private_site.cache(DEMO_IMAGE_SIZE)).manifest()["split"] == "train").sum())
     batches = -(-n // 16)
     delta = 1.0 / (10 * n)
     independent = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
@@ -132,19 +138,19 @@ def test_epsilon_ledger_refusal_and_restart(private_site, tmp_path, accountant):
     cfg.privacy.epsilon_budget = budget
 
     for server_round in range(1, rounds + 1):
-        _, metrics = train_site(cfg, private_site.cache_dir, initial, server_round, run_id="run-a")
+        _, metrics = train_site(cfg, private_site.cache(DEMO_IMAGE_SIZE), initial, server_round, run_id="run-a")
         assert metrics["epsilon"] == pytest.approx(expected[server_round - 1], rel=1e-6)
         assert metrics["delta"] == pytest.approx(delta)
     with pytest.raises(PrivacyBudgetExhausted, match=f"round {rounds + 1} would bring it"):
-        train_site(cfg, private_site.cache_dir, initial, rounds + 1, run_id="run-a")
+        train_site(cfg, private_site.cache(DEMO_IMAGE_SIZE), initial, rounds + 1, run_id="run-a")
 
     # A charged round asked again gets its release back, as released: never charged twice.
-    _, metrics = train_site(cfg, private_site.cache_dir, initial, 1, run_id="run-a")
+    _, metrics = train_site(cfg, private_site.cache(DEMO_IMAGE_SIZE), initial, 1, run_id="run-a")
     assert metrics["epsilon"] == pytest.approx(expected[0], rel=1e-6)
 
     # A restarted site (a new process, a new run) reads the same spent budget and refuses.
-    restarted = PrivacyLedger.for_cache(private_site.cache_dir, accountant)
+    restarted = PrivacyLedger.for_cache(private_site.cache(DEMO_IMAGE_SIZE), accountant)
     assert len(restarted.entries) == rounds
     assert restarted.spent(delta) == pytest.approx(expected[rounds - 1], rel=1e-6)
     with pytest.raises(PrivacyBudgetExhausted):
-        train_site(cfg, private_site.cache_dir, initial, 1, run_id="run-b")
+        train_site(cfg, private_site.cache(DEMO_IMAGE_SIZE), initial, 1, run_id="run-b")

@@ -17,18 +17,26 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.cache import SiteCache
-from pipeline.checkpoints import save_checkpoint
-from pipeline.report.analysis import PNEUMONIA_TASK
-from pipeline.training import build_classifier
+from pipeline.contracts.cache import SiteCache
+from pipeline.evaluation.clinical.analysis import PNEUMONIA_TASK
+from pipeline.training.checkpoints import save_checkpoint
+from pipeline.training.loop import build_classifier
 from scripts.simulate_reads import SAMPLE_READS, simulate_reads
 from tests.conftest import DEMO_IMAGE_SIZE, compose_config
 
 pytestmark = pytest.mark.report
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 FIGURES = ("confusion_matrices.png", "roc.png", "calibration.png")
 TABLES = ("model-metrics", "reader-metrics", "comparison-table", "agreement-table", "site-table")
 
@@ -40,15 +48,23 @@ def evaluate(*args: str | Path) -> subprocess.CompletedProcess:
 
 
 def cache_dirs(demo_sites) -> list[Path]:
-    return [site.cache_dir for site in demo_sites.sites]
+    return [site.cache(DEMO_IMAGE_SIZE) for site in demo_sites.sites]
 
 
 @pytest.fixture(scope="module")
 def report_dir(demo_run, demo_sites, tmp_path_factory) -> Path:
     """scripts/evaluate.py on the demo's federated model with the sample reads."""
     out = tmp_path_factory.mktemp("clinical")
-    done = evaluate(demo_run / "model.pt", *cache_dirs(demo_sites), "--reads", SAMPLE_READS,
-                    "--output-dir", out, "--bootstrap", "500")
+    done = evaluate(
+        demo_run / "model.pt",
+        *cache_dirs(demo_sites),
+        "--reads",
+        SAMPLE_READS,
+        "--output-dir",
+        out,
+        "--bootstrap",
+        "500",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "open" in done.stdout and "report.html" in done.stdout
     return out / "report"
@@ -80,7 +96,8 @@ def test_report_numbers_of_the_demo_model(report_dir, demo_sites):
         sensitivity = reader["metrics"][PNEUMONIA_TASK]["sensitivity"]
         assert sensitivity["ci_low"] <= sensitivity["value"] <= sensitivity["ci_high"]
     assert report["reads"]["warnings"] == [
-        f"{3 * (216 - model['n_images'])} read(s) of images outside the test split ignored"]
+        f"{3 * (216 - model['n_images'])} read(s) of images outside the test split ignored"
+    ]
     for name in FIGURES:
         assert (report_dir / name).read_bytes().startswith(b"\x89PNG")
 
@@ -89,7 +106,7 @@ def test_report_numbers_of_the_demo_model(report_dir, demo_sites):
 def test_report_holds_no_image_or_patient_key(report_dir, demo_sites):
     text = (report_dir / "report.json").read_text() + (report_dir / "report.html").read_text()
     for site in demo_sites.sites:
-        manifest = SiteCache(site.cache_dir).manifest()
+        manifest = SiteCache(site.cache(DEMO_IMAGE_SIZE)).manifest()
         for key in [*manifest["image_key"], *manifest["patient_key"]]:
             assert key not in text
 
@@ -109,8 +126,12 @@ def test_report_renders_in_a_headless_browser(report_dir, chromium, tmp_path):
     assert "Operating threshold" in dom.stdout and "Youden" in dom.stdout
     assert "http" not in dom.stdout.split("<body>")[0]  # nothing fetched: opens offline
     shot = tmp_path / "report.png"
-    done = subprocess.run([*browser, "--window-size=1200,4000", f"--screenshot={shot}", page],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*browser, "--window-size=1200,4000", f"--screenshot={shot}", page],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and Image.open(shot).size == (1200, 4000)
 
 
@@ -118,8 +139,12 @@ def test_bad_reads_file_stops_with_the_listed_problems(demo_sites, tmp_path):
     cfg = compose_config("model=small_cnn", f"data.image_size={DEMO_IMAGE_SIZE}")
     save_checkpoint(tmp_path / "model.pt", build_classifier(cfg, seed=0).net, cfg)
     bad = tmp_path / "reads.csv"
-    bad.write_text("site,image,reader,label\nsite1,img_0001.dcm,R1,consolidation\nsite9,img_0001.dcm,R1,normal\n")
-    done = evaluate(tmp_path / "model.pt", *cache_dirs(demo_sites), "--reads", bad, "--output-dir", tmp_path / "out")
+    bad.write_text(
+        "site,image,reader,label\nsite1,img_0001.dcm,R1,consolidation\nsite9,img_0001.dcm,R1,normal\n"
+    )
+    done = evaluate(
+        tmp_path / "model.pt", *cache_dirs(demo_sites), "--reads", bad, "--output-dir", tmp_path / "out"
+    )
     assert done.returncode != 0
     assert "2 problem(s) in the reads file" in done.stderr
     assert "line 2: unknown label 'consolidation'" in done.stderr

@@ -15,7 +15,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pipeline.report.statistics import (
+from pipeline.evaluation.clinical.statistics import (
     binary_metrics,
     bootstrap_weights,
     choose_threshold,
@@ -101,7 +101,9 @@ def test_percentile_interval_agrees_with_scipy_bootstrap():
     correct = (rng.random(150) < 0.8).astype(float)
     weights = bootstrap_weights([str(i) for i in range(150)], n_resamples=4000, seed=5)
     ours = summarise(weights @ correct / weights.sum(axis=1))
-    reference = bootstrap((correct,), np.mean, method="percentile", n_resamples=4000, rng=11).confidence_interval
+    reference = bootstrap(
+        (correct,), np.mean, method="percentile", n_resamples=4000, rng=11
+    ).confidence_interval
     assert ours.value == pytest.approx(correct.mean())
     assert ours.low == pytest.approx(reference.low, abs=0.015)
     assert ours.high == pytest.approx(reference.high, abs=0.015)
@@ -111,15 +113,21 @@ def test_interval_leaves_out_undefined_resamples_and_reports_none_when_undefined
     values = np.array([0.5, np.nan, 0.4, 0.6, np.nan, 0.5])
     estimate = summarise(values)
     assert estimate.value == 0.5 and estimate.low >= 0.4 and estimate.high <= 0.6
-    assert summarise(np.array([np.nan, 0.3, 0.4])).as_dict() == {"value": None, "ci_low": None, "ci_high": None}
+    assert summarise(np.array([np.nan, 0.3, 0.4])).as_dict() == {
+        "value": None,
+        "ci_low": None,
+        "ci_high": None,
+    }
 
 
 def test_youden_threshold_maximises_sensitivity_plus_specificity():
     truth, _, score = random_case(2, n=200)
     threshold = choose_threshold(truth, score, "youden")
+
     def youden(t: float) -> float:
         called = score >= t
         return called[truth].mean() + (~called[~truth]).mean() - 1
+
     assert youden(threshold) == pytest.approx(max(youden(t) for t in np.unique(score)))
 
 

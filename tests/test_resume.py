@@ -10,17 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoints import load_checkpoint
-from pipeline.federation.loopback import LoopbackGrid
 from pipeline.federation.server_app import run_federation
+from pipeline.support.flower_grid import LoopbackGrid
+from pipeline.training.checkpoints import load_checkpoint
 from tests.conftest import FAST_FEDERATION, compose_config
 
 
 def config(demo_sites, rounds: int, *extra: str):
     """A fast federation that releases its last round (no selection), so resuming shows in model.pt."""
     return compose_config(
-        *FAST_FEDERATION, f"data.sites_root={demo_sites.root}", "data.sites=[site1,site2,site3]",
-        f"federation.num_rounds={rounds}", "federation.min_sites=3", "federation.selection.metric=null",
+        *FAST_FEDERATION,
+        f"data.sites_root={demo_sites.root}",
+        "data.sites=[site1,site2,site3]",
+        f"federation.num_rounds={rounds}",
+        "federation.min_sites=3",
+        "federation.selection.metric=null",
         *extra,
     )
 

@@ -16,18 +16,17 @@ import torch
 from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, factor_extract
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from pipeline.cache import SiteCache
+from pipeline.contracts.cache import SiteCache
+from pipeline.contracts.layout import SitePaths
 from pipeline.federation.allocator import keep_large_blocks
-from pipeline.checkpoints import load_checkpoint
-from pipeline.federation.loopback import LoopbackGrid
 from pipeline.federation.server_app import run_federation
 from pipeline.federation.site_task import train_site
-from pipeline.privacy.ledger import PrivacyLedger
+from pipeline.governance.budget import PrivacyLedger
 from pipeline.privacy.secagg import MODULUS_RANGE, SecAggSettings
-from pipeline.sites import SitePaths
-from pipeline.training import build_classifier
-
-from tests.conftest import FAST_FEDERATION, compose_config
+from pipeline.support.flower_grid import LoopbackGrid
+from pipeline.training.checkpoints import load_checkpoint
+from pipeline.training.loop import build_classifier
+from tests.conftest import FAST_FEDERATION, compose_config, DEMO_IMAGE_SIZE
 
 
 def settings_for(num_sites: int, *overrides: str) -> SecAggSettings:
@@ -101,14 +100,16 @@ def five_site_rounds(demo_sites, tmp_path_factory):
     """Five sites (partitions 3 and 4 reuse sites 1 and 2), reconstruction threshold 3, three
     rounds: partitions 3 and 4 fail in round 1, partitions 2, 3 and 4 in round 2."""
     cfg = compose_config(
-        *FAST_FEDERATION, f"data.sites_root={demo_sites.root}",
-        "data.sites=[site1,site2,site3,site1,site2]", "federation.num_rounds=3",
-        "federation.secure_aggregation=true", "federation.fraction_evaluate=0.0",
-        "federation.min_sites=3", "+federation.test_only_dropout.round_1=[3,4]",
-        "+federation.test_only_dropout.round_2=[2,3,4]",
+        *FAST_FEDERATION,
+        f"data.sites_root={demo_sites.root}",
+        "data.sites=[site1,site2,site3,site1,site2]",
+        "federation.num_rounds=3",
+        "federation.secure_aggregation=true",
+        "federation.fraction_evaluate=0.0",
+        "federation.min_sites=3",
     )
     out = tmp_path_factory.mktemp("secagg_rounds")
-    grid = LoopbackGrid(partitions=5)
+    grid = LoopbackGrid(partitions=5, dropouts={1: [3, 4], 2: [2, 3, 4]})
     torch.set_num_threads(1)
     records = []
     handler = logging.Handler()
@@ -129,10 +130,10 @@ def test_round_with_two_dropouts_releases_the_survivors_fedavg(five_site_rounds,
     initial = build_classifier(cfg, seed=int(cfg.seed)).net.state_dict()
     updates, counts = [], []
     for site in demo_sites.sites:  # partitions 0, 1, 2 survive round 1
-        state, metrics = train_site(cfg, site.cache_dir, initial, server_round=1, run_id=f"check-{uuid4()}")
+        state, metrics = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial, server_round=1, run_id=f"check-{uuid4()}")
         updates.append(state)
         counts.append(int(metrics["num-examples"]))
-    assert counts == [len(SiteCache(s.cache_dir).load_split("train").labels) for s in demo_sites.sites]
+    assert counts == [len(SiteCache(s.cache(DEMO_IMAGE_SIZE)).load_split("train").labels) for s in demo_sites.sites]
     settings = SecAggSettings.from_config(cfg.federation, 5)
     bound = settings.error_bound(counts) + settings.clipping_range * 2.0**-24
     aggregated, _ = load_checkpoint(out / "checkpoints" / "round_001.pt")
@@ -169,11 +170,15 @@ def test_secagg_and_dp_sgd_together_report_each_sites_epsilon(demo_sites, tmp_pa
     every round releases an aggregate, every site reports its cumulative epsilon beside the
     masked vector, and each site's ledger on its own disk holds the same figure."""
     for site in demo_sites.sites:
-        shutil.copytree(site.cache_dir, SitePaths.under(tmp_path, site.name).cache_dir)
+        shutil.copytree(site.cache(DEMO_IMAGE_SIZE), SitePaths.under(tmp_path, site.name).cache(DEMO_IMAGE_SIZE))
     cfg = compose_config(
-        "experiment=demo_private", "model=small_cnn", f"data.sites_root={tmp_path}",
-        "federation.num_rounds=2", "federation.fraction_evaluate=0.0",
-        "privacy.noise_multiplier=1.0", "privacy.epsilon_budget=1000",
+        "experiment=demo_private",
+        "model=small_cnn",
+        f"data.sites_root={tmp_path}",
+        "federation.num_rounds=2",
+        "federation.fraction_evaluate=0.0",
+        "privacy.noise_multiplier=1.0",
+        "privacy.epsilon_budget=1000",
     )
     out = tmp_path / "run"
     torch.set_num_threads(1)
@@ -185,7 +190,7 @@ def test_secagg_and_dp_sgd_together_report_each_sites_epsilon(demo_sites, tmp_pa
     reported = sorted((m["delta"], m["epsilon"]) for m in rounds[-1]["train_per_site"].values())
     ledgers = []
     for site in demo_sites.sites:
-        cache = SitePaths.under(tmp_path, site.name).cache_dir
+        cache = SitePaths.under(tmp_path, site.name).cache(DEMO_IMAGE_SIZE)
         delta = 1.0 / (10 * len(SiteCache(cache).load_split("train").labels))  # privacy.delta: null
         ledgers.append((delta, PrivacyLedger.for_cache(cache, "rdp").spent(delta)))
     assert [d for d, _ in sorted(ledgers)] == pytest.approx([d for d, _ in reported])

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.cache import SiteCache
-from pipeline.checkpoints import load_checkpoint, load_model, save_checkpoint
-from pipeline.datamodule import CacheDataModule
-from pipeline.labels import CLASS_NAMES
-from pipeline.training import build_classifier, build_trainer, evaluate, predict_probabilities, train
+from pipeline.contracts.cache import SiteCache
+from pipeline.contracts.labels import CLASS_NAMES
+from pipeline.training.checkpoints import load_checkpoint, load_model, save_checkpoint
+from pipeline.training.datamodule import CacheDataModule
+from pipeline.training.loop import build_classifier, build_trainer, evaluate, predict_probabilities, train
 from tests.conftest import DEMO_IMAGE_SIZE, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,12 +33,14 @@ def cfg(demo_sites):
 
 @pytest.fixture(scope="module")
 def cache_dirs(demo_sites) -> list[Path]:
-    return [site.cache_dir for site in demo_sites.sites]
+    return [site.cache(DEMO_IMAGE_SIZE) for site in demo_sites.sites]
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -104,7 +106,9 @@ def test_checkpoint_round_trip(cfg, tmp_path):
 def test_evaluate_script_writes_metrics_and_plots(cfg, cache_dirs, tmp_path):
     save_checkpoint(tmp_path / "model.pt", build_classifier(cfg, seed=0).net, cfg)
     out = tmp_path / "report"
-    run_script("scripts/evaluate.py", str(tmp_path / "model.pt"), *map(str, cache_dirs), "--output-dir", str(out))
+    run_script(
+        "scripts/evaluate.py", str(tmp_path / "model.pt"), *map(str, cache_dirs), "--output-dir", str(out)
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy", "auroc", "mcc", "pneumonia_auroc", "n_images", "n_patients"):
         assert key in metrics
@@ -117,14 +121,20 @@ def test_evaluate_script_writes_metrics_and_plots(cfg, cache_dirs, tmp_path):
 @pytest.mark.slow
 def test_local_baseline_end_to_end(demo_sites, tmp_path):
     run_script(
-        "scripts/train.py", "mode=local", "local_site=site1", "model=small_cnn",
-        f"data.image_size={DEMO_IMAGE_SIZE}", f"data.sites_root={demo_sites.root}",
-        "trainer.max_epochs=1", "trainer.enable_progress_bar=false", f"output_dir={tmp_path}",
+        "scripts/train.py",
+        "mode=local",
+        "local_site=site1",
+        "model=small_cnn",
+        f"data.image_size={DEMO_IMAGE_SIZE}",
+        f"data.sites_root={demo_sites.root}",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        f"output_dir={tmp_path}",
     )
     _, info = load_checkpoint(tmp_path / "model.pt")
     assert info["sites"] == ["site1"] and info["epochs"] == 1
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # scored on every site's test patients, like the federated model
-    all_tests = sum(len(SiteCache(s.cache_dir).load_split("test").labels) for s in demo_sites.sites)
+    all_tests = sum(len(SiteCache(s.cache(DEMO_IMAGE_SIZE)).load_split("test").labels) for s in demo_sites.sites)
     assert metrics["n_images"] == all_tests > 0
     assert (tmp_path / "roc.png").is_file() and (tmp_path / "logs" / "csv" / "metrics.csv").is_file()

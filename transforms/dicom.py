@@ -23,7 +23,7 @@ Hostile headers: a failure of pydicom's LUT functions (a malformed LUT Sequence,
 unknown VOI LUT Function, ...) and values that stop being finite (a huge rescale) raise
 :class:`PixelTransformError`, whose message is a report reason. Values that do not parse,
 a zero slope and a window width below the minimum are rejected from the header before
-(``pipeline.readers.lut_value_problem``).
+(``pipeline.ingestion.readers.lut_value_problem``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.federation.run_config import CONFIG_KEY
+from pipeline.contracts.messages import CONFIG_KEY, OUTPUT_DIR_KEY
 
 CONNECTION = "fedrad"
 SERVER_APP = "pipeline.federation.server_app:app"
@@ -83,7 +83,7 @@ def write_app_bundle(app_dir: Path, experiment_file: Path, output_dir: Path) -> 
         f'clientapp = "{CLIENT_APP}"\n\n'
         "[tool.flwr.app.config]\n"
         f'{CONFIG_KEY} = "{experiment_file.resolve()}"\n'
-        f'output-dir = "{output_dir.resolve()}"\n'
+        f'{OUTPUT_DIR_KEY} = "{output_dir.resolve()}"\n'
     )
     return app_dir
 

@@ -2,7 +2,8 @@
 
 The SuperNode dials out to the coordinator (no inbound port at the hospital), proves its
 identity with the site's private key, verifies the coordinator against the federation CA,
-and runs fedrad's ClientApp on ``cache-dir`` for every message it receives.
+and runs fedrad's ClientApp on its work folder (:class:`pipeline.contracts.messages.NodeConfig`)
+for every message it receives.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import NoReturn
 
 from omegaconf import DictConfig
 
+from pipeline.contracts.layout import SitePaths
+from pipeline.contracts.messages import NodeConfig
 from pipeline.deployment import flower_cli
 from pipeline.deployment.transport import supernode_security_args
-from pipeline.preprocess import preprocess_site, site_from_config
-from pipeline.sites import SitePaths
+from pipeline.governance.revocation import preprocess_consented
 
 log = logging.getLogger("fedrad.deployment")
 
@@ -34,25 +35,33 @@ def configured_site(cfg: DictConfig) -> SitePaths:
             "no site selected: pass +site=<name> for conf/site/<name>.yaml "
             "(e.g. +site=demo_site1), which names this site's data folders"
         )
-    return site_from_config(cfg.site)
+    return SitePaths.of_site_file(cfg.site)
 
 
-def supernode_command(dep: DictConfig, cache_dir: Path, governance: DictConfig) -> list[str]:
-    """``flower-supernode`` for one site's cache, with the site's own job-approval policy."""
-    node_config = (
-        f"cache-dir='{cache_dir.resolve()}' "
-        f"require-approval={str(bool(governance.require_approval)).lower()} "
-        f"auto-approve={str(bool(governance.auto_approve_simulated_sites)).lower()} "
-        f"allow-seeded-noise={str(bool(governance.get('allow_seeded_noise', False))).lower()} "
-        f"retrain-round='{governance.get('retrain_round', 'refuse')}'"
+def node_config(site: SitePaths, cfg: DictConfig) -> NodeConfig:
+    """The site's own settings for its SuperNode: its work folder, its approval policy
+    (``governance``) and, when its site file sets ``epsilon_budget``, its own privacy cap."""
+    governance = cfg.governance
+    budget = (cfg.get("site") or {}).get("epsilon_budget")
+    return NodeConfig(
+        work_dir=site.work_dir,
+        require_approval=bool(governance.require_approval),
+        auto_approve=bool(governance.auto_approve_simulated_sites),
+        allow_seeded_noise=bool(governance.get("allow_seeded_noise", False)),
+        retrain_round=str(governance.get("retrain_round", "refuse")),
+        epsilon_budget=None if budget is None else float(budget),
     )
+
+
+def supernode_command(dep: DictConfig, node: NodeConfig) -> list[str]:
+    """``flower-supernode`` for one site, with the site's own settings (:class:`NodeConfig`)."""
     command = [
         flower_cli.flower_tool("flower-supernode"),
         "--superlink",
         str(dep.superlink),
         *supernode_security_args(dep),
         "--node-config",
-        node_config,
+        node.flag(),
         "--port",
         str(dep.supernode_port),
     ]
@@ -128,9 +137,6 @@ def run_supernode(command: list[str], site: str, rejoin_delay_s: float) -> int:
     return code
 
 
-SESSION_MARKER = "supernode_session"
-
-
 def _wait_out_crashed_session(site: SitePaths, delay_s: float) -> None:
     """After a crash, stay away until the coordinator has dropped the dead session.
 
@@ -139,7 +145,7 @@ def _wait_out_crashed_session(site: SitePaths, delay_s: float) -> None:
     offline, which Flower decides after two missed heartbeats (30 s apart). Reconnecting
     sooner would keep the node "online" and leave that round waiting for its timeout.
     """
-    if (site.private_dir / SESSION_MARKER).is_file():
+    if site.work.session_marker.is_file():
         log.warning(
             "site %s: its previous session did not end cleanly (killed or crashed); "
             "waiting %.0f s so that the coordinator drops it before the site rejoins "
@@ -153,8 +159,8 @@ def _wait_out_crashed_session(site: SitePaths, delay_s: float) -> None:
 def run_site(cfg: DictConfig) -> NoReturn:
     """Preprocess (unchanged files are skipped), then become the site's SuperNode."""
     site = configured_site(cfg)
-    command = supernode_command(cfg.deployment, site.cache_dir, cfg.governance)
-    preprocess_site(site, cfg.preprocess)  # logs the site's summary
+    command = supernode_command(cfg.deployment, node_config(site, cfg))
+    preprocess_consented(site, cfg.preprocess)  # logs the site's summary
     _wait_out_crashed_session(site, float(cfg.deployment.rejoin_delay_s))
     log.info("site %s connecting to the coordinator at %s", site.name, cfg.deployment.superlink)
     if cfg.governance.auto_approve_simulated_sites:
@@ -163,7 +169,7 @@ def run_site(cfg: DictConfig) -> NoReturn:
             "(governance.auto_approve_simulated_sites): for demo sites only",
             site.name,
         )
-    marker = site.private_dir / SESSION_MARKER
+    marker = site.work.session_marker
     marker.write_text(f"{os.getpid()}\n")  # removed on any exit but a kill
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:

@@ -3,7 +3,7 @@
 Every message, of every kind (training, evaluation, each SecAgg+ stage, anything added later),
 first passes :func:`approval_gate`: the experiment it carries must be one this site's data owner
 approved, and must name only components on the site's allow-list
-(:mod:`pipeline.federation.experiment_schema`), before any model is built or any data file is
+(:mod:`pipeline.contracts.experiment`), before any model is built or any data file is
 opened. A message whose records carry two different experiments is refused.
 
 The reply to a training message holds exactly three things: the updated model parameters
@@ -30,8 +30,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.app.typing import ConfigRecordValues, MetricRecordValues
 from flwr.clientapp import ClientApp
 
-from pipeline.console import quiet_third_party
-from pipeline.federation.experiment_schema import InvalidExperiment
+from pipeline.contracts.console import quiet_third_party
+from pipeline.contracts.experiment import InvalidExperiment
+from pipeline.contracts.messages import ARRAYS, LEDGER_HEAD, METRICS, NUM_EXAMPLES
 from pipeline.federation.releases import MASKING_NEIGHBOURS
 from pipeline.federation.secure_aggregation import secure_aggregation_mod
 from pipeline.federation.site_gate import approval_gate, received_experiment
@@ -46,20 +47,8 @@ def _metric_record(metrics: dict[str, float], num_examples: int) -> MetricRecord
     record: dict[str, MetricRecordValues] = {
         key.replace("/", "_"): float(value) for key, value in metrics.items()
     }
-    record["num-examples"] = int(num_examples)
+    record[NUM_EXAMPLES] = int(num_examples)
     return MetricRecord(record)
-
-
-class SimulatedDropout(RuntimeError):
-    """Raised by ``federation.test_only_dropout``: a site failing mid-round, for tests."""
-
-
-def _test_only_dropout(cfg, context: Context, server_round: int) -> None:
-    """Fail this site in the rounds listed by ``federation.test_only_dropout`` (tests only)."""
-    dropouts = cfg.federation.get("test_only_dropout") or {}
-    partition = context.node_config.get("partition-id")
-    if partition in dropouts.get(f"round_{server_round}", []):
-        raise SimulatedDropout(f"test-only dropout of partition {partition} in round {server_round}")
 
 
 @app.train(mods=[secure_aggregation_mod])
@@ -74,13 +63,12 @@ def train(message: Message, context: Context) -> Message:
             "this job requires secure aggregation (SecAgg+): the site does not send its update in the clear"
         )
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
-    _test_only_dropout(cfg, context, received.server_round)
-    state = cast(ArrayRecord, message.content["arrays"]).to_torch_state_dict()
+    state = cast(ArrayRecord, message.content[ARRAYS]).to_torch_state_dict()
     new_state, metrics = train_site(
         cfg, received.cache_dir, state, received.server_round, received.run_id, received.policy
     )
-    num_examples = int(metrics.pop("num-examples"))
-    content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": _metric_record(metrics, num_examples)})
+    num_examples = int(metrics.pop(NUM_EXAMPLES))
+    content = RecordDict({ARRAYS: ArrayRecord(new_state), METRICS: _metric_record(metrics, num_examples)})
     return Message(content=content, reply_to=message)
 
 
@@ -92,16 +80,16 @@ def evaluate(message: Message, context: Context) -> Message:
 
     received = received_experiment(message, context)
     torch.set_num_threads(max(1, int(received.cfg.federation.client_cpus)))
-    state = cast(ArrayRecord, message.content["arrays"]).to_torch_state_dict()
+    state = cast(ArrayRecord, message.content[ARRAYS]).to_torch_state_dict()
     metrics, head = evaluate_round(
         received.cfg, received.cache_dir, state, received.server_round, received.run_id
     )
     metrics = dict(metrics)
-    num_examples = int(metrics.pop("num-examples"))
+    num_examples = int(metrics.pop(NUM_EXAMPLES))
     content = RecordDict(
         {
-            "metrics": _metric_record(metrics, num_examples),
-            "ledger": ConfigRecord(cast(dict[str, ConfigRecordValues], head)),
+            METRICS: _metric_record(metrics, num_examples),
+            LEDGER_HEAD: ConfigRecord(cast(dict[str, ConfigRecordValues], head)),
         }
     )
     return Message(content=content, reply_to=message)

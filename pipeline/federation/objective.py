@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.federation.resume import ROUNDS_FILE, recorded_rounds
+from pipeline.contracts.layout import RunLayout
+from pipeline.federation.resume import recorded_rounds
 
 
 def validation_metric(output_dir: Path, name: str) -> float:
@@ -14,12 +15,12 @@ def validation_metric(output_dir: Path, name: str) -> float:
     metrics in ``<output_dir>/rounds.jsonl``."""
     rounds = recorded_rounds(Path(output_dir))
     if not rounds:
-        raise ValueError(f"{Path(output_dir) / ROUNDS_FILE} records no round: nothing to optimise")
+        raise ValueError(f"{RunLayout(Path(output_dir)).rounds} records no round: nothing to optimise")
     last = json.loads(rounds[max(rounds)])
     scores = last.get("val") or {}
     if name not in scores:
         raise KeyError(
             f"optimized_metric={name!r} is not among round {last['round']}'s validation metrics "
-            f"{sorted(scores)} in {Path(output_dir) / ROUNDS_FILE}"
+            f"{sorted(scores)} in {RunLayout(Path(output_dir)).rounds}"
         )
     return float(scores[name])

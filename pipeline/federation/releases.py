@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.files import atomic_write
+from pipeline.contracts.files import atomic_write
+from pipeline.contracts.layout import WorkDir
 
-RELEASES_DIR = "releases"
 StateDict = dict[str, torch.Tensor]
 # Set by the site's SecAgg+ mod while its training handler runs: the sites this update will be
 # masked against. None: the update leaves in the clear. A context variable, so that nothing in
@@ -67,8 +67,8 @@ class Release:
 class ReleaseStore:
     """The releases of one site (see the module docstring)."""
 
-    def __init__(self, private_dir: Path) -> None:
-        self.dir = Path(private_dir) / RELEASES_DIR
+    def __init__(self, work: WorkDir) -> None:
+        self.dir = work.releases
 
     def _stem(self, run: str, server_round: int) -> Path:
         run_id = hashlib.sha256(run.encode()).hexdigest()[:24]

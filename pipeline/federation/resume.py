@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +23,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline.checkpoints import load_checkpoint
-from pipeline.federation.run_config import experiment_yaml
+from pipeline.contracts.experiment import experiment_yaml
+from pipeline.contracts.layout import RunLayout
+from pipeline.training.checkpoints import load_checkpoint
 
 log = logging.getLogger("fedrad.federation")
-
-RUN_FILE = "run.json"
-ROUNDS_FILE = "rounds.jsonl"
-CHECKPOINT_NAME = re.compile(r"round_(\d{3,})\.pt$")
 
 
 @dataclass(frozen=True)
@@ -54,7 +50,7 @@ def fedrad_run_id(output_dir: Path, cfg: DictConfig) -> str:
 
     Raises ``ValueError`` when the folder holds a run of a different experiment.
     """
-    path = output_dir / RUN_FILE
+    path = RunLayout(output_dir).run
     if path.is_file():
         run = json.loads(path.read_text())
         if run["experiment"] != _comparable(cfg):
@@ -71,7 +67,7 @@ def fedrad_run_id(output_dir: Path, cfg: DictConfig) -> str:
 
 def recorded_rounds(output_dir: Path) -> dict[int, str]:
     """Round number -> JSON line of every complete record in ``rounds.jsonl``."""
-    path = output_dir / ROUNDS_FILE
+    path = RunLayout(output_dir).rounds
     records: dict[int, str] = {}
     if not path.is_file():
         return records
@@ -89,25 +85,18 @@ def round_wall_times(output_dir: Path) -> list[float]:
     return [float(r["wall_s"]) for r in records]
 
 
-def checkpointed_rounds(output_dir: Path) -> list[int]:
-    """Rounds with a global-model checkpoint, in increasing order."""
-    folder = output_dir / "checkpoints"
-    names = (CHECKPOINT_NAME.search(p.name) for p in folder.glob("round_*.pt"))
-    return sorted(int(m.group(1)) for m in names if m)
-
-
 def resume_point(output_dir: Path) -> ResumePoint:
     """The last completed round in ``output_dir`` (0 and no state for a new run).
 
     Rewrites ``rounds.jsonl`` without the records of rounds after the completed one.
     """
     records = recorded_rounds(output_dir)
-    completed = [r for r in checkpointed_rounds(output_dir) if r in records]
+    completed = [r for r in RunLayout(output_dir).checkpoint_rounds() if r in records]
     if not completed:
         _keep_records(output_dir, records, 0)
         return ResumePoint(0, None)
     last = completed[-1]
-    path = output_dir / "checkpoints" / f"round_{last:03d}.pt"
+    path = RunLayout(output_dir).checkpoint(last)
     state, _ = load_checkpoint(path)
     _keep_records(output_dir, records, last)
     log.info("resuming %s after round %d (global model %s)", output_dir, last, path)
@@ -116,7 +105,7 @@ def resume_point(output_dir: Path) -> ResumePoint:
 
 def _keep_records(output_dir: Path, records: dict[int, str], last: int) -> None:
     """Rewrite ``rounds.jsonl`` with the records of rounds 1..``last`` only."""
-    path = output_dir / ROUNDS_FILE
+    path = RunLayout(output_dir).rounds
     if not path.is_file():
         return
     kept = [line for round_, line in sorted(records.items()) if round_ <= last]

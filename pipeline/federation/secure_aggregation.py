@@ -61,10 +61,11 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
+from pipeline.contracts.experiment import InvalidExperiment, experiment_from_yaml
+from pipeline.contracts.layout import WorkDir
+from pipeline.contracts.messages import ARRAYS, CONFIG, CONFIG_KEY, METRICS, NUM_EXAMPLES, ROUND_KEY, STAMP
 from pipeline.federation.allocator import keep_large_blocks
-from pipeline.federation.experiment_schema import InvalidExperiment
 from pipeline.federation.releases import MASKING_NEIGHBOURS, ReleaseStore
-from pipeline.federation.run_config import CONFIG_KEY, experiment_from_yaml
 from pipeline.federation.site_gate import received_experiment
 from pipeline.federation.strategy import RecordingFedAvg, TooFewSites
 from pipeline.privacy.secagg import MODULUS_RANGE, SecAggSettings, num_sites
@@ -72,7 +73,6 @@ from pipeline.privacy.secagg import MODULUS_RANGE, SecAggSettings, num_sites
 log = logging.getLogger("fedrad.federation")
 
 ARRAY_NAMES = "array-names"  # legacy parameters are unnamed: the names travel in the config
-STAMP = "fedrad"  # the config record with the experiment, run and round on every stage message
 Checkpointer = Callable[[int, ArrayRecord], None]
 
 
@@ -143,7 +143,7 @@ def _check_unmasking(msg: Message, ctxt: Context) -> None:
     """Refuse to unmask a round this site released before with other survivors or dropouts."""
     received = received_experiment(msg, ctxt)
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    ReleaseStore(received.cache_dir.parent / "private").unmasking(
+    ReleaseStore(WorkDir.of_cache(received.cache_dir)).unmasking(
         received.run_id,
         received.server_round,
         [int(n) for n in cast(list[int], configs[SecAggKey.ACTIVE_NODE_ID_LIST])],
@@ -157,17 +157,17 @@ def _training_content(content: RecordDict) -> RecordDict:
     names = cast(list[str], config.pop(ARRAY_NAMES))
     legacy = content.array_records["fitins.parameters"]
     arrays = {name: Array(bytes_to_ndarray(array.data)) for name, array in zip(names, legacy.values())}
-    return RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(config)})
+    return RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: ConfigRecord(config)})
 
 
 def _fit_result(reply: RecordDict, training: RecordDict) -> RecordDict:
     """The legacy fit result that ``secaggplus_mod`` masks, from the handler's reply."""
-    metrics = cast(dict[str, Scalar], dict(reply["metrics"]))  # scalars (pipeline.training.train)
-    num_examples = int(metrics["num-examples"])
+    metrics = cast(dict[str, Scalar], dict(reply[METRICS]))  # scalars (pipeline.training.loop.train)
+    num_examples = int(metrics[NUM_EXAMPLES])
     # float64: Flower quantises in the arrays' own precision, and float32 cannot hold the
     # quantisation range's integers exactly (it would multiply the error by ~max_weight / n).
-    ndarrays = [array.numpy().astype(np.float64) for array in cast(ArrayRecord, reply["arrays"]).values()]
-    cfg = experiment_from_yaml(str(training["config"][CONFIG_KEY]))
+    ndarrays = [array.numpy().astype(np.float64) for array in cast(ArrayRecord, reply[ARRAYS]).values()]
+    cfg = experiment_from_yaml(str(training[CONFIG][CONFIG_KEY]))
     settings = SecAggSettings.from_config(cfg.federation, num_sites(cfg))
     settings.check_site_update(num_examples, max(float(np.abs(a).max()) for a in ndarrays))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(ndarrays), num_examples, metrics)
@@ -206,7 +206,7 @@ class SecureFitStrategy(LegacyFedAvg):
                 dict[str, Scalar],
                 {
                     **train_config,
-                    "server-round": recorder.run_round(server_round),
+                    ROUND_KEY: recorder.run_round(server_round),
                     ARRAY_NAMES: self.names,
                 },
             ),
@@ -326,7 +326,7 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.recorder.check_stop()
         stamp: dict[str, ConfigRecordValues] = {
             **self.shared_config,
-            "server-round": self.recorder.run_round(server_round),
+            ROUND_KEY: self.recorder.run_round(server_round),
         }
         grid = ExperimentStampingGrid(grid, ConfigRecord(stamp))
         state = WorkflowState()
@@ -345,7 +345,7 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
     def _stop_if_budgets_spent(self, server_round: int, state: WorkflowState) -> None:
         """Sites out of privacy budget never train again: stop when too few are left."""
         # Imported here: the ClientApp imports this module, and Opacus with the ledger is slow.
-        from pipeline.privacy.ledger import PrivacyBudgetExhausted
+        from pipeline.governance.budget import PrivacyBudgetExhausted
 
         refused = {str(f) for f in state.failures if PrivacyBudgetExhausted.__name__ in str(f)}
         able = len(state.sampled_node_ids) - len(refused)

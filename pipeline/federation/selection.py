@@ -28,12 +28,12 @@ from typing import cast
 from flwr.app import MetricRecord, RecordDict
 from flwr.app.typing import MetricRecordValues
 
-from pipeline.files import atomic_write
-from pipeline.labels import CLASS_NAMES
+from pipeline.contracts.files import atomic_write
+from pipeline.contracts.labels import CLASS_NAMES
+from pipeline.contracts.layout import RunLayout
 
 log = logging.getLogger("fedrad.federation")
 
-SELECTION_NAME = "selection.json"
 MIN_SENSITIVITY = "val_min_sensitivity"
 
 
@@ -43,7 +43,7 @@ class EarlyStop(RuntimeError):
 
 def pooled_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
     """Pool the sites' evaluation metrics (see the module docstring)."""
-    # The sites' evaluation metrics are scalars (pipeline.training.evaluate).
+    # The sites' evaluation metrics are scalars (pipeline.training.loop.evaluate).
     records = [cast(dict[str, float], dict(next(iter(c.metric_records.values())))) for c in contents]
     pooled: dict[str, float] = {}
     keys = sorted(set().union(*records))
@@ -119,13 +119,13 @@ class RoundSelector:
         if self.best is None or self.best[0] != server_round:
             return
         value = self.best[1]
-        source = self.output_dir / "checkpoints" / f"round_{server_round:03d}.pt"
+        source = RunLayout(self.output_dir).checkpoint(server_round)
         if not source.is_file():
             return
         shutil.copyfile(source, self.output_dir / ".model.pt.tmp")
-        (self.output_dir / ".model.pt.tmp").replace(self.output_dir / "model.pt")
+        (self.output_dir / ".model.pt.tmp").replace(RunLayout(self.output_dir).model)
         atomic_write(
-            self.output_dir / SELECTION_NAME,
+            RunLayout(self.output_dir).selection,
             json.dumps({"round": server_round, "metric": self.metric, "value": value}, indent=1).encode(),
         )
         log.info("round %d  selected as the released model (%s=%.4f)", server_round, self.metric, value)

@@ -21,20 +21,20 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.checkpoints import save_checkpoint
+from pipeline.contracts.experiment import experiment_yaml
+from pipeline.contracts.layout import RunLayout
+from pipeline.contracts.messages import CONFIG_KEY, OUTPUT_DIR_KEY, RUN_ID_KEY
 from pipeline.federation.resume import (
-    ROUNDS_FILE,
-    checkpointed_rounds,
     fedrad_run_id,
     recorded_rounds,
     resume_point,
 )
-from pipeline.federation.run_config import CONFIG_KEY, RUN_ID_KEY, experiment_yaml
 from pipeline.federation.secure_aggregation import run_secure_federation
 from pipeline.federation.selection import EarlyStop, RoundSelector
 from pipeline.federation.server_optimizer import ServerOptimizer
 from pipeline.federation.strategy import RecordingFedAvg, TooFewSites
-from pipeline.training import build_classifier
+from pipeline.training.checkpoints import save_checkpoint
+from pipeline.training.loop import build_classifier
 
 log = logging.getLogger("fedrad.federation")
 
@@ -59,10 +59,10 @@ class RoundCheckpointer:
             return None
         server_round = self.completed_rounds + flower_round
         state = arrays.to_torch_state_dict()
-        round_path = self.output_dir / "checkpoints" / f"round_{server_round:03d}.pt"
+        round_path = RunLayout(self.output_dir).checkpoint(server_round)
         save_checkpoint(round_path, state, self.cfg, extra={"round": server_round})
         if self.selector.metric is None:
-            save_checkpoint(self.output_dir / "model.pt", state, self.cfg, extra={"round": server_round})
+            save_checkpoint(RunLayout(self.output_dir).model, state, self.cfg, extra={"round": server_round})
         self.selector.release_if_best(server_round)
         log.info("round %d  global model saved to %s", server_round, round_path)
         return None
@@ -92,7 +92,7 @@ def run_federation(
     selection = fed.get("selection") or {}
     selector = RoundSelector(output_dir, selection.get("metric"), selection.get("patience"), history)
     strategy = RecordingFedAvg(
-        rounds_file=output_dir / ROUNDS_FILE,
+        rounds_file=RunLayout(output_dir).rounds,
         completed_rounds=start.completed_round,
         server_optimizer=ServerOptimizer(fed.get("server_optimizer")),
         selector=selector,
@@ -133,10 +133,10 @@ def run_federation(
 
 def _release_last_if_unselected(output_dir: Path, selector: RoundSelector) -> None:
     """With a selection metric but no round ever scored, release the last round's model."""
-    rounds = checkpointed_rounds(output_dir)
+    rounds = RunLayout(output_dir).checkpoint_rounds()
     if selector.metric is not None and selector.best is None and rounds:
-        last = output_dir / "checkpoints" / f"round_{rounds[-1]:03d}.pt"
-        shutil.copyfile(last, output_dir / "model.pt")
+        last = RunLayout(output_dir).checkpoint(rounds[-1])
+        shutil.copyfile(last, RunLayout(output_dir).model)
         log.warning("no round was scored on %s: releasing the last round (%d)", selector.metric, rounds[-1])
 
 
@@ -170,5 +170,5 @@ def main(grid: Grid, context: Context) -> None:
     _log_to_console()
     config_path = Path(str(context.run_config[CONFIG_KEY]))
     cfg = cast(DictConfig, OmegaConf.load(config_path))  # the resolved experiment: a mapping
-    output_dir = Path(str(context.run_config.get("output-dir", "outputs/federation")))
+    output_dir = Path(str(context.run_config.get(OUTPUT_DIR_KEY, "outputs/federation")))
     run_federation(grid, cfg, output_dir, context)

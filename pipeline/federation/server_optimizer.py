@@ -20,6 +20,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 from omegaconf import DictConfig
 
+from pipeline.contracts.messages import ARRAYS, METRICS, NUM_EXAMPLES
+
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 
 
@@ -59,7 +61,7 @@ class ServerOptimizer:
             self.strategy.current_arrays = current
         else:
             self.strategy.current_arrays = {k: a.numpy() for k, a in current.items()}
-        reply = _AverageReply(RecordDict({"arrays": average, "metrics": MetricRecord({"num-examples": 1})}))
+        reply = _AverageReply(RecordDict({ARRAYS: average, METRICS: MetricRecord({NUM_EXAMPLES: 1})}))
         # The strategies read only has_error() and content of a reply: _AverageReply stands in for a Message.
         stepped, _ = self.strategy.aggregate_train(server_round, [cast(Message, reply)])
         if stepped is None:

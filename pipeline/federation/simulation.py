@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline.console import quiet_third_party
-from pipeline.federation.resume import ROUNDS_FILE
-from pipeline.sites import SitePaths
+from pipeline.contracts.cache import SiteCache
+from pipeline.contracts.console import quiet_third_party
+from pipeline.contracts.layout import RunLayout, SitePaths
 
 log = logging.getLogger("fedrad.federation")
 
@@ -27,7 +27,7 @@ class NoModelReleased(RuntimeError):
 
 def why_no_model(output_dir: Path, cfg: DictConfig) -> str:
     """One paragraph: no site trained, what the sites answered, and what to do."""
-    path = output_dir / ROUNDS_FILE
+    path = RunLayout(output_dir).rounds
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     failures = [reason for r in records for reason in r.get("failures", [])]
     text = (
@@ -72,7 +72,8 @@ def simulate(cfg: DictConfig, sites: list[SitePaths], output_dir: Path) -> None:
     from pipeline.federation.client_app import app as client_app
     from pipeline.federation.server_app import make_server_app
 
-    missing = [str(s.cache_dir) for s in sites if not (s.cache_dir / "manifest.csv").is_file()]
+    caches = [SiteCache(s.cache(cfg.data.image_size)) for s in sites]
+    missing = [str(c.root) for c in caches if not c.manifest_path.is_file()]
     if missing:
         raise FileNotFoundError(f"sites not preprocessed (no manifest.csv): {missing}")
     log.info("simulating %d sites: %s", len(sites), ", ".join(s.name for s in sites))
@@ -85,21 +86,19 @@ def simulate(cfg: DictConfig, sites: list[SitePaths], output_dir: Path) -> None:
 
 
 def run(cfg: DictConfig, output_dir: Path) -> float:
-    """Everything ``scripts/simulate.py`` does; returns the final pneumonia-vs-normal ROC-AUC."""
-    from pipeline.demo_sites import prepare_demo_sites
-    from pipeline.evaluation import evaluate_checkpoint, summary_line
-    from pipeline.preprocess import preprocess_site
+    """Preprocess, federate and evaluate (``scripts/simulate.py`` after building the demo sites
+    when ``data.prepare_demo``); returns the final pneumonia-vs-normal ROC-AUC."""
+    from pipeline.evaluation.scoring import evaluate_checkpoint, summary_line
+    from pipeline.governance.revocation import preprocess_consented
 
     sites = SitePaths.of_data(cfg.data)
-    if cfg.data.get("prepare_demo"):
-        prepare_demo_sites(cfg.data.sites_root, n_sites=len(sites))
     for site in sites:
-        preprocess_site(site, cfg.preprocess)
+        preprocess_consented(site, cfg.preprocess)
     simulate(cfg, sites, output_dir)
-    if not (output_dir / "model.pt").is_file():
+    if not RunLayout(output_dir).model.is_file():
         raise NoModelReleased(why_no_model(output_dir, cfg))
     metrics = evaluate_checkpoint(
-        output_dir / "model.pt", [s.cache_dir for s in sites], output_dir, split="test"
+        RunLayout(output_dir).model, [s.cache(cfg.data.image_size) for s in sites], output_dir, split="test"
     )
     log.info("final global model on all sites' test patients: %s", summary_line(metrics))
     log.info("outputs in %s", output_dir)

@@ -2,7 +2,7 @@
 
 :func:`received_experiment` finds the experiment a message carries (in every config record that
 holds one: they must all agree), checks it against the allow-list
-(:mod:`pipeline.federation.experiment_schema`), applies the site's own policy, and requires the
+(:mod:`pipeline.contracts.experiment`), applies the site's own policy, and requires the
 site's data owner's approval of exactly that job, before any model is built or any data file is
 opened. :func:`approval_gate` is the ClientApp-wide Flower mod that runs it for every message kind.
 """
@@ -16,12 +16,11 @@ from typing import cast
 from flwr.app import Context, Message
 from omegaconf import DictConfig
 
-from pipeline.federation.experiment_schema import InvalidExperiment
-from pipeline.federation.run_config import CONFIG_KEY, RUN_ID_KEY, experiment_from_yaml, site_cache_dir
+from pipeline.contracts.experiment import InvalidExperiment, experiment_from_yaml
+from pipeline.contracts.layout import SitePaths, WorkDir
+from pipeline.contracts.messages import CONFIG_KEY, PARTITION_ID, ROUND_KEY, RUN_ID_KEY, NodeConfig
 from pipeline.federation.site_policy import SitePolicy
 from pipeline.governance.approval import enforce_approval, site_governance
-
-ROUND_KEY = "server-round"
 
 
 @dataclass(frozen=True)
@@ -59,17 +58,17 @@ def received_experiment(message: Message, context: Context) -> ReceivedExperimen
     cfg = experiment_from_yaml(text)
     node_config = dict(context.node_config)
     cfg.governance = site_governance(node_config, cfg)
-    if "epsilon-budget" in node_config and "privacy" in cfg:
+    site = NodeConfig.read(node_config)
+    if site is not None and site.epsilon_budget is not None and "privacy" in cfg:
         # A deployed site may hold itself to a tighter budget than the coordinator proposes.
-        budget = min(float(node_config["epsilon-budget"]), float(cfg.privacy.epsilon_budget))
-        cfg.privacy.epsilon_budget = budget
+        cfg.privacy.epsilon_budget = min(site.epsilon_budget, float(cfg.privacy.epsilon_budget))
     rounds = int(cfg.federation.num_rounds)
     if not 1 <= int(server_round or 0) <= rounds:
         raise InvalidExperiment(
             f"round {server_round} is outside the approved job's rounds 1 to {rounds}: refused"
         )
     cache_dir = site_cache_dir(node_config, cfg)
-    enforce_approval(cfg, cache_dir.parent)
+    enforce_approval(cfg, WorkDir.of_cache(cache_dir).root)
     run = run_id if run_id != "None" else str(context.run_id)
     return ReceivedExperiment(
         cfg, cache_dir, run, int(server_round or 0), SitePolicy.for_site(node_config, cfg)
@@ -80,3 +79,26 @@ def approval_gate(message: Message, context: Context, call_next) -> Message:
     """Refuse any message whose experiment this site has not approved (see the module docstring)."""
     received_experiment(message, context)
     return call_next(message, context)
+
+
+def site_cache_dir(node_config: dict, cfg: DictConfig) -> Path:
+    """The cache folder, at the experiment's image size, of the site running this ClientApp.
+
+    A deployed SuperNode names its work folder (:class:`NodeConfig`); a simulated one maps its
+    ``partition-id`` to ``cfg.data.sites``.
+    """
+    size = int(cfg.data.image_size)
+    site = NodeConfig.read(node_config)
+    if site is not None:
+        return WorkDir(site.work_dir).cache(size)
+    if PARTITION_ID not in node_config:
+        raise KeyError(
+            "this SuperNode has no 'work-dir' in its node config: start it with scripts/site.py, "
+            "or --node-config \"work-dir='/path/to/site/fedrad'\""
+        )
+    index = int(node_config[PARTITION_ID])
+    names = list(cfg.data.sites)
+    if index >= len(names):
+        raise IndexError(f"partition-id {index} but data.sites lists only {names}")
+    subdir = str(cfg.data.get("input_subdir") or "dicom")
+    return SitePaths.under(cfg.data.sites_root, names[index], subdir).cache(size)

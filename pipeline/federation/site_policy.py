@@ -1,8 +1,9 @@
 """What a site decides for itself about a round, whatever the coordinator sends.
 
-A deployed site (``cache-dir`` in its SuperNode's node config) takes these from its node config,
-written by ``scripts/site.py`` from the site's own ``governance`` config; a simulated site (one
-operator playing every site) from the ``governance`` section of the operator's config.
+A deployed site takes these from its SuperNode's node config
+(:class:`pipeline.contracts.messages.NodeConfig`), written by ``scripts/site.py`` from the site's
+own ``governance`` config; a simulated site (one operator playing every site) from the
+``governance`` section of the operator's config.
 
 * ``allow_seeded_noise`` (node config ``allow-seeded-noise``, default false): whether a DP job may
   draw its noise from the job's seed (``privacy.debug_seeded_noise``, debugging only; such
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig
+
+from pipeline.contracts.messages import NodeConfig
 
 RETRAIN_POLICIES = ("refuse", "charge")
 
@@ -38,11 +41,9 @@ class SitePolicy:
 
     @classmethod
     def for_site(cls, node_config: dict[str, Any], cfg: DictConfig) -> "SitePolicy":
-        if "cache-dir" in node_config:
-            return cls(
-                allow_seeded_noise=bool(node_config.get("allow-seeded-noise", False)),
-                retrain_round=str(node_config.get("retrain-round", "refuse")),
-            )
+        site = NodeConfig.read(node_config)
+        if site is not None:
+            return cls(allow_seeded_noise=site.allow_seeded_noise, retrain_round=site.retrain_round)
         governance = cfg.get("governance") or {}
         return cls(
             allow_seeded_noise=bool(governance.get("allow_seeded_noise", False)),

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline.datamodule import CacheDataModule
+from pipeline.contracts.layout import WorkDir
+from pipeline.contracts.messages import NUM_EXAMPLES
 from pipeline.federation.releases import MASKING_NEIGHBOURS, Release, ReleaseRefused, ReleaseStore
 from pipeline.federation.site_policy import SitePolicy
 from pipeline.governance.approval import enforce_approval
+from pipeline.governance.budget import PrivacyLedger
 from pipeline.governance.revocation import revoked_patients
 from pipeline.governance.rounds import (
     TrainedRound,
@@ -35,9 +37,9 @@ from pipeline.governance.rounds import (
     verified_entries,
 )
 from pipeline.privacy.dp import DPSettings, PoissonDataModule, PrivateTraining, plan_round
-from pipeline.privacy.ledger import PrivacyLedger
 from pipeline.privacy.randomness import fresh_seed, noise_source
-from pipeline.training import NUM_EXAMPLES, build_classifier, build_trainer, evaluate, lr_factor, train
+from pipeline.training.datamodule import CacheDataModule
+from pipeline.training.loop import build_classifier, build_trainer, evaluate, lr_factor, train
 
 StateDict = dict[str, torch.Tensor]
 
@@ -82,19 +84,20 @@ def train_site(
 
     Returns the updated state dict and scalar metrics including ``num-examples`` (and, under
     DP-SGD, the site's cumulative ``epsilon`` at its ``delta``). Under DP-SGD, raises
-    :class:`pipeline.privacy.ledger.PrivacyBudgetExhausted` instead of exceeding the budget.
+    :class:`pipeline.governance.budget.PrivacyBudgetExhausted` instead of exceeding the budget.
     Before anything else, raises :class:`pipeline.governance.approval.JobNotApproved` unless
     the site's data owner approved this job (``cfg.governance``); then, holding the site's round
-    lock, raises :class:`pipeline.governance.ledger.LedgerCorrupted` unless the site's ledger
+    lock, raises :class:`pipeline.governance.site_ledger.LedgerCorrupted` unless the site's ledger
     verifies, and :class:`pipeline.federation.releases.ReleaseRefused` for a ``run:round`` it
     will not release again.
     """
-    work_dir = Path(cache_dir).parent
+    work = WorkDir.of_cache(cache_dir)
+    work_dir = work.root
     policy = policy or SitePolicy()
     enforce_approval(cfg, work_dir)
     with round_lock(work_dir):
         verified_entries(work_dir)
-        store = ReleaseStore(work_dir / "private")
+        store = ReleaseStore(work)
         config_sha, global_sha = experiment_sha256(cfg), state_sha256(global_state)
         secure = MASKING_NEIGHBOURS.get() is not None
         previous = store.find(run_id, server_round)
@@ -196,9 +199,10 @@ def evaluate_round(
     for a round the site already evaluated is refused, so that a coordinator cannot probe the
     validation split with many models under one round.
     """
-    work_dir = Path(cache_dir).parent
+    work = WorkDir.of_cache(cache_dir)
+    work_dir = work.root
     enforce_approval(cfg, work_dir)
-    store = ReleaseStore(work_dir / "private")
+    store = ReleaseStore(work)
     model_sha = state_sha256(global_state)
     with round_lock(work_dir):
         answered = store.evaluation(run_id, server_round)

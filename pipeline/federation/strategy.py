@@ -14,6 +14,7 @@ from flwr.app.typing import MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from pipeline.contracts.messages import LEDGER_HEAD, METRICS, NUM_EXAMPLES
 from pipeline.federation.selection import EarlyStop, RoundSelector, pooled_metrics, warn_collapsed_classes
 from pipeline.federation.server_optimizer import ServerOptimizer
 from pipeline.governance.heads import record_heads
@@ -34,7 +35,7 @@ def _site_metrics(replies: list[Message]) -> SiteMetrics:
         if reply.has_error():
             log.warning("site %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        # The sites' metrics are scalars (pipeline.training.train and evaluate).
+        # The sites' metrics are scalars (pipeline.training.loop.train and evaluate).
         record = cast(Mapping[str, float], next(iter(reply.content.metric_records.values())))
         per_site[str(reply.metadata.src_node_id)] = {k: float(v) for k, v in record.items()}
     return per_site
@@ -43,9 +44,9 @@ def _site_metrics(replies: list[Message]) -> SiteMetrics:
 def _ledger_heads(replies: list[Message]) -> dict[str, dict]:
     """The ledger head (seq, head, ledger key id) each replying site reported, by node id."""
     return {
-        str(reply.metadata.src_node_id): dict(reply.content.config_records["ledger"])
+        str(reply.metadata.src_node_id): dict(reply.content.config_records[LEDGER_HEAD])
         for reply in replies
-        if not reply.has_error() and "ledger" in reply.content.config_records
+        if not reply.has_error() and LEDGER_HEAD in reply.content.config_records
     }
 
 
@@ -66,7 +67,7 @@ def wait_for_sites(grid: Grid, count: int) -> None:
 
 
 def _format(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k != "num-examples")
+    return "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k != NUM_EXAMPLES)
 
 
 class RecordingFedAvg(FedAvg):
@@ -94,7 +95,7 @@ class RecordingFedAvg(FedAvg):
         selector: RoundSelector | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(weighted_by_key="num-examples", evaluate_metrics_aggr_fn=pooled_metrics, **kwargs)
+        super().__init__(weighted_by_key=NUM_EXAMPLES, evaluate_metrics_aggr_fn=pooled_metrics, **kwargs)
         self.rounds_file = rounds_file
         self.completed_rounds = completed_rounds
         self.server_optimizer = server_optimizer or ServerOptimizer(None)
@@ -164,7 +165,7 @@ class RecordingFedAvg(FedAvg):
         if not per_site:
             return None
         contents = [
-            RecordDict({"metrics": MetricRecord(cast(dict[str, MetricRecordValues], m))})
+            RecordDict({METRICS: MetricRecord(cast(dict[str, MetricRecordValues], m))})
             for m in per_site.values()
         ]
         return self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -37,15 +37,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from omegaconf import DictConfig
 
-from pipeline.files import atomic_write
+from pipeline.contracts.files import atomic_write
+from pipeline.contracts.layout import WorkDir
+from pipeline.contracts.messages import NodeConfig
 from pipeline.governance.job import Job
 from pipeline.governance.keys import site_signing_key
-from pipeline.governance.ledger import Head, LedgerCorrupted, SiteLedger
 from pipeline.governance.rounds import reported_heads
+from pipeline.governance.site_ledger import Head, LedgerCorrupted, SiteLedger
 
 log = logging.getLogger("fedrad.governance")
 
-APPROVALS_DIR = "approvals"
 Decision = Literal["approval", "rejection", "withdrawal"]
 DECISIONS: tuple[Decision, ...] = ("approval", "rejection", "withdrawal")
 REVIEW_HINT = (
@@ -115,7 +116,7 @@ class LedgerDecision:
 def decision_path(work_dir: Path, job_hash: str) -> Path:
     if not JOB_HASH.fullmatch(str(job_hash)):
         raise ValueError(f"{job_hash!r} is not a job hash (64 lowercase hex digits)")
-    return Path(work_dir) / APPROVALS_DIR / f"{job_hash}.json"
+    return WorkDir(Path(work_dir)).approvals / f"{job_hash}.json"
 
 
 def sign_decision(
@@ -273,17 +274,18 @@ def require_approval(work_dir: Path, job: Job) -> JobDecision:
 def site_governance(node_config: dict, cfg: DictConfig) -> dict:
     """The approval policy a site applies to a received config, and the job as received.
 
-    A deployed site (``cache-dir`` in its node config) decides for itself: its node config's
+    A deployed site (a :class:`pipeline.contracts.messages.NodeConfig`) decides for itself: its node config's
     ``require-approval`` (default true) and ``auto-approve`` (default false), set by
     ``scripts/site.py`` from the site's own ``governance`` config; whatever ``governance`` the
     coordinator sent is ignored. A simulated site (one operator playing every site) follows the
     operator's ``governance`` config as sent. The job is fixed here, before the site adjusts
     anything of its own (e.g. a tighter epsilon budget), so it is the job the coordinator proposed.
     """
-    if "cache-dir" in node_config:
+    site = NodeConfig.read(node_config)
+    if site is not None:
         policy = {
-            "require_approval": bool(node_config.get("require-approval", True)),
-            "auto_approve_simulated_sites": bool(node_config.get("auto-approve", False)),
+            "require_approval": site.require_approval,
+            "auto_approve_simulated_sites": site.auto_approve,
         }
     else:
         policy = dict(cfg.get("governance") or {})
@@ -298,7 +300,7 @@ def enforce_approval(cfg: DictConfig, work_dir: Path) -> None:
     decision in the site's ledger (a rejection, a withdrawal) or a decision file is not undecided.
     """
     policy = cfg.get("governance") or {}
-    site = Path(work_dir).resolve().parent.name
+    site = WorkDir(Path(work_dir)).site_name
     if not policy.get("require_approval", True):
         log.warning("site %s trains without job approval (governance.require_approval=false)", site)
         return

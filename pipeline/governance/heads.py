@@ -13,9 +13,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from pipeline.governance.ledger import Head, SiteLedger
-
-HEADS_NAME = "ledger_heads.jsonl"
+from pipeline.contracts.layout import RunLayout
+from pipeline.governance.site_ledger import Head, SiteLedger
 
 
 def site_head(work_dir: Path) -> dict[str, str | int]:
@@ -27,7 +26,7 @@ def site_head(work_dir: Path) -> dict[str, str | int]:
 
 def record_heads(output_dir: Path, server_round: int, heads: dict[str, dict]) -> None:
     """Append the heads the sites reported in a round (keyed by node id) to the heads file."""
-    path = Path(output_dir) / HEADS_NAME
+    path = RunLayout(Path(output_dir)).ledger_heads
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
         for node, head in heads.items():
@@ -40,7 +39,8 @@ def coordinator_heads(heads_file: Path, ledger_key_id: str) -> list[Head]:
     path = Path(heads_file)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no coordinator heads file at {path} (it is {HEADS_NAME} in the federation's output folder)"
+            f"no coordinator heads file at {path} (it is "
+            f"{RunLayout(path.parent).ledger_heads.name} in the federation's output folder)"
         )
     lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
     return [(int(h["seq"]), str(h["head"])) for h in lines if h.get("ledger") == ledger_key_id]

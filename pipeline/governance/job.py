@@ -11,8 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.federation.experiment_schema import check_experiment
-from pipeline.federation.run_config import experiment_yaml
+from pipeline.contracts.experiment import check_experiment, experiment_yaml
 from pipeline.governance.code_hash import code_hash
 
 # The site's own approval policy travels with the config in simulation; it is not part of the job.
@@ -32,7 +31,7 @@ class Job:
     ``experiment_yaml`` of its config); rounds and privacy budget are repeated from it so that
     a reader sees them at once. ``epsilon_budget`` is ``None`` for a non-private run; ``delta``
     is ``None`` when each site uses 1/(10 x its training images). A job whose experiment names
-    anything outside the sites' allow-list (:mod:`pipeline.federation.experiment_schema`) cannot
+    anything outside the sites' allow-list (:mod:`pipeline.contracts.experiment`) cannot
     be made, so it can be neither proposed nor approved.
     """
 

@@ -18,18 +18,16 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from pipeline.files import write_if_changed
-
-PRIVATE_KEY_NAME = "ledger_signing.key"
-PUBLIC_KEY_NAME = "ledger_signing.pub"
+from pipeline.contracts.files import write_if_changed
+from pipeline.contracts.layout import WorkDir
 
 
 def private_key_path(work_dir: Path) -> Path:
-    return Path(work_dir) / "private" / PRIVATE_KEY_NAME
+    return WorkDir(Path(work_dir)).signing_key
 
 
 def public_key_path(work_dir: Path) -> Path:
-    return Path(work_dir) / PUBLIC_KEY_NAME
+    return WorkDir(Path(work_dir)).public_key
 
 
 def _create_private_key(path: Path) -> None:

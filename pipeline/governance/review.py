@@ -24,8 +24,8 @@ from pipeline.governance.approval import (
 )
 from pipeline.governance.code_hash import CODE_HASH_COVERS, code_hash
 from pipeline.governance.job import Job
-from pipeline.governance.ledger import LedgerCorrupted
 from pipeline.governance.request_folder import FolderChannel
+from pipeline.governance.site_ledger import LedgerCorrupted
 
 DECISIONS: dict[str, Decision] = {"approve": "approval", "reject": "rejection", "withdraw": "withdrawal"}
 ACTIONS = ("list", "show", *DECISIONS)

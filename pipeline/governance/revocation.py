@@ -21,19 +21,18 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pipeline.cache import ARRAYS_DIR, MANIFEST_NAME
-from pipeline.files import atomic_write
-from pipeline.governance.ledger import SiteLedger
+from pipeline.contracts.cache import ARRAYS_DIR, MANIFEST_NAME
+from pipeline.contracts.files import atomic_write
+from pipeline.contracts.layout import SitePaths, WorkDir, configured_sites
 from pipeline.governance.rounds import round_key, round_lock, trained_patients
-from pipeline.pseudonym import load_secret, patient_key
-from pipeline.sites import SitePaths
-
-REVOKED_NAME = "revoked_patients.txt"
-CONSENT_REVOKED = "consent revoked"  # the rejection reason preprocessing gives their files
-SOURCE_INDEX_NAME = "source_index.csv"  # written by pipeline.preprocess
+from pipeline.governance.site_ledger import SiteLedger
+from pipeline.ingestion.preprocess import PreprocessSummary, preprocess_site
+from pipeline.ingestion.pseudonym import load_secret, patient_key
 
 
 @dataclass(frozen=True)
@@ -70,13 +69,13 @@ class Revocation:
 
 def revoked_patients(work_dir: Path) -> set[str]:
     """Pseudonymous keys of every patient whose consent this site has revoked."""
-    path = Path(work_dir) / "private" / REVOKED_NAME
+    path = WorkDir(Path(work_dir)).revoked_patients
     return set(path.read_text().split()) if path.is_file() else set()
 
 
 def _known_patient(site: SitePaths, key: str) -> bool:
     """Whether any preprocessed source file of the site belongs to the patient ``key``."""
-    index = site.private_dir / SOURCE_INDEX_NAME
+    index = site.work.source_index
     if not index.is_file():
         raise FileNotFoundError(f"no {index}: preprocess the site before revoking a patient")
     with index.open(newline="") as handle:
@@ -138,12 +137,15 @@ def revoke_patient(site: SitePaths, patient_id: str) -> Revocation:
         "and then lists it among the rounds that trained on the patient"
     )
     with round_lock(site.work_dir, waiting=waiting):
-        images = _drop_from_manifest(site.cache_dir, key)
-        for image in images:
-            (site.cache_dir / ARRAYS_DIR / f"{image}.npy").unlink(missing_ok=True)
+        images: set[str] = set()
+        for cache in site.work.caches():  # every image size the site has preprocessed
+            dropped = _drop_from_manifest(cache, key)
+            for image in dropped:
+                (cache / ARRAYS_DIR / f"{image}.npy").unlink(missing_ok=True)
+            images.update(dropped)
         if key not in revoked_patients(site.work_dir):
             site.private_dir.mkdir(parents=True, exist_ok=True)
-            with (site.private_dir / REVOKED_NAME).open("a") as handle:
+            with site.work.revoked_patients.open("a") as handle:
                 handle.write(key + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -152,3 +154,14 @@ def revoke_patient(site: SitePaths, patient_id: str) -> Revocation:
             "revocation", {"patient_key": key, "images_removed": len(images), "rounds": rounds}
         )
     return Revocation(key, len(images), rounds, _models_including(site.work_dir, rounds))
+
+
+def preprocess_consented(site: SitePaths, cfg: Mapping[str, Any]) -> PreprocessSummary:
+    """Preprocess ``site`` (``cfg``: the ``preprocess`` node) without the patients whose consent
+    it has revoked: what every command that preprocesses a hospital's site calls."""
+    return preprocess_site(site, cfg, revoked=revoked_patients(site.work_dir))
+
+
+def preprocess_sites(cfg: Mapping[str, Any]) -> list[PreprocessSummary]:
+    """Preprocess every configured site (:func:`pipeline.contracts.layout.configured_sites`)."""
+    return [preprocess_consented(site, cfg["preprocess"]) for site in configured_sites(cfg)]

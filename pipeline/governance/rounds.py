@@ -6,7 +6,7 @@ experiment config the coordinator sent, as the site trained under it), ``code_sh
 (:func:`pipeline.governance.code_hash.code_hash`), ``data_sha256`` (the training rows: image key,
 patient key, label), ``images``, ``patients``, ``global_model_sha256`` (the model received),
 ``update_sha256`` (the model sent back) and, under DP-SGD, ``epsilon``, ``delta``,
-``accountant`` and the round's accountant ``history`` (see :mod:`pipeline.privacy.ledger`).
+``accountant`` and the round's accountant ``history`` (see :mod:`pipeline.governance.budget`).
 
 After each round's aggregation the site also receives the new global model to evaluate: an
 ``evaluation`` entry (``run``, ``round``, ``global_model_sha256``) records it, so that the last
@@ -37,17 +37,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from pipeline.cache import SiteCache
-from pipeline.federation.run_config import experiment_yaml
+from pipeline.contracts.cache import SiteCache
+from pipeline.contracts.experiment import experiment_yaml
+from pipeline.contracts.layout import WorkDir
 from pipeline.governance.code_hash import code_hash
 from pipeline.governance.heads import site_head
-from pipeline.governance.ledger import SiteLedger
+from pipeline.governance.site_ledger import SiteLedger
 
 log = logging.getLogger("fedrad.governance")
 
-TRAINED_PATIENTS_NAME = "trained_patients.jsonl"
-REPORTED_HEADS_NAME = "reported_heads.jsonl"
-ROUND_LOCK_NAME = "round.lock"
 DATA_COLUMNS = ["image_key", "patient_key", "label"]
 
 
@@ -66,7 +64,7 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def experiment_sha256(cfg: DictConfig) -> str:
-    """sha256 of the experiment config as sent (:func:`pipeline.federation.run_config.experiment_yaml`)
+    """sha256 of the experiment config as sent (:func:`pipeline.contracts.experiment.experiment_yaml`)
     without ``governance``, which each site sets for itself; a site's tighter epsilon budget shows."""
     shared = json.loads(experiment_yaml(cfg))
     shared.pop("governance", None)
@@ -80,7 +78,7 @@ def rows_sha256(rows: pd.DataFrame) -> str:
 
 
 def trained_patients_path(work_dir: Path) -> Path:
-    return Path(work_dir) / "private" / TRAINED_PATIENTS_NAME
+    return WorkDir(Path(work_dir)).trained_patients
 
 
 def trained_patients(work_dir: Path) -> dict[str, list[str]]:
@@ -100,7 +98,7 @@ def round_lock(work_dir: Path, waiting: str = "") -> Iterator[None]:
     """Hold the site's round lock (``private/round.lock``): one round or revocation at a time.
 
     ``waiting``: logged when another holder has it (e.g. a revocation waiting for a round)."""
-    path = Path(work_dir) / "private" / ROUND_LOCK_NAME
+    path = WorkDir(Path(work_dir)).round_lock
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         try:
@@ -117,7 +115,7 @@ def round_lock(work_dir: Path, waiting: str = "") -> Iterator[None]:
 
 def reported_heads(work_dir: Path) -> list[tuple[int, str]]:
     """The (seq, hash) heads this site has reported to a coordinator."""
-    path = Path(work_dir) / "private" / REPORTED_HEADS_NAME
+    path = WorkDir(Path(work_dir)).reported_heads
     if not path.is_file():
         return []
     lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
@@ -126,7 +124,7 @@ def reported_heads(work_dir: Path) -> list[tuple[int, str]]:
 
 def verified_entries(work_dir: Path) -> list[dict]:
     """The site's ledger entries once the whole ledger verifies with the site's own key and
-    against every head it reported; raises :class:`pipeline.governance.ledger.LedgerCorrupted`
+    against every head it reported; raises :class:`pipeline.governance.site_ledger.LedgerCorrupted`
     (naming the first problem) otherwise: a ledger that does not verify blocks training."""
     return SiteLedger.for_site(work_dir).verified_entries(reported_heads(work_dir))
 
@@ -154,7 +152,7 @@ class TrainedRound:
         """Read the cache's training rows and fingerprint the config and the received model."""
         manifest = SiteCache(cache_dir).manifest()
         return cls(
-            work_dir=Path(cache_dir).parent,
+            work_dir=WorkDir.of_cache(cache_dir).root,
             run_id=run_id,
             server_round=server_round,
             config_sha256=experiment_sha256(cfg),
@@ -197,7 +195,7 @@ def evaluation_head(
     body = {"run": run_id, "round": server_round, "global_model_sha256": state_sha256(global_state)}
     SiteLedger.for_site(work_dir).append("evaluation", body)
     head = site_head(work_dir)
-    path = Path(work_dir) / "private" / REPORTED_HEADS_NAME
+    path = WorkDir(Path(work_dir)).reported_heads
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
         handle.write(json.dumps({"seq": head["seq"], "head": head["head"]}) + "\n")

@@ -1,1 +1,3 @@
-"""Privacy in training: SecAgg+ settings, DP-SGD with Opacus and each site's privacy ledger."""
+"""Privacy in training: SecAgg+ settings (:mod:`.secagg`), DP-SGD with Opacus (:mod:`.dp`),
+the fast per-sample clipper (:mod:`.clipping`) and cryptographic noise (:mod:`.randomness`).
+Each site's spent budget is kept by :mod:`pipeline.governance.budget`."""

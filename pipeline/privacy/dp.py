@@ -1,7 +1,7 @@
 """DP-SGD for the LightningModule: Opacus's Poisson sampling, noise and accountant, with
 per-sample clipping by :class:`pipeline.privacy.clipping.PerSampleClipper`.
 
-:class:`pipeline.classifier.XrayClassifier` holds a :class:`PrivateTraining`: its
+:class:`pipeline.training.classifier.XrayClassifier` holds a :class:`PrivateTraining`: its
 ``configure_optimizers`` wraps the optimizer with :meth:`PrivateTraining.optimizer`
 (Opacus's ``DPOptimizerFastGradientClipping``: Gaussian noise of standard deviation
 ``noise_multiplier * max_grad_norm`` on the clipped sum, the accountant's step hook) and its

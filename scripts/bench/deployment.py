@@ -9,7 +9,7 @@ three demo sites three ways, one after the other in one run:
 
 * simulation: Flower's simulation engine, every site a Ray actor in one long-lived process;
 * deployment with TLS and SuperNode authentication (the default), coordinator and sites as
-  separate processes on loopback (:class:`pipeline.deployment.loopback.LoopbackDeployment`);
+  separate processes on loopback (:class:`pipeline.support.local_deployment.LoopbackDeployment`);
 * the same deployment in plain text (``deployment.insecure=true``).
 
 A round's wall time is ``wall_s`` of ``rounds.jsonl``; round 1 is excluded (start-up). Where
@@ -44,15 +44,16 @@ from flwr.common import serde
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from hydra import compose, initialize_config_dir
 
-from pipeline.demo_sites import prepare_demo_sites
-from pipeline.deployment.loopback import LoopbackDeployment
-from pipeline.federation.loopback import LoopbackGrid
+from pipeline.contracts.experiment import experiment_yaml
+from pipeline.contracts.layout import SitePaths
+from pipeline.contracts.messages import CONFIG_KEY
 from pipeline.federation.resume import round_wall_times
-from pipeline.federation.run_config import CONFIG_KEY, experiment_yaml
 from pipeline.federation.simulation import simulate
-from pipeline.preprocess import preprocess_site
-from pipeline.sites import SitePaths
-from pipeline.training import build_classifier
+from pipeline.governance.revocation import preprocess_consented
+from pipeline.support.demo_sites import prepare_demo_sites
+from pipeline.support.flower_grid import LoopbackGrid
+from pipeline.support.local_deployment import LoopbackDeployment
+from pipeline.training.loop import build_classifier
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = ["site1", "site2", "site3"]
@@ -69,9 +70,15 @@ def parse_args() -> argparse.Namespace:
 
 def overrides(args: argparse.Namespace, sites_root: Path, output_dir: Path) -> list[str]:
     return [
-        "experiment=demo", f"model={args.model}", f"data.image_size={args.image_size}",
-        f"data.sites_root={sites_root}", "data.prepare_demo=false", "federation.local_epochs=1",
-        f"federation.num_rounds={args.rounds}", "federation.min_sites=3", f"output_dir={output_dir}",
+        "experiment=demo",
+        f"model={args.model}",
+        f"data.image_size={args.image_size}",
+        f"data.sites_root={sites_root}",
+        "data.prepare_demo=false",
+        "federation.local_epochs=1",
+        f"federation.num_rounds={args.rounds}",
+        "federation.min_sites=3",
+        f"output_dir={output_dir}",
     ]
 
 
@@ -110,8 +117,11 @@ def serialisation_s(cfg) -> float:
     LoopbackGrid(partitions=1)  # sets Flower's task identity, as a runtime would
     state = build_classifier(cfg, seed=0).net.state_dict()
     message = Message(
-        RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({CONFIG_KEY: experiment_yaml(cfg)})}),
-        dst_node_id=1, message_type="train",
+        RecordDict(
+            {"arrays": ArrayRecord(state), "config": ConfigRecord({CONFIG_KEY: experiment_yaml(cfg)})}
+        ),
+        dst_node_id=1,
+        message_type="train",
     )
     times = []
     for _ in range(5):
@@ -130,7 +140,7 @@ def main() -> None:
     prepare_demo_sites(sites_root, n_sites=len(sites))
     cfg = compose_config(overrides(args, sites_root, Path("unused")))
     for site in sites:
-        preprocess_site(site, cfg.preprocess)
+        preprocess_consented(site, cfg.preprocess)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -144,19 +154,30 @@ def main() -> None:
     messages_per_site = 2  # a training and an evaluation message per round
     startup_per_round = messages_per_site * startup * max(1.0, len(SITES) / CORES)
 
-    print(f"{args.model}, {len(SITES)} sites, {args.image_size} px, one local epoch, "
-          f"{args.rounds} rounds per mode (round 1 excluded), {CORES} cores")
+    print(
+        f"{args.model}, {len(SITES)} sites, {args.image_size} px, one local epoch, "
+        f"{args.rounds} rounds per mode (round 1 excluded), {CORES} cores"
+    )
     print(f"{'mode':<26}{'round s':>10}")
-    for name, value in (("simulation", simulation), ("deployment (TLS + auth)", tls),
-                        ("deployment (plain text)", plain)):
+    for name, value in (
+        ("simulation", simulation),
+        ("deployment (TLS + auth)", tls),
+        ("deployment (plain text)", plain),
+    ):
         print(f"{name:<26}{value:>10.2f}")
-    print(f"ClientApp process start-up per training/evaluation message: {startup:.2f} s "
-          f"(x {messages_per_site} messages per site per round, {len(SITES)} sites on {CORES} cores: "
-          f"~{startup_per_round:.1f} s per round)")
-    print(f"ClientApp process start-up for a message that does not train (SecAgg+ stages): "
-          f"{light_startup:.2f} s")
-    print(f"TLS: {tls - plain:+.2f} s per round; model message serialisation round trip: "
-          f"{serialise * 1e3:.1f} ms")
+    print(
+        f"ClientApp process start-up per training/evaluation message: {startup:.2f} s "
+        f"(x {messages_per_site} messages per site per round, {len(SITES)} sites on {CORES} cores: "
+        f"~{startup_per_round:.1f} s per round)"
+    )
+    print(
+        f"ClientApp process start-up for a message that does not train (SecAgg+ stages): "
+        f"{light_startup:.2f} s"
+    )
+    print(
+        f"TLS: {tls - plain:+.2f} s per round; model message serialisation round trip: "
+        f"{serialise * 1e3:.1f} ms"
+    )
     result = {
         "ratio": round(tls / simulation, 3),
         "round_s_simulation": simulation,

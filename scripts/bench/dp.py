@@ -44,8 +44,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--opacus-modes", default="hooks,ghost",
-                        help="comma-separated Opacus grad_sample_mode values to time as well")
+    parser.add_argument(
+        "--opacus-modes",
+        default="hooks,ghost",
+        help="comma-separated Opacus grad_sample_mode values to time as well",
+    )
     return parser.parse_args()
 
 
@@ -66,8 +69,9 @@ def plain_step(net: nn.Module, optimizer_factory, images, labels) -> Step:
 
 
 def private_step(net: nn.Module, optimizer_factory, images, labels) -> Step:
-    plan = RoundPlan(noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1e-5,
-                     expected_batch_size=len(labels))
+    plan = RoundPlan(
+        noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1e-5, expected_batch_size=len(labels)
+    )
     private = PrivateTraining(plan, max_grad_norm=1.0, accountant="rdp", source=SecureRandom())
     optimizer = private.optimizer(net, optimizer_factory(net.parameters()))
 
@@ -82,9 +86,14 @@ def private_step(net: nn.Module, optimizer_factory, images, labels) -> Step:
 def opacus_step(mode: str, net: nn.Module, optimizer_factory, images, labels) -> Step:
     loader = DataLoader(TensorDataset(images, labels), batch_size=len(labels))
     wrapped = PrivacyEngine().make_private(
-        module=net, optimizer=optimizer_factory(net.parameters()), data_loader=loader,
-        noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
-        criterion=nn.CrossEntropyLoss(), poisson_sampling=False,
+        module=net,
+        optimizer=optimizer_factory(net.parameters()),
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
+        criterion=nn.CrossEntropyLoss(),
+        poisson_sampling=False,
     )
     module, optimizer = wrapped[0], wrapped[1]
     criterion = wrapped[2] if mode == "ghost" else nn.CrossEntropyLoss()
@@ -122,8 +131,10 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
 
     base = statistics.median(times["non-private"])
-    print(f"GroupNorm ResNet-18, {args.image_size} px, batch {args.batch_size}, "
-          f"{args.threads} threads, {args.repeats} interleaved repeats, images from {folder}")
+    print(
+        f"GroupNorm ResNet-18, {args.image_size} px, batch {args.batch_size}, "
+        f"{args.threads} threads, {args.repeats} interleaved repeats, images from {folder}"
+    )
     print(f"{'step':<20}{'median s':>10}{'ratio':>8}")
     for name, values in times.items():
         median = statistics.median(values)
@@ -136,8 +147,11 @@ def main() -> None:
         "batch_size": args.batch_size,
         "threads": args.threads,
         "per_sample_gradients": "one-pass per-sample clipping (pipeline.privacy.clipping)",
-        **{f"ratio_{n.split()[1]}": round(statistics.median(v) / base, 3)
-           for n, v in times.items() if n.startswith("Opacus")},
+        **{
+            f"ratio_{n.split()[1]}": round(statistics.median(v) / base, 3)
+            for n, v in times.items()
+            if n.startswith("Opacus")
+        },
     }
     print("RESULT " + json.dumps(result))
 

@@ -52,15 +52,20 @@ import pandas as pd
 import pydicom
 from pydicom.uid import generate_uid
 
-from pipeline.demo_sites import prepare_demo_sites
-from pipeline.files import write_csv
-from pipeline.preprocess import preprocess_site
-from pipeline.sites import SitePaths
+from pipeline.contracts.files import write_csv
+from pipeline.contracts.layout import SitePaths
+from pipeline.governance.revocation import preprocess_consented
+from pipeline.support.demo_sites import prepare_demo_sites
 from transforms.image import resize_square
 
 REPO = Path(__file__).resolve().parents[2]
-DICOM_FILES = ("1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm", "Fake_MONOHR1.dcm",
-               "RG1_J2KI.dcm", "RG3_J2KI.dcm", "RG3_J2KR.dcm")
+DICOM_FILES = (
+    "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    "Fake_MONOHR1.dcm",
+    "RG1_J2KI.dcm",
+    "RG3_J2KI.dcm",
+    "RG3_J2KR.dcm",
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -119,7 +124,7 @@ def time_site(site: SitePaths, cfg: dict, workers: int, run: int) -> float:
     fresh = dataclasses.replace(site, work_dir=site.work_dir.with_name(f"fedrad_{run}"))
     os.sync()
     started = time.perf_counter()
-    summary = preprocess_site(fresh, {**cfg, "workers": workers})
+    summary = preprocess_consented(fresh, {**cfg, "workers": workers})
     elapsed = time.perf_counter() - started
     if summary.processed != summary.files or summary.status.get("accepted", 0) != summary.files:
         raise RuntimeError(f"benchmark site not fully accepted: {summary.text()}")
@@ -132,16 +137,24 @@ MODES = ("bare", "site_1_worker", "site_2_workers")
 def main() -> None:
     args = parse_args()
     cfg = {
-        "version": 0, "image_size": args.image_size,
-        "acceptance": {"modalities": ["CR", "DX"], "body_parts": ["CHEST", "EXTREMITY"],
-                       "views": ["PA", "AP"], "min_rows": 64, "min_cols": 64},
+        "version": 0,
+        "image_size": args.image_size,
+        "acceptance": {
+            "modalities": ["CR", "DX"],
+            "body_parts": ["CHEST", "EXTREMITY"],
+            "views": ["PA", "AP"],
+            "min_rows": 64,
+            "min_cols": 64,
+        },
         "split": {"val_fraction": 0.15, "test_fraction": 0.2, "seed": 0},
     }
     copies = {"dicom": args.copies, "thumbnails": args.thumbnail_copies}
     times = {name: {mode: [] for mode in MODES} for name in copies}
     with tempfile.TemporaryDirectory(prefix="fedrad-bench-") as tmp:
-        sites = {name: build_site(Path(tmp), name, sources, copies[name])
-                 for name, sources in file_sets(Path(tmp)).items()}
+        sites = {
+            name: build_site(Path(tmp), name, sources, copies[name])
+            for name, sources in file_sets(Path(tmp)).items()
+        }
         files = {name: sorted(site.input_dir.iterdir()) for name, site in sites.items()}
         for name in sites:  # warm-up: imports, decoder plugins, page cache
             time_bare(files[name][:20], args.image_size)
@@ -157,8 +170,9 @@ def main() -> None:
         rate = {mode: len(files[name]) / seconds for mode, seconds in median.items()}
         print(f"{name}: {len(files[name])} files")
         for mode in MODES:
-            print(f"  {mode:15s} {rate[mode]:8.1f} images/s  (median of {args.repeats}: "
-                  f"{median[mode]:.2f} s)")
+            print(
+                f"  {mode:15s} {rate[mode]:8.1f} images/s  (median of {args.repeats}: {median[mode]:.2f} s)"
+            )
         suffix = "" if name == "dicom" else f"_{name}"
         result[f"ratio{suffix}"] = round(rate["site_1_worker"] / rate["bare"], 3)
         result[f"speedup_2_workers{suffix}"] = round(median["site_1_worker"] / median["site_2_workers"], 3)

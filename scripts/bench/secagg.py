@@ -12,11 +12,11 @@ default demo sites, whose caches stay as they are).
   ``--repeats`` times; a round's wall time is ``wall_s`` of ``rounds.jsonl`` (training,
   aggregation and evaluation), round 1 excluded (it includes start-up). Medians.
 * Bytes: one round of each mode over an in-process grid
-  (:class:`pipeline.federation.loopback.LoopbackGrid`) running the same ServerApp and
+  (:class:`pipeline.support.flower_grid.LoopbackGrid`) running the same ServerApp and
   ClientApp code: the payload of every reply a site sends in the round (parameters or
   masked vector, keys, shares, metrics), summed per site.
 * Deployment: the same rounds with coordinator and sites as separate processes on loopback
-  (TLS and SuperNode authentication, :class:`pipeline.deployment.loopback.LoopbackDeployment`),
+  (TLS and SuperNode authentication, :class:`pipeline.support.local_deployment.LoopbackDeployment`),
   once per mode; ``--no-deployment`` skips it (``time_ratio_deployment`` null).
 
 The last line is ``RESULT {json}`` with ``time_ratio``, ``time_ratio_deployment`` and
@@ -35,14 +35,14 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from pipeline.demo_sites import prepare_demo_sites
-from pipeline.deployment.loopback import LoopbackDeployment
-from pipeline.federation.loopback import LoopbackGrid
+from pipeline.contracts.layout import SitePaths
 from pipeline.federation.resume import round_wall_times
 from pipeline.federation.server_app import run_federation
 from pipeline.federation.simulation import simulate
-from pipeline.preprocess import preprocess_site
-from pipeline.sites import SitePaths
+from pipeline.governance.revocation import preprocess_consented
+from pipeline.support.demo_sites import prepare_demo_sites
+from pipeline.support.flower_grid import LoopbackGrid
+from pipeline.support.local_deployment import LoopbackDeployment
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = ["site1", "site2", "site3"]
@@ -61,9 +61,14 @@ def parse_args() -> argparse.Namespace:
 def overrides(args: argparse.Namespace, secure: bool) -> list[str]:
     sites_root = REPO / "outputs" / "bench" / f"secagg_sites_{args.image_size}px"
     return [
-        "experiment=demo", f"data.sites_root={sites_root}", f"model={args.model}", f"data.image_size={args.image_size}",
-        "federation.local_epochs=1", f"federation.num_rounds={args.rounds}",
-        f"federation.secure_aggregation={str(secure).lower()}", "data.prepare_demo=false",
+        "experiment=demo",
+        f"data.sites_root={sites_root}",
+        f"model={args.model}",
+        f"data.image_size={args.image_size}",
+        "federation.local_epochs=1",
+        f"federation.num_rounds={args.rounds}",
+        f"federation.secure_aggregation={str(secure).lower()}",
+        "data.prepare_demo=false",
     ]
 
 
@@ -103,21 +108,25 @@ def main() -> None:
     sites = [SitePaths.under(cfg.data.sites_root, name) for name in cfg.data.sites]
     prepare_demo_sites(cfg.data.sites_root, n_sites=len(sites))
     for site in sites:
-        preprocess_site(site, cfg.preprocess)
+        preprocess_consented(site, cfg.preprocess)
 
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.repeats):
         for secure in (False, True):
             times[secure] += round_times(args, secure, sites)
-    deployed = {} if args.no_deployment else {
-        secure: statistics.median(deployment_round_times(args, secure)) for secure in (False, True)
-    }
+    deployed = (
+        {}
+        if args.no_deployment
+        else {secure: statistics.median(deployment_round_times(args, secure)) for secure in (False, True)}
+    )
     torch.set_num_threads(1)
     sizes = {secure: bytes_per_site(args, secure) for secure in (False, True)}
 
     plain, secure = statistics.median(times[False]), statistics.median(times[True])
-    print(f"{args.model}, {len(sites)} sites, {args.image_size} px, one local epoch, "
-          f"{args.rounds} rounds x {args.repeats} repeats per mode (round 1 excluded)")
+    print(
+        f"{args.model}, {len(sites)} sites, {args.image_size} px, one local epoch, "
+        f"{args.rounds} rounds x {args.repeats} repeats per mode (round 1 excluded)"
+    )
     print(f"{'mode':<12}{'round s (sim)':>15}{'round s (deployed)':>20}{'MB sent / site':>16}")
     for name, secure_mode in (("plain", False), ("SecAgg+", True)):
         median = statistics.median(times[secure_mode])

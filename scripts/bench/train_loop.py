@@ -6,7 +6,7 @@
 Both loops train the same architecture from the same initialisation, with the same
 optimizer, on the same real chest X-rays (a PNG folder with manifest.csv, such as
 data/demo/kermany) at the same batch size. The Lightning path is
-``build_classifier`` + ``build_trainer(lean=True)`` from :mod:`pipeline.training`; the bare
+``build_classifier`` + ``build_trainer(lean=True)`` from :mod:`pipeline.training.loop`; the bare
 loop is forward, cross-entropy, zero_grad, backward, step. They run interleaved in one
 process: inside one Lightning fit, every ``--steps`` Lightning steps a callback runs
 ``--steps`` bare steps, so both see the same machine state. Per-step times are medians
@@ -33,8 +33,8 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.labels import label_index
-from pipeline.training import build_classifier, build_trainer
+from pipeline.contracts.labels import label_index
+from pipeline.training.loop import build_classifier, build_trainer
 from transforms.image import resize_square
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,9 +107,12 @@ class InterleavedBench(pl.Callback):
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=Path, default=next((d for d in IMAGE_DIRS if d.is_dir()), None),
-                        help="PNG folder with manifest.csv (default: the shared Kermany copy, "
-                             "else data/demo/kermany)")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=next((d for d in IMAGE_DIRS if d.is_dir()), None),
+        help="PNG folder with manifest.csv (default: the shared Kermany copy, else data/demo/kermany)",
+    )
     parser.add_argument("--model", default="resnet18", help="conf/model entry (default: resnet18)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -130,7 +133,10 @@ def main() -> None:
 
     def loader() -> DataLoader:
         return DataLoader(
-            TensorDataset(images, labels), batch_size=args.batch_size, shuffle=True, drop_last=True,
+            TensorDataset(images, labels),
+            batch_size=args.batch_size,
+            shuffle=True,
+            drop_last=True,
             generator=torch.Generator().manual_seed(args.seed),
         )
 

@@ -10,7 +10,7 @@ patient (``personNNN`` ids group bacterial and viral files) into four disjoint p
 * ``test``: about ``--test-fraction`` of the patients, stratified by each patient's majority
   class; the only images any arm is scored on, never seen in training or model selection;
 * ``public``: about ``--public-fraction`` of the patients, held by the coordinator and used
-  only to pretrain the starting weights (:func:`pipeline.pretraining.pretrain`);
+  only to pretrain the starting weights (:func:`pipeline.training.pretraining.pretrain`);
 * three non-IID sites from the rest: site k holds ``--skew`` of class k's patients and
   (1 - skew) / 2 of each other class's, so each site is heavy in one class (normal,
   bacterial, viral). Each site is a folder ``<site>/images`` + ``labels.csv``
@@ -25,7 +25,7 @@ training each (``--no-pretrain``: all from scratch):
 * ``central``: the sites' train splits pooled, trained centrally for rounds x local_epochs
   epochs (the last epoch is released);
 * ``fed_secagg``: FedAvg over the three sites under SecAgg+, the real ServerApp / ClientApp
-  code on an in-process grid (:class:`pipeline.federation.loopback.LoopbackGrid`); the
+  code on an in-process grid (:class:`pipeline.support.flower_grid.LoopbackGrid`); the
   released ``model.pt`` is the best round by the sites' pooled validation metric
   (``--selection``, default ``val_min_sensitivity``: the lowest per-class sensitivity);
 * ``fed_dp``: the same with DP-SGD at every site (``privacy=dp_sgd``), the site's noise
@@ -35,7 +35,7 @@ training each (``--no-pretrain``: all from scratch):
 
 Each arm is run for every seed (``--seeds``; fresh copies of the site caches for every
 federated run, so no privacy budget carries over) and its released model is scored on the
-held-out part with :func:`pipeline.evaluation.evaluate_checkpoint`: pneumonia-vs-normal
+held-out part with :func:`pipeline.evaluation.scoring.evaluate_checkpoint`: pneumonia-vs-normal
 ROC-AUC, 3-class macro one-vs-rest ROC-AUC and per-class sensitivity. The table gives each
 arm's mean, min and max over seeds; the last line is ``RESULT {json}`` with ``central_auc``,
 ``fed_secagg_auc``, ``fed_dp_auc`` (means of the pneumonia-vs-normal AUC),
@@ -66,19 +66,19 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from pipeline.cache import SiteCache
-from pipeline.checkpoints import save_checkpoint
-from pipeline.datamodule import CacheDataModule
-from pipeline.evaluation import evaluate_checkpoint
-from pipeline.federation.loopback import LoopbackGrid
+from pipeline.contracts.cache import SiteCache
+from pipeline.contracts.labels import CLASS_NAMES, label_index
+from pipeline.contracts.layout import RunLayout, SitePaths
+from pipeline.evaluation.scoring import evaluate_checkpoint
 from pipeline.federation.server_app import run_federation
-from pipeline.labels import CLASS_NAMES, label_index
-from pipeline.preprocess import preprocess_site
-from pipeline.pretraining import pretrain
+from pipeline.governance.revocation import preprocess_consented
+from pipeline.ingestion.splits import patient_labels
 from pipeline.privacy.dp import DPSettings, plan_round
-from pipeline.sites import SitePaths
-from pipeline.splits import patient_labels
-from pipeline.training import build_classifier, build_trainer, train
+from pipeline.support.flower_grid import LoopbackGrid
+from pipeline.training.checkpoints import save_checkpoint
+from pipeline.training.datamodule import CacheDataModule
+from pipeline.training.loop import build_classifier, build_trainer, train
+from pipeline.training.pretraining import pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 KERMANY = REPO.parent / "shared" / "data" / "kermany"
@@ -226,10 +226,10 @@ def build_data(args: argparse.Namespace, work: Path, cfg: DictConfig) -> dict[st
     paths = {name: lay_out(parts[name], work / "sites" / name, KERMANY) for name in [*SITES, "test"]}
     paths["public"] = lay_out(parts["public"], work / "public", KERMANY)
     for name in SITES:
-        preprocess_site(paths[name], cfg.preprocess)
+        preprocess_consented(paths[name], cfg.preprocess)
     whole_test = cfg.preprocess.copy()
     whole_test.split.val_fraction, whole_test.split.test_fraction = 0.0, 1.0
-    preprocess_site(paths["test"], whole_test)
+    preprocess_consented(paths["test"], whole_test)
     return paths
 
 
@@ -297,7 +297,7 @@ def calibrate_noise(cfg: DictConfig, sites: dict[str, SitePaths]) -> float:
     settings = DPSettings.from_config(cfg.privacy)
     sigmas = []
     for name in SITES:
-        n = int((SiteCache(sites[name].cache_dir).manifest()["split"] == "train").sum())
+        n = int((SiteCache(sites[name].cache(cfg.data.image_size)).manifest()["split"] == "train").sum())
         sigmas.append(
             plan_round(
                 settings,
@@ -313,7 +313,7 @@ def calibrate_noise(cfg: DictConfig, sites: dict[str, SitePaths]) -> float:
 def private_sites(source: dict[str, SitePaths], root: Path) -> Path:
     """Fresh copies of the sites' caches under ``root`` (own ledgers, budgets and releases)."""
     for name in SITES:
-        shutil.copytree(source[name].cache_dir, SitePaths.under(root, name, INPUT_SUBDIR).cache_dir)
+        shutil.copytree(source[name].work.caches_dir, SitePaths.under(root, name, INPUT_SUBDIR).work.caches_dir)
     return root
 
 
@@ -321,12 +321,12 @@ def run_central(cfg: DictConfig, sites: dict[str, SitePaths], out: Path) -> tupl
     """The sites' train splits pooled, rounds x local_epochs epochs; the last epoch is released."""
     epochs = int(cfg.federation.num_rounds) * int(cfg.federation.local_epochs)
     datamodule = CacheDataModule.from_config(
-        cfg.data, [sites[n].cache_dir for n in SITES], seed=int(cfg.seed)
+        cfg.data, [sites[n].cache(cfg.data.image_size) for n in SITES], seed=int(cfg.seed)
     )
     classifier = build_classifier(cfg, train_labels=datamodule.dataset("train").labels)
     train(classifier, datamodule, build_trainer(cfg, max_epochs=epochs, lean=True))
     model = save_checkpoint(
-        out / "model.pt", classifier.net, cfg, extra={"mode": "centralised", "epochs": epochs}
+        RunLayout(out).model, classifier.net, cfg, extra={"mode": "centralised", "epochs": epochs}
     )
     return model, {"epochs": epochs}
 
@@ -340,7 +340,7 @@ def run_federated(cfg: DictConfig, out: Path) -> tuple[Path, dict]:
     epsilons = [float(e) for e in epsilons if e is not None]
     selection = json.loads((run / "selection.json").read_text()) if (run / "selection.json").is_file() else {}
     failures = [f for r in rounds for f in r.get("failures") or []]
-    if not (run / "model.pt").is_file():
+    if not RunLayout(run).model.is_file():
         raise RuntimeError(f"the federation in {run} released no model: {failures or rounds[-1:]}")
     info = {
         "rounds_done": len(rounds),
@@ -348,12 +348,12 @@ def run_federated(cfg: DictConfig, out: Path) -> tuple[Path, dict]:
         "epsilon": max(epsilons) if epsilons else None,
         "failures": len(failures),
     }
-    return run / "model.pt", info
+    return RunLayout(run).model, info
 
 
-def score(model: Path, test: SitePaths, out: Path) -> dict:
+def score(model: Path, test: Path, out: Path) -> dict:
     """The released model's figures on the held-out part."""
-    metrics = evaluate_checkpoint(model, [test.cache_dir], out / "test", split="test")
+    metrics = evaluate_checkpoint(model, [test], out / "test", split="test")
     sensitivity = {c: metrics["per_class"][c]["sensitivity"] for c in CLASS_NAMES}
     return {
         "pneumonia_auc": metrics["pneumonia_auroc"],
@@ -379,7 +379,7 @@ def run_arm(args, arm: str, seed: int, data: dict[str, SitePaths], weights: Path
     result = {
         "arm": arm,
         "seed": seed,
-        **score(model, data["test"], out),
+        **score(model, data["test"].cache(cfg.data.image_size), out),
         **info,
         "wall_s": round(time.perf_counter() - start, 1),
     }
@@ -419,7 +419,7 @@ def public_weights(args: argparse.Namespace, data: dict[str, SitePaths], work: P
     result = {
         "arm": "pretrained",
         "seed": seed,
-        **score(weights, data["test"], weights.parent),
+        **score(weights, data["test"].cache(cfg.data.image_size), weights.parent),
         "weights": weights,
         "wall_s": round(time.perf_counter() - start, 1),
     }
