@@ -1,4 +1,5 @@
-"""What every command-line entry point shares: its own ``--help``, answered before torch loads.
+"""What every command-line entry point shares: its own ``--help``, answered before torch loads,
+and user errors as one line.
 
 The Hydra entry points take ``key=value`` overrides; Hydra's generated help is a dump of the
 whole configuration. :func:`answer_help` prints the script's own docstring instead (what it
@@ -9,6 +10,8 @@ exits, so ``--help`` answers in well under a second. ``--hydra-help`` still show
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 FULL_CONFIG = """\
@@ -30,3 +33,21 @@ def answer_help(doc: str | None, argv: list[str] | None = None) -> None:
     print()
     print(FULL_CONFIG.format(script=script))
     raise SystemExit(0)
+
+
+# Errors whose message names the file, key or value at fault: a user sees that one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, OSError)
+
+
+@contextmanager
+def one_line_errors(verbose: bool = False, *also: type[BaseException]) -> Iterator[None]:
+    """Turn a user error (:data:`USER_ERRORS` and ``also``) into one line on stderr,
+    ``<script>: <message>``, and exit status 2; ``verbose`` keeps the traceback."""
+    try:
+        yield
+    except (*USER_ERRORS, *also) as error:
+        if verbose:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{Path(sys.argv[0]).name}: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

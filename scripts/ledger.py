@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import answer_help
+from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
 
@@ -33,13 +33,6 @@ from pipeline.governance.site_ledger import LedgerCorrupted, SiteLedger, describ
 
 ACTIONS = ("show", "verify")
 # What the tool reports as one line (file and fix) instead of a traceback; KeyFileError is a ValueError.
-ONE_LINE_ERRORS = (ValueError, LookupError, OSError, LedgerCorrupted)
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def run(cfg: DictConfig) -> int:
     """List and/or verify; the exit status (0 intact, 1 tampered)."""
     if cfg.action not in ACTIONS:
@@ -66,11 +59,8 @@ def run(cfg: DictConfig) -> int:
 
 @hydra.main(config_path="../conf", config_name="ledger", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors(False, LedgerCorrupted):
         status = run(cfg)
-    except ONE_LINE_ERRORS as error:
-        print(f"ledger.py: {one_line(error)}", file=sys.stderr)
-        sys.exit(2)
     if status:
         sys.exit(status)
 

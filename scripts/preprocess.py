@@ -15,20 +15,17 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import answer_help
+from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
 
-from pipeline.contracts.labels import LabelsError  # noqa: E402
 from pipeline.governance.revocation import preprocess_sites  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors(bool(cfg.verbose)):
         preprocess_sites(cfg)  # logs each site's summary
-    except LabelsError as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import answer_help
+from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
 
+from pipeline.contracts.messages import NUM_EXAMPLES  # noqa: E402
 from pipeline.training.pretraining import pretrain  # noqa: E402
 
 log = logging.getLogger("fedrad.pretrain")
@@ -30,8 +31,9 @@ log = logging.getLogger("fedrad.pretrain")
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    output, metrics = pretrain(cfg)
-    scores = "  ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()) if k != "num-examples")
+    with one_line_errors(bool(cfg.verbose)):
+        output, metrics = pretrain(cfg)
+    scores = "  ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()) if k != NUM_EXAMPLES)
     log.info("pretrained weights: %s  (public validation: %s)", output, scores or "no val split")
 
 

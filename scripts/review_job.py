@@ -18,13 +18,12 @@ not verify, an unknown job) are printed as one line, with exit status 2.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import answer_help
+from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
 
@@ -32,18 +31,13 @@ from pipeline.deployment.site import configured_site  # noqa: E402
 from pipeline.governance.review import review  # noqa: E402
 from pipeline.governance.site_ledger import LedgerCorrupted  # noqa: E402
 
+
 # KeyFileError is a ValueError; JobNotApproved a PermissionError (an OSError).
-ONE_LINE_ERRORS = (ValueError, LookupError, OSError, LedgerCorrupted)
-
-
 @hydra.main(config_path="../conf", config_name="job_review", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors(False, LedgerCorrupted):
         site = configured_site(cfg)
         print(review(cfg, site.name, Path(site.work_dir)))
-    except ONE_LINE_ERRORS as error:
-        print(f"review_job.py: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

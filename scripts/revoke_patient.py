@@ -14,17 +14,19 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import answer_help
+from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
 
 from pipeline.deployment.site import configured_site  # noqa: E402
 from pipeline.governance.revocation import revoke_patient  # noqa: E402
+from pipeline.governance.site_ledger import LedgerCorrupted  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="revoke_patient", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    print(revoke_patient(configured_site(cfg), str(cfg.patient_id)).text())
+    with one_line_errors(False, LedgerCorrupted):
+        print(revoke_patient(configured_site(cfg), str(cfg.patient_id)).text())
 
 
 if __name__ == "__main__":

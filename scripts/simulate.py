@@ -21,23 +21,24 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import answer_help
+from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
 
 from pipeline.federation.objective import validation_metric  # noqa: E402
-from pipeline.federation.simulation import run  # noqa: E402
+from pipeline.federation.simulation import NoModelReleased, run  # noqa: E402
 from pipeline.support.demo_sites import prepare_demo_sites  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     output_dir = Path(cfg.output_dir)
-    if cfg.data.get("prepare_demo"):
-        prepare_demo_sites(cfg.data.sites_root, n_sites=len(cfg.data.sites))
-    test_auroc = run(cfg, output_dir)
-    metric = cfg.get("optimized_metric")
-    return validation_metric(output_dir, metric) if metric else test_auroc
+    with one_line_errors(bool(cfg.verbose), NoModelReleased):
+        if cfg.data.get("prepare_demo"):
+            prepare_demo_sites(cfg.data.sites_root, n_sites=len(cfg.data.sites))
+        test_auroc = run(cfg, output_dir)
+        metric = cfg.get("optimized_metric")
+        return validation_metric(output_dir, metric) if metric else test_auroc
 
 
 if __name__ == "__main__":

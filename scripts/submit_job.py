@@ -15,7 +15,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import answer_help
+from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
 
@@ -25,9 +25,10 @@ from pipeline.governance.review import job_status, submit_job  # noqa: E402
 @hydra.main(config_path="../conf", config_name="job_review", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     action = cfg.action or "submit"
-    if action not in ("submit", "status"):
-        raise ValueError(f"action must be submit or status, not {action!r}")
-    print(submit_job(cfg) if action == "submit" else job_status(cfg))
+    with one_line_errors():
+        if action not in ("submit", "status"):
+            raise ValueError(f"action must be submit or status, not {action!r}")
+        print(submit_job(cfg) if action == "submit" else job_status(cfg))
 
 
 if __name__ == "__main__":

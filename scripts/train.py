@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import answer_help
+from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
 
@@ -28,7 +28,8 @@ from pipeline.evaluation.baseline import run_baseline  # noqa: E402
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    return run_baseline(cfg, Path(cfg.output_dir))["pneumonia_auroc"]
+    with one_line_errors(bool(cfg.verbose)):
+        return run_baseline(cfg, Path(cfg.output_dir))["pneumonia_auroc"]
 
 
 if __name__ == "__main__":

@@ -24,6 +24,18 @@ THIRD_PARTY_LOGGERS = (
 NOISY_WARNINGS = (".*declarative_base.*", ".*LeafSpec.*", ".*DEPRECATED FEATURE.*")
 
 
+class ConsoleFormatter(logging.Formatter):
+    """``HH:MM:SS message``; warnings and errors add their level. Plain text: no colour codes."""
+
+    def __init__(self) -> None:
+        super().__init__(datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname} "
+        self._style._fmt = f"%(asctime)s {level}%(message)s"
+        return super().format(record)
+
+
 class _DropDeprecationBanners(logging.Filter):
     """Flower logs its own API deprecations (e.g. of ``run_simulation``) as warnings."""
 

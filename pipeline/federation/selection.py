@@ -68,18 +68,19 @@ def pooled_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
 
 
 def warn_collapsed_classes(server_round: int, metrics: dict[str, float]) -> list[str]:
-    """Log a warning for every class the global model never predicts correctly; return them."""
+    """Log one warning naming every class the global model never predicts correctly; return them."""
     collapsed = [
         c
         for c in CLASS_NAMES
         if metrics.get(f"val_support_{c}", 0) > 0 and metrics.get(f"val_sensitivity_{c}") == 0
     ]
-    for name in collapsed:
+    if collapsed:
         log.warning(
-            "round %d  the global model's sensitivity for %s is 0 on the sites' validation "
-            "images: it never predicts that class (model.class_balance=true helps)",
+            "round %d  the global model's sensitivity for %s is 0 on the sites' validation images: "
+            "it never predicts %s (see docs/ml-engineers.md on class balance)",
             server_round,
-            name,
+            " and ".join(collapsed),
+            "that class" if len(collapsed) == 1 else "these classes",
         )
     return collapsed
 

@@ -153,7 +153,8 @@ def _train(
     mu = float(cfg.federation.get("proximal_mu", 0.0))
     if mu > 0:
         classifier.proximal = (mu, {k: v.detach().clone() for k, v in classifier.net.named_parameters()})
-    trainer = build_trainer(cfg, max_epochs=int(cfg.federation.local_epochs), lean=True)
+    label = f"site {WorkDir(trained.work_dir).site_name} round {server_round}"
+    trainer = build_trainer(cfg, max_epochs=int(cfg.federation.local_epochs), lean=True, progress=label)
     privacy = None
     if not private:
         metrics = train(classifier, datamodule, trainer)

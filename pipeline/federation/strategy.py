@@ -67,7 +67,18 @@ def wait_for_sites(grid: Grid, count: int) -> None:
 
 
 def _format(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k != NUM_EXAMPLES)
+    """Metrics for one console line, in fixed notation: the headline scores first, per-class
+    sensitivities together, counts left to ``rounds.jsonl``."""
+    shown = {k.removeprefix("val_").removeprefix("train_"): v for k, v in metrics.items()}
+    headline = [k for k in ("loss", "acc", "auroc", "pneumonia_auroc", "min_sensitivity") if k in shown]
+    classes = sorted(k for k in shown if k.startswith("sensitivity_"))
+    rest = sorted(k for k in shown if k not in {*headline, *classes, NUM_EXAMPLES} and "support_" not in k)
+    parts = [f"{k} {shown[k]:.3f}" for k in headline + rest]
+    if classes:
+        parts.append(
+            "sensitivity " + " ".join(f"{k.removeprefix('sensitivity_')} {shown[k]:.2f}" for k in classes)
+        )
+    return "  ".join(parts)
 
 
 class RecordingFedAvg(FedAvg):
@@ -185,7 +196,7 @@ class RecordingFedAvg(FedAvg):
         run_round = self.run_round(server_round)
         pooled = cast(dict[str, float], dict(metrics or {}))  # pooled_metrics: scalars
         self._round.update({"val_per_site": per_site, "val": pooled, "ledger_heads": heads})
-        log.info("round %d  global model on sites' validation data  %s", run_round, _format(pooled))
+        log.info("round %d  validation (all sites)  %s", run_round, _format(pooled))
         warn_collapsed_classes(run_round, pooled)
         self.selector.consider(run_round, pooled)
         if self.selector.best is not None:

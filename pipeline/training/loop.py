@@ -25,6 +25,7 @@ from pipeline.contracts.labels import CLASS_NAMES
 from pipeline.contracts.messages import NUM_EXAMPLES
 from pipeline.training.classifier import XrayClassifier, balanced_class_weights
 from pipeline.training.datamodule import CacheDataModule
+from pipeline.training.progress import TrainingProgress
 
 NEVER = 2**31 - 1  # an epoch interval no run reaches
 
@@ -84,6 +85,7 @@ def build_trainer(
     max_epochs: int,
     lean: bool = False,
     output_dir: str | Path | None = None,
+    progress: str | None = None,
     **overrides: Any,
 ) -> pl.Trainer:
     """A Lightning Trainer from ``cfg.trainer`` for ``max_epochs`` epochs.
@@ -91,7 +93,8 @@ def build_trainer(
     ``lean=True`` (federated sites, benchmarks): no logger, checkpoint, progress bar,
     model summary or validation during fit. Otherwise, with ``output_dir``, a Lightning checkpoint of the last
     epoch (``lightning_checkpoints/``) and CSV + TensorBoard logs (``logs/``) go there.
-    ``overrides`` are passed to ``pl.Trainer`` last.
+    ``progress`` labels the progress lines of a long fit (:class:`TrainingProgress`, e.g. a site
+    and its round). ``overrides`` are passed to ``pl.Trainer`` last.
     """
     options = cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))
     options["max_epochs"] = max_epochs
@@ -117,6 +120,8 @@ def build_trainer(
         )
     else:
         options.update(logger=False, enable_checkpointing=False)
+    if progress is not None:
+        options["callbacks"] = [*options.get("callbacks", []), TrainingProgress(progress)]
     options.update(overrides)
     quiet_third_party(bool(cfg.get("verbose", False)))  # after Lightning set its own levels
     return pl.Trainer(**options)

@@ -313,7 +313,8 @@ def calibrate_noise(cfg: DictConfig, sites: dict[str, SitePaths]) -> float:
 def private_sites(source: dict[str, SitePaths], root: Path) -> Path:
     """Fresh copies of the sites' caches under ``root`` (own ledgers, budgets and releases)."""
     for name in SITES:
-        shutil.copytree(source[name].work.caches_dir, SitePaths.under(root, name, INPUT_SUBDIR).work.caches_dir)
+        target = SitePaths.under(root, name, INPUT_SUBDIR)
+        shutil.copytree(source[name].work.caches_dir, target.work.caches_dir)
     return root
 
 

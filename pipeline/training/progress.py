@@ -1,0 +1,54 @@
+"""Progress inside a long local training: one log line at most every ``every_s`` seconds
+(epoch, batch, loss, elapsed time) and one when training ends, instead of a progress bar that
+shares a line with the log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+
+log = logging.getLogger("fedrad.training")
+
+
+class TrainingProgress(pl.Callback):
+    """Log ``label``'s training progress every ``every_s`` seconds and at the end of the fit."""
+
+    def __init__(self, label: str, every_s: float = 30.0) -> None:
+        self.label = label
+        self.every_s = every_s
+        self.started = self.last = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = self.last = time.monotonic()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        batches = trainer.num_training_batches
+        total = f"/{batches}" if isinstance(batches, int) else ""
+        log.info(
+            "%s  epoch %d/%d  batch %d%s  loss %.4f  %.0f s",
+            self.label,
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            batch_idx + 1,
+            total,
+            float(trainer.callback_metrics.get("train/loss", float("nan"))),
+            now - self.started,
+        )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log.info(
+            "%s  trained %d epoch(s), %d steps in %.0f s",
+            self.label,
+            trainer.current_epoch,
+            trainer.global_step,
+            time.monotonic() - self.started,
+        )
