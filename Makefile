@@ -26,7 +26,7 @@ lint: setup
 	$(VENV)/bin/ruff check pipeline models transforms
 	$(VENV)/bin/ruff format --check pipeline models transforms
 	$(VENV)/bin/mypy pipeline models transforms
-	$(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 
 test: setup lint
 	$(PY) -m pytest

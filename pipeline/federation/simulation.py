@@ -88,7 +88,7 @@ def simulate(cfg: DictConfig, sites: list[SitePaths], output_dir: Path) -> None:
 def run(cfg: DictConfig, output_dir: Path) -> float:
     """Preprocess, federate and evaluate (``scripts/simulate.py`` after building the demo sites
     when ``data.prepare_demo``); returns the final pneumonia-vs-normal ROC-AUC."""
-    from pipeline.evaluation.scoring import evaluate_checkpoint, summary_line
+    from pipeline.evaluation.scoring import evaluate_checkpoint
     from pipeline.governance.revocation import preprocess_consented
 
     sites = SitePaths.of_data(cfg.data)
@@ -100,6 +100,27 @@ def run(cfg: DictConfig, output_dir: Path) -> float:
     metrics = evaluate_checkpoint(
         RunLayout(output_dir).model, [s.cache(cfg.data.image_size) for s in sites], output_dir, split="test"
     )
-    log.info("final global model on all sites' test patients: %s", summary_line(metrics))
-    log.info("outputs in %s", output_dir)
+    log.info("%s", final_summary(metrics, RunLayout(output_dir)))
     return float(metrics["pneumonia_auroc"] or 0.0)
+
+
+def final_summary(metrics: dict, run: RunLayout) -> str:
+    """A short table of the released model's scores on the sites' held-out test patients."""
+    selection = json.loads(run.selection.read_text()) if run.selection.is_file() else None
+    chosen = f"round {selection['round']}, best {selection['metric']}" if selection else "last round"
+    rows = [
+        ("images / patients", f"{metrics['n_images']} / {metrics['n_patients']}"),
+        ("accuracy (most probable class)", _fixed(metrics["accuracy"])),
+        ("ROC-AUC, 3 classes (macro)", _fixed(metrics["auroc"])),
+        ("ROC-AUC, pneumonia vs normal", _fixed(metrics["pneumonia_auroc"])),
+    ]
+    rows += [(f"sensitivity, {name}", _fixed(m["sensitivity"])) for name, m in metrics["per_class"].items()]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"released model ({chosen}) on the sites' test patients:"]
+    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    lines.append(f"outputs in {run.root}: model.pt, metrics.json, rounds.jsonl")
+    return "\n".join(lines)
+
+
+def _fixed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
