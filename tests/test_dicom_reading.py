@@ -14,6 +14,7 @@ from pydicom import uid
 from pydicom.encaps import generate_fragments, generate_frames
 
 import transforms.dicom as dicom_module
+from tests.conftest import compose_config
 from pipeline.ingestion.acceptance import AcceptanceRules, rejection_reason
 from pipeline.ingestion.codestream import (
     JP2_SIGNATURE,
@@ -40,6 +41,8 @@ SIIM_CHEST = DICOM_DIR / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819
 FAKE_MONO1 = DICOM_DIR / "Fake_MONOHR1.dcm"
 J2K_CHEST = DICOM_DIR / "RG1_J2KI.dcm"
 TIBIA = DICOM_DIR / "RG3_J2KR.dcm"
+# The configured acceptance rules (conf/preprocess/chest_xray.yaml).
+RULES = AcceptanceRules.from_config(compose_config().preprocess.acceptance)
 SMALL_CR = DICOM_DIR / "pydicom_wheel_CR" / "CR1_6154.dcm"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG_2000 = "1.2.840.10008.1.2.4.91"
@@ -101,12 +104,12 @@ def test_png_reads_as_grayscale_and_skips_dicom_rules():
     png = sorted(DEMO_DIR.glob("*.png"))[0]
     loaded = read_image(png)
     assert loaded.pixels.ndim == 2 and loaded.dicom is None
-    assert rejection_reason(loaded.header, AcceptanceRules()) is None
+    assert rejection_reason(loaded.header, RULES) is None
     assert processed(png).shape == (64, 64)
 
 
 def test_acceptance_takes_chests_and_rejects_the_tibia():
-    rules = AcceptanceRules()
+    rules = RULES
     assert rejection_reason(read_image(J2K_CHEST).header, rules) is None
     assert rejection_reason(read_image(SIIM_CHEST).header, rules) is None
     tibia = read_image(TIBIA).header
@@ -116,13 +119,13 @@ def test_acceptance_takes_chests_and_rejects_the_tibia():
 
 def test_acceptance_rules_for_missing_tags_and_size():
     meta = replace(read_image(SIIM_CHEST).header, body_part=None)
-    assert rejection_reason(meta, AcceptanceRules()) == "BodyPartExamined missing"
-    assert rejection_reason(meta, AcceptanceRules(allow_missing_body_part=True)) is None
+    assert rejection_reason(meta, RULES) == "BodyPartExamined missing"
+    assert rejection_reason(meta, replace(RULES, allow_missing_body_part=True)) is None
     assert (
-        rejection_reason(replace(meta, modality="MR"), AcceptanceRules()) == "Modality 'MR' not in ['CR', 'DX']"
+        rejection_reason(replace(meta, modality="MR"), RULES) == "Modality 'MR' not in ['CR', 'DX']"
     )
     small = read_image(DICOM_DIR / "pydicom_wheel_CR" / "CR2_6247.dcm").header
-    loose = AcceptanceRules(body_parts=("CSPINE",))
+    loose = replace(RULES, body_parts=("CSPINE",))
     assert rejection_reason(small, loose) == "image 16x16 smaller than 64x64"
 
 
@@ -258,11 +261,11 @@ def test_multi_frame_reads_the_first_frame_only(tmp_path):
     assert loaded.header.number_of_frames == 2
     np.testing.assert_array_equal(loaded.pixels, pixels)
     assert rejection_reason(
-        replace(loaded.header, body_part="CHEST", view="PA"), AcceptanceRules()
+        replace(loaded.header, body_part="CHEST", view="PA"), RULES
     ).startswith("multi-frame object (2 frames)")
     assert (
         rejection_reason(
-            replace(loaded.header, body_part="CHEST", view="PA"), AcceptanceRules(multiframe="first_frame")
+            replace(loaded.header, body_part="CHEST", view="PA"), replace(RULES, multiframe="first_frame")
         )
         is None
     )
@@ -273,8 +276,8 @@ def test_header_rules_run_without_decoding(tmp_path):
     ds.Rows = ds.Columns = 60000
     ds.save_as(tmp_path / "huge.dcm")
     source = open_image(tmp_path / "huge.dcm")
-    assert rejection_reason(source.header, AcceptanceRules()).startswith("image 60000x60000 = 3600.0 MP")
-    assert rejection_reason(source.header, AcceptanceRules(max_pixels=10**10)) is None
+    assert rejection_reason(source.header, RULES).startswith("image 60000x60000 = 3600.0 MP")
+    assert rejection_reason(source.header, replace(RULES, max_pixels=10**10)) is None
 
 
 def test_jpeg_file_reads_as_grayscale(tmp_path):
@@ -419,4 +422,13 @@ def test_malformed_descriptive_tag_is_unknown_not_a_rejection(tmp_path):
     source = read_image(path)
     assert source.header.subgroups()["manufacturer"] == "other"
     assert source.header.subgroups()["age_band"] == "unknown"
-    assert rejection_reason(source.header, AcceptanceRules()) is None
+    assert rejection_reason(source.header, RULES) is None
+
+
+def test_acceptance_rules_come_from_the_config_alone():
+    node = dict(compose_config().preprocess.acceptance)
+    assert RULES.modalities == ("CR", "DX") and RULES.max_decode_mb == node["max_decode_mb"]
+    with pytest.raises(ValueError, match=r"missing keys \['views'\], unknown keys \[\]"):
+        AcceptanceRules.from_config({k: v for k, v in node.items() if k != "views"})
+    with pytest.raises(ValueError, match=r"unknown keys \['max_pixel'\]"):
+        AcceptanceRules.from_config({**node, "max_pixel": 10})

@@ -9,7 +9,7 @@ interpretation, frames) only apply to DICOM files; the size rules apply to every
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from pipeline.ingestion.header import HeaderFacts
@@ -21,25 +21,27 @@ MULTIFRAME_POLICIES = ("reject", "first_frame")
 class AcceptanceRules:
     """Allowed values (upper case), size limits and the multi-frame policy.
 
+    Their values (and what each means) are in ``conf/preprocess/chest_xray.yaml``
+    (``preprocess.acceptance``): :meth:`from_config` builds the rules from there.
     ``allow_missing_body_part`` / ``allow_missing_view``: accept DICOM files that lack
-    BodyPartExamined / ViewPosition (default: reject them, the reason names the tag).
+    BodyPartExamined / ViewPosition (else the reason names the tag).
     ``max_pixels``: Rows x Columns above this is rejected from the header, before decoding.
-    ``multiframe``: ``reject`` (default) or ``first_frame`` (take frame 1 of the object).
+    ``multiframe``: ``reject`` or ``first_frame`` (take frame 1 of the object).
     ``max_decode_mb``: the memory cap of reading and decoding one file (file size, inflated
     size, estimated decode memory; see ``pipeline.ingestion.readers``), checked before each step.
     """
 
-    modalities: tuple[str, ...] = ("CR", "DX")
-    body_parts: tuple[str, ...] = ("CHEST",)
-    views: tuple[str, ...] = ("PA", "AP")
-    photometrics: tuple[str, ...] = ("MONOCHROME1", "MONOCHROME2")
-    min_rows: int = 64
-    min_cols: int = 64
-    max_pixels: int = 50_000_000
-    multiframe: str = "reject"
-    allow_missing_body_part: bool = False
-    allow_missing_view: bool = False
-    max_decode_mb: int = 1024
+    modalities: tuple[str, ...]
+    body_parts: tuple[str, ...]
+    views: tuple[str, ...]
+    photometrics: tuple[str, ...]
+    min_rows: int
+    min_cols: int
+    max_pixels: int
+    multiframe: str
+    allow_missing_body_part: bool
+    allow_missing_view: bool
+    max_decode_mb: int
 
     def __post_init__(self) -> None:
         if self.multiframe not in MULTIFRAME_POLICIES:
@@ -49,22 +51,23 @@ class AcceptanceRules:
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any]) -> "AcceptanceRules":
-        """Build from a config node; list values are upper-cased, absent keys take defaults."""
-        upper = lambda values: tuple(str(v).upper() for v in values)  # noqa: E731
-        default = cls()
-        return cls(
-            modalities=upper(node["modalities"]),
-            body_parts=upper(node["body_parts"]),
-            views=upper(node["views"]),
-            photometrics=upper(node.get("photometrics", default.photometrics)),
-            min_rows=int(node["min_rows"]),
-            min_cols=int(node["min_cols"]),
-            max_pixels=int(node.get("max_pixels", default.max_pixels)),
-            multiframe=str(node.get("multiframe", default.multiframe)),
-            allow_missing_body_part=bool(node.get("allow_missing_body_part", False)),
-            allow_missing_view=bool(node.get("allow_missing_view", False)),
-            max_decode_mb=int(node.get("max_decode_mb", default.max_decode_mb)),
-        )
+        """Build from ``preprocess.acceptance``, the one place the rules' values are defined:
+        every key is required (and no other), list values are upper-cased."""
+        expected = {f.name: f.type for f in fields(cls)}
+        missing, unknown = sorted(set(expected) - set(node)), sorted(set(node) - set(expected))
+        if missing or unknown:
+            raise ValueError(
+                f"preprocess.acceptance: missing keys {missing}, unknown keys {unknown} "
+                "(see conf/preprocess/chest_xray.yaml)"
+            )
+        values: dict[str, Any] = {}
+        for name, kind in expected.items():
+            value = node[name]
+            if "tuple" in str(kind):
+                values[name] = tuple(str(v).upper() for v in value)
+            else:
+                values[name] = {"int": int, "bool": bool, "str": str}[str(kind)](value)
+        return cls(**values)
 
 
 def _tag_reason(keyword: str, value: str | None, allowed: tuple[str, ...], allow_missing: bool) -> str | None:
