@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 CACHE_FOLDER = re.compile(r"(\d+)px")
+WORK_FOLDER = "fedrad"  # a site's work folder, inside its site folder
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,11 @@ class WorkDir:
         return self.private / "supernode_session"
 
     @property
+    def federation_finished(self) -> Path:
+        """Written when the coordinator tells the site its federation is finished."""
+        return self.private / "federation_finished"
+
+    @property
     def releases(self) -> Path:
         """Every update and evaluation answer this site has released, by run and round."""
         return self.private / "releases"
@@ -159,7 +165,7 @@ class SitePaths:
             name=name,
             input_dir=root / input_subdir,
             labels_csv=root / "labels.csv",
-            work_dir=root / "fedrad",
+            work_dir=root / WORK_FOLDER,
             secret_file=root / "site_secret.key",
         )
 
@@ -228,6 +234,16 @@ class RunLayout:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
+
+    @property
+    def logs(self) -> Path:
+        """CSV and TensorBoard logs of a centralised or single-site training."""
+        return self.root / "logs"
+
+    @property
+    def lightning_checkpoints(self) -> Path:
+        """Lightning's checkpoint of the last epoch of a centralised or single-site training."""
+        return self.root / "lightning_checkpoints"
 
 
 CHECKPOINT = re.compile(r"round_(\d{3,})\.pt")

@@ -22,6 +22,7 @@ from models.registry import build_network, build_optimizer
 from models.weights import load_weights
 from pipeline.contracts.console import quiet_third_party
 from pipeline.contracts.labels import CLASS_NAMES
+from pipeline.contracts.layout import RunLayout
 from pipeline.contracts.messages import NUM_EXAMPLES
 from pipeline.training.classifier import XrayClassifier, balanced_class_weights
 from pipeline.training.datamodule import CacheDataModule
@@ -109,14 +110,14 @@ def build_trainer(
             check_val_every_n_epoch=NEVER,
         )
     elif output_dir is not None:
-        out = Path(output_dir)
+        run = RunLayout(Path(output_dir))
         options.update(
-            default_root_dir=str(out),
+            default_root_dir=str(run.root),
             logger=[
-                CSVLogger(save_dir=out, name="logs", version="csv"),
-                TensorBoardLogger(save_dir=out, name="logs", version="tensorboard"),
+                CSVLogger(save_dir=run.root, name=run.logs.name, version="csv"),
+                TensorBoardLogger(save_dir=run.root, name=run.logs.name, version="tensorboard"),
             ],
-            callbacks=[ModelCheckpoint(dirpath=out / "lightning_checkpoints")],
+            callbacks=[ModelCheckpoint(dirpath=run.lightning_checkpoints)],
         )
     else:
         options.update(logger=False, enable_checkpointing=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.contracts.layout import SitePaths
+from pipeline.contracts.layout import WORK_FOLDER, SitePaths
 from pipeline.ingestion.preprocess import preprocess_site
 from pipeline.training.checkpoints import save_checkpoint
 from pipeline.training.datamodule import CacheDataModule
@@ -40,7 +40,7 @@ def public_site(pretrain: DictConfig) -> SitePaths:
         name="public",
         input_dir=Path(pretrain.input_dir),
         labels_csv=Path(pretrain.labels_csv),
-        work_dir=work_dir / "fedrad",
+        work_dir=work_dir / WORK_FOLDER,
         secret_file=work_dir / "public_secret.key",
     )
 
