@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_INDEX ?=
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo lint test test-fast bench clean
+.PHONY: setup demo lint test test-fast bench clean docker-base docker-test chaos
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,25 @@ test: setup lint
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not deployment"
+
+# The image built and the compose federation run (needs a docker daemon: docs/deployment.md#docker).
+# BASE_IMAGE is made offline with mmdebstrap when absent; this machine's pip CA bundle and
+# find-links folder are passed to the image build.
+BASE_IMAGE ?= fedrad-base:bookworm
+CA_BUNDLE  ?= $(shell $(PIP) config get global.cert 2>/dev/null)
+WHEELHOUSE ?= $(shell $(PIP) config get global.find-links 2>/dev/null)
+docker-base:
+	docker image inspect $(BASE_IMAGE) >/dev/null 2>&1 || { \
+	  mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm /tmp/fedrad-base.tar \
+	  && docker import /tmp/fedrad-base.tar $(BASE_IMAGE) && rm -f /tmp/fedrad-base.tar; }
+
+docker-test: setup docker-base
+	FEDRAD_BASE_IMAGE=$(BASE_IMAGE) CA_BUNDLE=$(CA_BUNDLE) WHEELHOUSE=$(WHEELHOUSE) TORCH_INDEX= \
+	  $(PY) -m pytest -m docker -s
+
+# Faults injected into a loaded three-site deployment (about an hour on 2 cores).
+chaos: setup
+	$(PY) -m pytest -m chaos -s
 
 bench: setup
 	$(PY) scripts/bench/train_loop.py

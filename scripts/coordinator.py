@@ -7,10 +7,15 @@ For the coordinator's operator. Required: experiment=<preset> or the overrides o
 
 TLS and SuperNode authentication are on (run scripts/make_certs.py first); the SuperLink
 database lives in deployment.state_dir. Restarting with the same output_dir after a crash
-continues from the last completed round. deployment.insecure=true runs plain text (test only).
+continues from the last completed round; a failed SuperLink, executor or ServerApp is restarted
+and the run resumed by itself (deployment.max_attempts). deployment.insecure=true runs plain text
+(test only).
 """
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -21,12 +26,16 @@ answer_help(__doc__)  # before the training stack is imported
 
 from pipeline.deployment.coordinator import run_coordinator  # noqa: E402
 
+log = logging.getLogger("fedrad.deployment")
+
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    status = run_coordinator(cfg)
-    if status != "finished:completed":
-        raise SystemExit(f"the federation run ended with status {status}")
+    outcome = run_coordinator(cfg)
+    summary = outcome.summary(Path(cfg.output_dir))
+    if not outcome.completed:
+        raise SystemExit(summary)
+    log.info("%s", summary)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pipeline.contracts.layout import SitePaths
 from pipeline.deployment.certificates import CoordinatorCerts, SiteKeys, make_federation_certs
 from pipeline.governance.budget import PrivacyLedger
 from pipeline.support.local_deployment import LoopbackDeployment
+from pipeline.support.network import ConnectProxy
 from pipeline.training.checkpoints import load_checkpoint
 from tests.conftest import FAST_FEDERATION, REPO, DEMO_IMAGE_SIZE
 
@@ -207,12 +208,43 @@ def test_coordinator_killed_mid_round_resumes(private_deployment):
         assert ledger.spent(delta) == pytest.approx(independent.get_epsilon(delta), rel=1e-9)
 
 
+def test_site_behind_a_proxy_joins_sites_are_named_and_stop_when_finished(deployment):
+    """site1 reaches the coordinator only through an outbound CONNECT proxy on loopback. The
+    run finishes; every record and log line names the sites by their registered names; each
+    site exits 0 when told the federation is finished, and no process is left."""
+    proxy = ConnectProxy()
+    deployment.start_coordinator()
+    deployment.register_sites()
+    for site in SITES:
+        behind_proxy = site == "site1"  # by name: a proxy is not used for 127.0.0.1
+        address = f"localhost:{deployment.port}" if behind_proxy else f"127.0.0.1:{deployment.port}"
+        env = {"HTTPS_PROXY": proxy.url, "HTTP_PROXY": proxy.url} if behind_proxy else None
+        deployment.start_site(site, [f"deployment.superlink={address}"], env)
+    assert deployment.wait_coordinator(timeout=600) == 0, deployment.log("coordinator")[-4000:]
+    assert proxy.tunnels and set(proxy.tunnels) == {f"localhost:{deployment.port}"}
+    rounds = round_records(deployment.work_dir / "run")
+    assert [sorted(r["train_per_site"]) for r in rounds] == [SITES, SITES]
+    coordinator = deployment.log("coordinator")
+    assert "round 2  site site1  train" in coordinator
+    assert coordinator.count("round 2  site site1  train") == 1  # every line printed once
+    for site in SITES:
+        assert deployment.processes[site].wait(timeout=300) == 0, deployment.log(site)[-3000:]
+        log = deployment.log(site)
+        assert f"site {site}: the federation it joined is finished" in log
+        assert log.count(f"site {site} connecting to the coordinator") == 1
+    deadline = time.monotonic() + 60
+    while deployment.leftovers():
+        assert time.monotonic() < deadline, deployment.leftovers()
+        time.sleep(1)
+    proxy.close()
+
+
 def test_unregistered_site_and_foreign_ca_are_refused(deployment, tmp_path):
     deployment.start_coordinator()
     deployment.register_sites(["site1"])
     foreign = tmp_path / "foreign"
     make_federation_certs(foreign, [], ["site1"])
-    no_retry = ["deployment.max_wait_s=20", "deployment.rejoin_delay_s=0"]
+    no_retry = ["deployment.max_wait_s=20", "deployment.rejoin_delay_s=0", "deployment.max_restarts=0"]
     unregistered = deployment.start_site("site2", no_retry)
     wrong_ca = deployment.start_site(
         "site1", [*no_retry, f"deployment.root_certificate={foreign / 'ca.crt'}"]

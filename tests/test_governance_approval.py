@@ -303,7 +303,7 @@ def test_deployed_site_passes_its_own_policy_to_its_supernode(sites_root):
         command = supernode_command(cfg.deployment, node_config(site, cfg))
         flag = command[command.index("--node-config") + 1]
         assert flag == (
-            f"work-dir='{site.work_dir.resolve()}' {expected} "
+            f"work-dir='{site.work_dir.resolve()}' site-name='site1' {expected} "
             "allow-seeded-noise=false retrain-round='refuse'"
         )
 

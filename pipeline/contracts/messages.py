@@ -24,18 +24,22 @@ CONFIG = "config"
 LEDGER_HEAD = "ledger"  # a site's ledger head (seq, head, key id) in its evaluation reply
 OUTPUT_DIR_KEY = "output-dir"  # the deployed ServerApp's run config: where the run writes
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine for each simulated node
+SITE = "site"  # a site's reply: the config record with its own name (SITE_NAME)
+SITE_NAME = "name"
+FINISHED = "query.finished"  # the coordinator's last message of a run: the federation is finished
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     """A deployed site's own settings, passed to its SuperNode with ``--node-config``.
 
-    The site decides these, never the coordinator: where its work folder is, whether jobs need
+    The site decides these, never the coordinator: its name, where its work folder is, whether jobs need
     its data owner's approval, whether debug (seeded) noise is allowed, what to do with a round
-    asked again, and an optional tighter privacy budget than any job proposes.
+    asked again, and its standing privacy budget, a cap on what any job may spend.
     """
 
     work_dir: Path
+    site_name: str | None = None
     require_approval: bool = True
     auto_approve: bool = False
     allow_seeded_noise: bool = False
@@ -44,6 +48,7 @@ class NodeConfig:
 
     KEYS = {
         "work_dir": "work-dir",
+        "site_name": "site-name",
         "require_approval": "require-approval",
         "auto_approve": "auto-approve",
         "allow_seeded_noise": "allow-seeded-noise",
@@ -79,8 +84,10 @@ class NodeConfig:
             return None
         keys = cls.KEYS
         budget = node_config.get(keys["epsilon_budget"])
+        name = node_config.get(keys["site_name"])
         return cls(
             work_dir=Path(str(node_config[keys["work_dir"]])),
+            site_name=None if name is None else str(name),
             require_approval=bool(node_config.get(keys["require_approval"], True)),
             auto_approve=bool(node_config.get(keys["auto_approve"], False)),
             allow_seeded_noise=bool(node_config.get(keys["allow_seeded_noise"], False)),

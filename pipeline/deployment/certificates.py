@@ -57,10 +57,13 @@ class SiteKeys:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """Write ``data``; a private key is created readable by its owner only (0600) from the start."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
     if private:
-        os.chmod(path, 0o600)
+        os.chmod(path, 0o600)  # a file that existed before keeps its mode through os.open
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -4,27 +4,36 @@
 ``deployment.insecure``), writes the resolved experiment config into the run's output folder,
 submits fedrad's app bundle with ``flwr run`` and waits until the run ends. Runs a previous
 coordinator left unfinished in the database (a crash) are stopped first; the new run picks
-up from the output folder's last completed round (:mod:`pipeline.deployment.resume`).
+up from the output folder's last completed round (:mod:`pipeline.federation.resume`). When the
+SuperLink, its executor or the ServerApp fails, the coordinator restarts the SuperLink and
+submits again, up to ``deployment.max_attempts`` times.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.deployment import flower_cli
 from pipeline.deployment.certificates import CoordinatorCerts
+from pipeline.deployment.processes import become_subreaper, spawn, stop_children, stop_tree
 from pipeline.deployment.transport import superlink_security_args
+from pipeline.federation.resume import rounds_left
 
 log = logging.getLogger("fedrad.deployment")
 
 EXPERIMENT_FILE = "experiment.yaml"
+COMPLETED = "finished:completed"  # Flower's status of a run that ended normally
 
 
 @dataclass(frozen=True)
@@ -97,39 +106,155 @@ def write_experiment(cfg: DictConfig, output_dir: Path) -> Path:
 
 
 def start_superlink(dep: DictConfig) -> subprocess.Popen:
-    """Start the SuperLink and return once it listens."""
+    """Start the SuperLink (its own process group, killed with this process) once it listens."""
     write_cli_connection(dep)
     env = flower_cli.flower_env(CoordinatorState.under(dep.state_dir).flwr_home)
-    process = subprocess.Popen(superlink_command(dep), env=env)
+    process = spawn(superlink_command(dep), env=env)
     try:
         wait_for_port(local_address(dep), process)
     except Exception:
-        process.terminate()
+        stop_tree(process)
         raise
     return process
 
 
-def run_coordinator(cfg: DictConfig) -> str:
-    """Start the SuperLink, run the experiment to the end, return Flower's final status."""
+@dataclass
+class Outcome:
+    """How the coordinator's federation ended: Flower's last status and what went wrong on the way."""
+
+    status: str = "not started"
+    attempts: int = 0
+    incidents: list[str] = field(default_factory=list)
+
+    @property
+    def completed(self) -> bool:
+        return self.status == COMPLETED
+
+    def summary(self, output_dir: Path) -> str:
+        """The coordinator's last line: what happened, plainly."""
+        recovered = f"; recovered from: {'; '.join(self.incidents)}" if self.incidents else ""
+        if self.completed:
+            return f"the federation run finished after {self.attempts} attempt(s){recovered}"
+        return (
+            f"the federation run did not finish: {self.attempts} attempt(s), last status "
+            f"{self.status}{recovered}. Completed rounds are kept in {output_dir}: run the same "
+            "command again to resume after the last of them"
+        )
+
+
+class SuperLinkWatchdog:
+    """Ends the ``flwr run`` stream when the SuperLink or its SuperExec dies, so that the
+    coordinator restarts them instead of waiting for a run that nothing executes."""
+
+    def __init__(self, superlink: subprocess.Popen, interval_s: float = 5) -> None:
+        self.superlink = superlink
+        self.interval_s = interval_s
+        self.failure: str | None = None
+        self._done = threading.Event()
+
+    def _failed(self) -> str | None:
+        if self.superlink.poll() is not None:
+            return f"the SuperLink exited with code {self.superlink.returncode}"
+        try:
+            children = psutil.Process(self.superlink.pid).children()
+        except psutil.NoSuchProcess:
+            return "the SuperLink exited"
+        if not any("flower-superexec" in " ".join(c.cmdline()) for c in children if c.is_running()):
+            return "the SuperLink's executor (flower-superexec) exited"
+        return None
+
+    def watch(self, stream: subprocess.Popen) -> None:
+        """Check every ``interval_s`` until :meth:`stop`; terminate ``stream`` on a failure."""
+
+        def loop() -> None:
+            while not self._done.wait(self.interval_s):
+                try:
+                    failure = self._failed()
+                except psutil.Error:
+                    continue  # a child ended while being listed: look again
+                if failure is not None:
+                    self.failure = failure
+                    stream.terminate()
+                    return
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+def _attempt(cfg: DictConfig, state: CoordinatorState, superlink: subprocess.Popen) -> tuple[str, str | None]:
+    """One submission of the run: Flower's final status and the failure seen, if any (a run
+    that Flower calls completed but that left rounds untrained, e.g. a round with too few
+    sites, is a failure too)."""
+    for left in flower_cli.unfinished_runs(state.flwr_home):
+        log.warning("stopping run %d left unfinished by an earlier attempt or coordinator", left)
+        flower_cli.stop_run(state.flwr_home, left)
+    watchdog = SuperLinkWatchdog(superlink)
+    try:
+        started = flower_cli.stream_run(state.flwr_home, state.app_dir, watchdog.watch)
+    finally:
+        watchdog.stop()
+    if watchdog.failure is not None or started is None:
+        return "not finished", watchdog.failure or "`flwr run` did not start the run"
+    run_id = started
+    status = flower_cli.run_status(state.flwr_home, run_id)
+    log.info("run %d ended: %s", run_id, status)
+    left = rounds_left(Path(cfg.output_dir).resolve(), int(cfg.federation.num_rounds))
+    if status == COMPLETED and left == 0:
+        return status, None
+    if status == COMPLETED:
+        return "unfinished", f"run {run_id} ended with {left} round(s) untrained"
+    if not status.startswith("finished"):
+        flower_cli.stop_run(state.flwr_home, run_id)
+    return status, f"run {run_id} ended with status {status}"
+
+
+def run_coordinator(cfg: DictConfig) -> Outcome:
+    """Start the SuperLink and run the experiment to the end, restarting what fails.
+
+    Up to ``deployment.max_attempts`` submissions: after a failure (the SuperLink, its
+    executor or the ServerApp died, the run ended other than completed) the SuperLink is
+    restarted and the run submitted again; the ServerApp resumes after the last completed
+    round (:mod:`pipeline.federation.resume`). Every Flower process started here is stopped
+    on the way out (:mod:`pipeline.deployment.processes`).
+    """
     dep = cfg.deployment
     state = CoordinatorState.under(dep.state_dir)
     output_dir = Path(cfg.output_dir).resolve()
     experiment = write_experiment(cfg, output_dir)
     flower_cli.write_app_bundle(state.app_dir, experiment, output_dir)
-    superlink = start_superlink(dep)
+    become_subreaper()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    outcome = Outcome()
+    superlink: subprocess.Popen | None = None
     try:
-        for run_id in flower_cli.unfinished_runs(state.flwr_home):
-            log.warning("stopping run %d left unfinished by an earlier coordinator", run_id)
-            flower_cli.stop_run(state.flwr_home, run_id)
-        log.info("SuperLink on %s; submitting %s (outputs in %s)", dep.port, experiment, output_dir)
-        run_id = flower_cli.stream_run(state.flwr_home, state.app_dir)
-        status = flower_cli.run_status(state.flwr_home, run_id)
-        log.info("run %d ended: %s", run_id, status)
-        if dep.keep_running:
+        while outcome.attempts < int(dep.max_attempts):
+            outcome.attempts += 1
+            if superlink is None:
+                superlink = start_superlink(dep)
+                log.info("SuperLink on %s; submitting %s (outputs in %s)", dep.port, experiment, output_dir)
+            try:
+                outcome.status, failure = _attempt(cfg, state, superlink)
+            except flower_cli.FlowerCliError as error:
+                outcome.status, failure = "unknown", str(error).splitlines()[0]
+            if failure is None:
+                break
+            outcome.incidents.append(f"attempt {outcome.attempts}: {failure}")
+            log.warning(
+                "attempt %d of %d: %s; restarting the SuperLink and resuming after the last "
+                "completed round (deployment.max_attempts)",
+                outcome.attempts,
+                dep.max_attempts,
+                failure,
+            )
+            stop_tree(superlink)
+            superlink = None
+        if outcome.completed and dep.keep_running and superlink is not None:
             log.info("deployment.keep_running=true: the SuperLink stays up (Ctrl-C to stop)")
             superlink.wait()
-        return status
+        return outcome
     finally:
-        if superlink.poll() is None:
-            superlink.terminate()
-            superlink.wait(timeout=30)
+        if superlink is not None:
+            stop_tree(superlink)
+        stop_children()

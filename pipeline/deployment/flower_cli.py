@@ -15,6 +15,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.contracts.messages import CONFIG_KEY, OUTPUT_DIR_KEY
@@ -88,18 +90,40 @@ def write_app_bundle(app_dir: Path, experiment_file: Path, output_dir: Path) -> 
     return app_dir
 
 
-def flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> str:
-    """Run ``flwr <args>`` against the federation's SuperLink; its stdout, or an error."""
-    done = subprocess.run(
-        [flower_tool("flwr"), *args],
-        env=flower_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"`flwr {' '.join(args)}` failed:\n{done.stdout}{done.stderr}")
-    return done.stdout
+class FlowerCliError(RuntimeError):
+    """A ``flwr`` command failed; ``output`` is what it printed."""
+
+    def __init__(self, args: list[str], output: str) -> None:
+        super().__init__(f"`flwr {' '.join(args)}` failed:\n{output}")
+        self.output = output
+
+
+def flwr(args: list[str], flwr_home: Path, timeout: float = 120, attempts: int = 3) -> str:
+    """Run ``flwr <args>`` against the federation's SuperLink; its stdout.
+
+    A failure is tried again (``attempts`` in all, a few seconds apart): a SuperLink that is
+    restarting, or whose database is busy, answers the next call. Raises
+    :class:`FlowerCliError` with the last output.
+    """
+    output = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(2.0 * attempt)
+        try:
+            done = subprocess.run(
+                [flower_tool("flwr"), *args],
+                env=flower_env(flwr_home),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            output = f"no answer within {timeout:.0f} s"
+            continue
+        if done.returncode == 0:
+            return done.stdout
+        output = done.stdout + done.stderr
+    raise FlowerCliError(args, output)
 
 
 def register_command(flwr_home: Path, public_key: Path, site: str) -> str:
@@ -108,8 +132,13 @@ def register_command(flwr_home: Path, public_key: Path, site: str) -> str:
 
 
 def register_site(flwr_home: Path, public_key: Path, site: str) -> None:
-    """Admit a site's SuperNode (what :func:`register_command` prints, done in-process)."""
-    flwr(["supernode", "register", str(public_key), "--name", site], flwr_home)
+    """Admit a site's SuperNode (what :func:`register_command` prints, done in-process); a key
+    already registered (by an earlier call that got no answer, say) is admitted already."""
+    try:
+        flwr(["supernode", "register", str(public_key), "--name", site], flwr_home)
+    except FlowerCliError as error:
+        if "already in use" not in error.output:
+            raise
 
 
 def started_run_id(output: str) -> int | None:
@@ -124,9 +153,16 @@ def run_status(flwr_home: Path, run_id: int) -> str:
     return str(listing["runs"][0]["status"])
 
 
-def stream_run(flwr_home: Path, app_dir: Path) -> int:
-    """Submit the app bundle with ``flwr run --stream``, echo the ServerApp's log until the
-    run ends, and return the run id."""
+def stream_run(flwr_home: Path, app_dir: Path, on_start: Callable[[subprocess.Popen], None]) -> int | None:
+    """Submit the app bundle with ``flwr run --stream`` and follow it until the run ends; the
+    run id (None if the run never started).
+
+    ``flwr run``'s own lines are echoed up to the start of the run; the ServerApp's log it
+    streams afterwards is not, because the ServerApp, a descendant of the coordinator's
+    SuperLink, prints it on the coordinator's console already (every line once). ``on_start``
+    receives the ``flwr run`` process (a watchdog may terminate it). Whether the run completed
+    is the SuperLink's to say (:func:`run_status`), not the stream's exit code.
+    """
     command = [flower_tool("flwr"), "run", str(app_dir), "--stream"]
     process = subprocess.Popen(
         command,
@@ -135,13 +171,14 @@ def stream_run(flwr_home: Path, app_dir: Path) -> int:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    on_start(process)
     run_id = None
     assert process.stdout is not None
     for line in process.stdout:
-        sys.stdout.write(line)
-        run_id = run_id or started_run_id(line)
-    if process.wait() != 0 or run_id is None:
-        raise RuntimeError(f"`flwr run {app_dir}` failed (exit code {process.returncode}); see above")
+        if run_id is None:
+            sys.stdout.write(line)
+            run_id = started_run_id(line)
+    process.wait()
     return run_id
 
 
@@ -154,4 +191,9 @@ def unfinished_runs(flwr_home: Path) -> list[int]:
 
 
 def stop_run(flwr_home: Path, run_id: int) -> None:
-    flwr(["stop", str(run_id)], flwr_home)
+    """Stop a run; one that finished meanwhile (Flower's "already finished") is stopped already."""
+    try:
+        flwr(["stop", str(run_id)], flwr_home, attempts=1)
+    except FlowerCliError:
+        if not run_status(flwr_home, run_id).startswith("finished"):
+            raise

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import NoReturn
+from typing import IO, NoReturn
 
 from omegaconf import DictConfig
 
-from pipeline.contracts.layout import SitePaths
+from pipeline.contracts.layout import SitePaths, WorkDir
 from pipeline.contracts.messages import NodeConfig
 from pipeline.deployment import flower_cli
+from pipeline.deployment.processes import become_subreaper, spawn, stop_children, stop_group, stop_tree
 from pipeline.deployment.transport import supernode_security_args
 from pipeline.governance.revocation import preprocess_consented
 
@@ -29,26 +31,32 @@ log = logging.getLogger("fedrad.deployment")
 
 
 def configured_site(cfg: DictConfig) -> SitePaths:
-    """The site described by ``+site=<name>`` (``conf/site/<name>.yaml``)."""
+    """The site described by its site file (``--config-dir <folder> +site=<name>`` reads
+    ``<folder>/site/<name>.yaml``; ``conf/site/demo_site*.yaml`` are examples)."""
     if cfg.get("site") is None:
         raise ValueError(
-            "no site selected: pass +site=<name> for conf/site/<name>.yaml "
-            "(e.g. +site=demo_site1), which names this site's data folders"
+            "no site selected: pass --config-dir <folder> +site=<name> for your site file "
+            "<folder>/site/<name>.yaml (e.g. +site=demo_site1 for the demo), which names this "
+            "site's data folders, keys, privacy budget and approval policy"
         )
     return SitePaths.of_site_file(cfg.site)
 
 
 def node_config(site: SitePaths, cfg: DictConfig) -> NodeConfig:
-    """The site's own settings for its SuperNode: its work folder, its approval policy
-    (``governance``) and, when its site file sets ``epsilon_budget``, its own privacy cap."""
-    governance = cfg.governance
-    budget = (cfg.get("site") or {}).get("epsilon_budget")
+    """The site's own settings for its SuperNode, all from its site file: its name and work
+    folder, its approval policy (``policy``) and its standing privacy budget (``epsilon_budget``,
+    a cap on every job's spending, none when null)."""
+    site_file = cfg.get("site") or {}
+    policy = site_file.get("policy") or {}
+    budget = site_file.get("epsilon_budget")
+    defaults = NodeConfig(work_dir=site.work_dir)
     return NodeConfig(
         work_dir=site.work_dir,
-        require_approval=bool(governance.require_approval),
-        auto_approve=bool(governance.auto_approve_simulated_sites),
-        allow_seeded_noise=bool(governance.get("allow_seeded_noise", False)),
-        retrain_round=str(governance.get("retrain_round", "refuse")),
+        site_name=site.name,
+        require_approval=bool(policy.get("require_approval", defaults.require_approval)),
+        auto_approve=bool(policy.get("auto_approve", defaults.auto_approve)),
+        allow_seeded_noise=bool(policy.get("allow_seeded_noise", defaults.allow_seeded_noise)),
+        retrain_round=str(policy.get("retrain_round", defaults.retrain_round)),
         epsilon_budget=None if budget is None else float(budget),
     )
 
@@ -73,107 +81,172 @@ def supernode_command(dep: DictConfig, node: NodeConfig) -> list[str]:
 # What flower-supernode prints (it exits with status 1) when the SuperLink cannot be reached or
 # refuses to activate the node, e.g. a restarted site whose previous session still looks alive.
 CONNECTION_ERROR = "Exit Code: 305"
+REPLY_SENT = "Sent successfully"  # what it prints once a reply has reached the coordinator
+# What it prints when the coordinator answers with an HTTP 5xx that Flower does not retry (its
+# SuperNode gives up on it): the site restarts its SuperNode.
+SERVER_ERROR = re.compile(r"Server error '5\d\d")
+LOOPBACK = "127.0.0.1,::1"
 
 
-def _supernode_refused(command: list[str]) -> tuple[int, bool]:
-    """Run the SuperNode, echoing its output; (exit status, whether its connection was refused).
+def supernode_env() -> dict[str, str]:
+    """The SuperNode's environment: an outbound proxy (``HTTPS_PROXY``) carries its connection
+    to the coordinator, never the loopback connections between its own processes."""
+    env = flower_cli.flower_env()
+    for key in ("NO_PROXY", "no_proxy"):
+        env[key] = ",".join(filter(None, [env.get(key, ""), LOOPBACK]))
+    return env
 
-    The SuperNode is reaped as soon as it exits (its SuperExec helper, which shares the output
-    pipe, only stops once its parent is gone). SIGTERM is passed on to the SuperNode.
-    """
-    process = subprocess.Popen(
-        command,
-        env=flower_cli.flower_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
-    output = process.stdout
-    assert output is not None  # stdout=subprocess.PIPE
-    previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate())
-    refused = threading.Event()
 
-    def echo() -> None:
+class SuperNodeSession:
+    """One SuperNode process (in its own process group, see :mod:`pipeline.deployment.processes`),
+    its output echoed once, stopped early when the federation tells the site it is finished."""
+
+    def __init__(self, command: list[str], work: WorkDir, exit_when_finished: bool) -> None:
+        self.command = command
+        self.work = work
+        self.exit_when_finished = exit_when_finished
+        self.refused = False
+        self.broken = False
+        self.finished = False
+        self.last_sent = 0.0  # when the SuperNode last reported a reply sent
+
+    def _echo(self, process: subprocess.Popen, output: IO[str]) -> None:
         for line in output:
             sys.stdout.write(line)
             sys.stdout.flush()
             if CONNECTION_ERROR in line:
-                refused.set()
+                self.refused = True
+            if REPLY_SENT in line:
+                self.last_sent = time.time()
+            if SERVER_ERROR.search(line) and not self.broken:
+                self.broken = True
+                threading.Thread(target=stop_tree, args=(process,), daemon=True).start()
 
-    reader = threading.Thread(target=echo, daemon=True)
-    reader.start()
-    code = process.wait()
-    signal.signal(signal.SIGTERM, previous)
-    reader.join(timeout=10)
-    return code, refused.is_set()
+    def _watch_finished(self, process: subprocess.Popen, since: float) -> None:
+        """Stop the SuperNode once the ClientApp records a finished federation and the
+        SuperNode has sent its answer (or after 60 s)."""
+        while process.poll() is None:
+            marker = self.work.federation_finished
+            if marker.is_file() and (written := marker.stat().st_mtime) >= since:
+                deadline = time.monotonic() + 60
+                while self.last_sent < written and time.monotonic() < deadline and process.poll() is None:
+                    time.sleep(0.5)
+                self.finished = True
+                stop_tree(process)
+                return
+            time.sleep(1)
 
-
-def run_supernode(command: list[str], site: str, rejoin_delay_s: float) -> int:
-    """Run the SuperNode until it exits; if its connection is refused, try once more after
-    ``rejoin_delay_s``.
-
-    Flower refuses to activate a key whose earlier session has not yet missed two heartbeats
-    (30 s apart). Waiting the same delay as after a crash (:func:`_wait_out_crashed_session`)
-    lets the coordinator see that session offline before this one takes its place.
-    """
-    code, refused = _supernode_refused(command)
-    if refused:
-        log.warning(
-            "site %s: the coordinator refused the connection or could not be reached (it "
-            "refuses a key whose earlier session still looks alive); retrying once in "
-            "%.0f s (deployment.rejoin_delay_s)",
-            site,
-            rejoin_delay_s,
+    def run(self) -> int:
+        """Run the SuperNode until it exits (or the federation finishes); its exit status."""
+        since = time.time()
+        process = spawn(
+            self.command,
+            env=supernode_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
-        time.sleep(rejoin_delay_s)
-        code, refused = _supernode_refused(command)
-    if refused:
-        log.error(
-            "site %s could not join: check that its key is registered at the coordinator "
-            "(flwr supernode register), the address and the CA certificate",
-            site,
-        )
-    return code
+        # A killed site's successor stops what is left of this process group.
+        self.work.session_marker.write_text(f"{os.getpid()} {process.pid}\n")
+        assert process.stdout is not None  # stdout=subprocess.PIPE
+        echo = threading.Thread(target=self._echo, args=(process, process.stdout), daemon=True)
+        echo.start()
+        if self.exit_when_finished:
+            watch = threading.Thread(target=self._watch_finished, args=(process, since), daemon=True)
+            watch.start()
+        try:
+            code = process.wait()
+        finally:
+            stop_tree(process)  # its SuperExec and any ClientApp still running
+        echo.join(timeout=10)
+        return 0 if self.finished else code
 
 
-def _wait_out_crashed_session(site: SitePaths, delay_s: float) -> None:
-    """After a crash, stay away until the coordinator has dropped the dead session.
+def serve(site: SitePaths, command: list[str], dep: DictConfig) -> int:
+    """Run the SuperNode, restarting it after every failure (``deployment.max_restarts``, null:
+    forever) until the federation is finished; the site's exit status.
 
-    A message the dead session had received is never answered: the coordinator only gives up
-    on it (``Node Unavailable``, the round goes on without the site) if it sees the node
-    offline, which Flower decides after two missed heartbeats (30 s apart). Reconnecting
-    sooner would keep the node "online" and leave that round waiting for its timeout.
+    A restart waits ``deployment.rejoin_delay_s``: Flower refuses to activate a key whose
+    earlier session has not yet missed two heartbeats (30 s apart), and a coordinator only gives
+    up on a message the dead session held once it sees that session offline.
     """
-    if site.work.session_marker.is_file():
+    restarts = 0
+    max_restarts = dep.get("max_restarts")
+    delay = float(dep.rejoin_delay_s)
+    while True:
+        session = SuperNodeSession(command, site.work, bool(dep.exit_when_finished))
+        code = session.run()
+        if session.finished:
+            log.info("site %s: the federation it joined is finished; the site stops", site.name)
+            return 0
+        if max_restarts is not None and restarts >= int(max_restarts):
+            log.error(
+                "site %s could not stay connected (SuperNode exit code %s, %d restarts, "
+                "deployment.max_restarts): check that its key is registered at the coordinator "
+                "(flwr supernode register), the address, the proxy and the CA certificate",
+                site.name,
+                code,
+                restarts,
+            )
+            return code or 1
+        restarts += 1
+        why = (
+            "the coordinator refused the connection or could not be reached"
+            if session.refused
+            else (f"its SuperNode exited with code {code}")
+        )
         log.warning(
-            "site %s: its previous session did not end cleanly (killed or crashed); "
-            "waiting %.0f s so that the coordinator drops it before the site rejoins "
-            "(deployment.rejoin_delay_s)",
+            "site %s: %s; reconnecting in %.0f s (restart %d, deployment.rejoin_delay_s)",
             site.name,
-            delay_s,
+            why,
+            delay,
+            restarts,
         )
-        time.sleep(delay_s)
+        time.sleep(delay)
+
+
+def _clear_crashed_session(site: SitePaths, delay_s: float) -> None:
+    """After a crash: stop what is left of the dead session's Flower processes, then stay away
+    until the coordinator has dropped that session (see :func:`serve`)."""
+    marker = site.work.session_marker
+    if not marker.is_file():
+        return
+    groups = [int(word) for word in marker.read_text().split()[1:]]
+    stopped = sum(stop_group(group) for group in groups)
+    if stopped:
+        log.warning("site %s: stopped %d Flower processes its killed session left", site.name, stopped)
+    log.warning(
+        "site %s: its previous session did not end cleanly (killed or crashed); waiting %.0f s "
+        "so that the coordinator drops it before the site rejoins (deployment.rejoin_delay_s)",
+        site.name,
+        delay_s,
+    )
+    time.sleep(delay_s)
 
 
 def run_site(cfg: DictConfig) -> NoReturn:
-    """Preprocess (unchanged files are skipped), then become the site's SuperNode."""
+    """Preprocess (unchanged files are skipped), then serve as the site's SuperNode until the
+    federation is finished (exit 0), or until it stops on SIGTERM."""
     site = configured_site(cfg)
-    command = supernode_command(cfg.deployment, node_config(site, cfg))
+    dep = cfg.deployment
+    node = node_config(site, cfg)
+    command = supernode_command(dep, node)
     preprocess_consented(site, cfg.preprocess)  # logs the site's summary
-    _wait_out_crashed_session(site, float(cfg.deployment.rejoin_delay_s))
-    log.info("site %s connecting to the coordinator at %s", site.name, cfg.deployment.superlink)
-    if cfg.governance.auto_approve_simulated_sites:
+    become_subreaper()
+    _clear_crashed_session(site, float(dep.rejoin_delay_s))
+    log.info("site %s connecting to the coordinator at %s", site.name, dep.superlink)
+    if node.auto_approve:
         log.warning(
-            "site %s approves every undecided job automatically "
-            "(governance.auto_approve_simulated_sites): for demo sites only",
+            "site %s approves every undecided job automatically (its site file's "
+            "policy.auto_approve): for demo sites only",
             site.name,
         )
-    marker = site.work.session_marker
-    marker.write_text(f"{os.getpid()}\n")  # removed on any exit but a kill
+    marker = site.work.session_marker  # removed on any exit but a kill
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        code = run_supernode(command, site.name, float(cfg.deployment.rejoin_delay_s))
+        code = serve(site, command, dep)
     finally:
         marker.unlink(missing_ok=True)
+        stop_children()
     sys.exit(code)

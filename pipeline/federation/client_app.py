@@ -32,7 +32,8 @@ from flwr.clientapp import ClientApp
 
 from pipeline.contracts.console import quiet_third_party
 from pipeline.contracts.experiment import InvalidExperiment
-from pipeline.contracts.messages import ARRAYS, LEDGER_HEAD, METRICS, NUM_EXAMPLES
+from pipeline.contracts.layout import WorkDir
+from pipeline.contracts.messages import ARRAYS, LEDGER_HEAD, METRICS, NUM_EXAMPLES, SITE, SITE_NAME
 from pipeline.federation.releases import MASKING_NEIGHBOURS
 from pipeline.federation.secure_aggregation import secure_aggregation_mod
 from pipeline.federation.site_gate import approval_gate, received_experiment
@@ -49,6 +50,11 @@ def _metric_record(metrics: dict[str, float], num_examples: int) -> MetricRecord
     }
     record[NUM_EXAMPLES] = int(num_examples)
     return MetricRecord(record)
+
+
+def _site_record(name: str) -> ConfigRecord:
+    """The site's own name (the coordinator prefers the name it registered the site under)."""
+    return ConfigRecord({SITE_NAME: name})
 
 
 @app.train(mods=[secure_aggregation_mod])
@@ -68,7 +74,13 @@ def train(message: Message, context: Context) -> Message:
         cfg, received.cache_dir, state, received.server_round, received.run_id, received.policy
     )
     num_examples = int(metrics.pop(NUM_EXAMPLES))
-    content = RecordDict({ARRAYS: ArrayRecord(new_state), METRICS: _metric_record(metrics, num_examples)})
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord(new_state),
+            METRICS: _metric_record(metrics, num_examples),
+            SITE: _site_record(received.site_name),
+        }
+    )
     return Message(content=content, reply_to=message)
 
 
@@ -90,6 +102,18 @@ def evaluate(message: Message, context: Context) -> Message:
         {
             METRICS: _metric_record(metrics, num_examples),
             LEDGER_HEAD: ConfigRecord(cast(dict[str, ConfigRecordValues], head)),
+            SITE: _site_record(received.site_name),
         }
     )
     return Message(content=content, reply_to=message)
+
+
+@app.query("finished")
+def finished(message: Message, context: Context) -> Message:
+    """The coordinator's last message of a run: the site records that its federation is
+    finished (``scripts/site.py`` then stops, unless configured to keep serving)."""
+    received = received_experiment(message, context)
+    marker = WorkDir.of_cache(received.cache_dir).federation_finished
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{received.run_id}\n")
+    return Message(content=RecordDict({SITE: _site_record(received.site_name)}), reply_to=message)

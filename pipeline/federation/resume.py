@@ -85,17 +85,32 @@ def round_wall_times(output_dir: Path) -> list[float]:
     return [float(r["wall_s"]) for r in records]
 
 
+def _last_completed(output_dir: Path, records: dict[int, str]) -> int:
+    """The last round with both its checkpoint and its record (0: none)."""
+    completed = [r for r in RunLayout(output_dir).checkpoint_rounds() if r in records]
+    return completed[-1] if completed else 0
+
+
+def rounds_left(output_dir: Path, num_rounds: int) -> int:
+    """How many of ``num_rounds`` the run in ``output_dir`` still has to train (0 once it
+    stopped early); reads only, unlike :func:`resume_point`."""
+    records = recorded_rounds(output_dir)
+    last = _last_completed(output_dir, records)
+    if any(json.loads(records[r]).get("stopped_early") for r in records if r <= last):
+        return 0
+    return max(0, num_rounds - last)
+
+
 def resume_point(output_dir: Path) -> ResumePoint:
     """The last completed round in ``output_dir`` (0 and no state for a new run).
 
     Rewrites ``rounds.jsonl`` without the records of rounds after the completed one.
     """
     records = recorded_rounds(output_dir)
-    completed = [r for r in RunLayout(output_dir).checkpoint_rounds() if r in records]
-    if not completed:
+    last = _last_completed(output_dir, records)
+    if not last:
         _keep_records(output_dir, records, 0)
         return ResumePoint(0, None)
-    last = completed[-1]
     path = RunLayout(output_dir).checkpoint(last)
     state, _ = load_checkpoint(path)
     _keep_records(output_dir, records, last)

@@ -63,7 +63,17 @@ from omegaconf import DictConfig
 
 from pipeline.contracts.experiment import InvalidExperiment, experiment_from_yaml
 from pipeline.contracts.layout import WorkDir
-from pipeline.contracts.messages import ARRAYS, CONFIG, CONFIG_KEY, METRICS, NUM_EXAMPLES, ROUND_KEY, STAMP
+from pipeline.contracts.messages import (
+    ARRAYS,
+    CONFIG,
+    CONFIG_KEY,
+    METRICS,
+    NUM_EXAMPLES,
+    ROUND_KEY,
+    SITE,
+    SITE_NAME,
+    STAMP,
+)
 from pipeline.federation.allocator import keep_large_blocks
 from pipeline.federation.releases import MASKING_NEIGHBOURS, ReleaseStore
 from pipeline.federation.site_gate import received_experiment
@@ -170,6 +180,8 @@ def _fit_result(reply: RecordDict, training: RecordDict) -> RecordDict:
     cfg = experiment_from_yaml(str(training[CONFIG][CONFIG_KEY]))
     settings = SecAggSettings.from_config(cfg.federation, num_sites(cfg))
     settings.check_site_update(num_examples, max(float(np.abs(a).max()) for a in ndarrays))
+    if SITE in reply:  # the site's name travels beside its metrics in the legacy layout
+        metrics[SITE] = str(cast(ConfigRecord, reply[SITE])[SITE_NAME])
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(ndarrays), num_examples, metrics)
     return compat.fitres_to_recorddict(fitres, keep_input=False)
 
@@ -227,8 +239,12 @@ class SecureFitStrategy(LegacyFedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list,
     ) -> tuple[Parameters | None, dict]:
+        names = self.recorder.names
+        for proxy, res in results:
+            names.reported(proxy.node_id, res.metrics.get(SITE))
         per_site = {
-            str(proxy.node_id): {k: float(v) for k, v in res.metrics.items()} for proxy, res in results
+            names(proxy.node_id): {k: float(v) for k, v in res.metrics.items() if k != SITE}
+            for proxy, res in results
         }
         self.recorder.record_train(
             server_round,
@@ -329,6 +345,7 @@ class ReportingSecAggPlusWorkflow(SecAggPlusWorkflow):
             ROUND_KEY: self.recorder.run_round(server_round),
         }
         grid = ExperimentStampingGrid(grid, ConfigRecord(stamp))
+        self.recorder.names.refresh(grid)
         state = WorkflowState()
         stages = {
             "setup": self.setup_stage,

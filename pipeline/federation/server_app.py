@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.typing import ConfigRecordValues
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
@@ -23,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.contracts.experiment import experiment_yaml
 from pipeline.contracts.layout import RunLayout
-from pipeline.contracts.messages import CONFIG_KEY, OUTPUT_DIR_KEY, RUN_ID_KEY
+from pipeline.contracts.messages import CONFIG, CONFIG_KEY, FINISHED, OUTPUT_DIR_KEY, ROUND_KEY, RUN_ID_KEY
 from pipeline.federation.resume import (
     fedrad_run_id,
     recorded_rounds,
     resume_point,
+    rounds_left,
 )
 from pipeline.federation.secure_aggregation import run_secure_federation
 from pipeline.federation.selection import EarlyStop, RoundSelector
@@ -151,6 +152,25 @@ def make_server_app(cfg: DictConfig, output_dir: Path) -> ServerApp:
     return server
 
 
+def announce_finished(grid: Grid, cfg: DictConfig, output_dir: Path) -> None:
+    """Tell every connected site that the federation in ``output_dir`` is finished (a deployed
+    site then stops, unless it is configured to keep serving); nothing while rounds are left."""
+    if rounds_left(output_dir, int(cfg.federation.num_rounds)):
+        return
+    rounds = RunLayout(output_dir).checkpoint_rounds()
+    stamp = {
+        CONFIG_KEY: experiment_yaml(cfg),
+        RUN_ID_KEY: fedrad_run_id(output_dir, cfg),
+        ROUND_KEY: rounds[-1] if rounds else 1,
+    }
+    record = ConfigRecord(cast(dict[str, ConfigRecordValues], stamp))
+    messages = [Message(RecordDict({CONFIG: record}), node, FINISHED) for node in grid.get_node_ids()]
+    timeout = min(float(cfg.federation.round_timeout_s), 120.0)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    told = sum(not reply.has_error() for reply in replies)
+    log.info("told %d of %d connected sites that the federation is finished", told, len(messages))
+
+
 app = ServerApp()
 
 
@@ -172,3 +192,4 @@ def main(grid: Grid, context: Context) -> None:
     cfg = cast(DictConfig, OmegaConf.load(config_path))  # the resolved experiment: a mapping
     output_dir = Path(str(context.run_config.get(OUTPUT_DIR_KEY, "outputs/federation")))
     run_federation(grid, cfg, output_dir, context)
+    announce_finished(grid, cfg, output_dir)

@@ -32,6 +32,7 @@ class ReceivedExperiment:
     run_id: str
     server_round: int
     policy: SitePolicy
+    site_name: str
 
 
 def received_experiment(message: Message, context: Context) -> ReceivedExperiment:
@@ -70,8 +71,9 @@ def received_experiment(message: Message, context: Context) -> ReceivedExperimen
     cache_dir = site_cache_dir(node_config, cfg)
     enforce_approval(cfg, WorkDir.of_cache(cache_dir).root)
     run = run_id if run_id != "None" else str(context.run_id)
+    name = site.site_name if site is not None and site.site_name else WorkDir.of_cache(cache_dir).site_name
     return ReceivedExperiment(
-        cfg, cache_dir, run, int(server_round or 0), SitePolicy.for_site(node_config, cfg)
+        cfg, cache_dir, run, int(server_round or 0), SitePolicy.for_site(node_config, cfg), name
     )
 
 

@@ -14,7 +14,7 @@ from flwr.app.typing import MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from pipeline.contracts.messages import LEDGER_HEAD, METRICS, NUM_EXAMPLES
+from pipeline.contracts.messages import LEDGER_HEAD, METRICS, NUM_EXAMPLES, SITE, SITE_NAME
 from pipeline.federation.selection import EarlyStop, RoundSelector, pooled_metrics, warn_collapsed_classes
 from pipeline.federation.server_optimizer import ServerOptimizer
 from pipeline.governance.heads import record_heads
@@ -28,23 +28,55 @@ class TooFewSites(RuntimeError):
     """Fewer than ``federation.min_sites`` sites trained in a round: the federation stops."""
 
 
-def _site_metrics(replies: list[Message]) -> SiteMetrics:
-    """Scalar metrics of each replying site, keyed by its node id."""
+class SiteNames:
+    """The name of each site, for logs and records: the name the coordinator registered its key
+    under (``flwr supernode register --name``); where the SuperLink has none (simulation,
+    plain-text test deployments), the name the site gives in its replies (simulated: its
+    ``data.sites`` entry); its node id only until either is known."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+        self.registered: set[int] = set()
+
+    def refresh(self, grid: Grid) -> None:
+        """Take the registered names of the connected sites from the SuperLink."""
+        for node in grid.get_nodes():
+            if node.name:
+                self.names[int(node.node_id)] = str(node.name)
+                self.registered.add(int(node.node_id))
+
+    def reported(self, node_id: int, name: object) -> None:
+        """A name a site gave itself; used where no name was registered."""
+        if name and node_id not in self.registered:
+            self.names[node_id] = str(name)
+
+    def learn(self, replies: Iterable[Message]) -> None:
+        for reply in replies:
+            if not reply.has_error() and SITE in reply.content.config_records:
+                self.reported(reply.metadata.src_node_id, reply.content.config_records[SITE].get(SITE_NAME))
+
+    def __call__(self, node_id: int) -> str:
+        return self.names.get(int(node_id), str(node_id))
+
+
+def _site_metrics(replies: list[Message], names: SiteNames) -> SiteMetrics:
+    """Scalar metrics of each replying site, keyed by its name."""
+    names.learn(replies)
     per_site = {}
     for reply in replies:
         if reply.has_error():
-            log.warning("site %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            log.warning("site %s failed: %s", names(reply.metadata.src_node_id), reply.error.reason)
             continue
         # The sites' metrics are scalars (pipeline.training.loop.train and evaluate).
         record = cast(Mapping[str, float], next(iter(reply.content.metric_records.values())))
-        per_site[str(reply.metadata.src_node_id)] = {k: float(v) for k, v in record.items()}
+        per_site[names(reply.metadata.src_node_id)] = {k: float(v) for k, v in record.items()}
     return per_site
 
 
-def _ledger_heads(replies: list[Message]) -> dict[str, dict]:
-    """The ledger head (seq, head, ledger key id) each replying site reported, by node id."""
+def _ledger_heads(replies: list[Message], names: SiteNames) -> dict[str, dict]:
+    """The ledger head (seq, head, ledger key id) each replying site reported, by site name."""
     return {
-        str(reply.metadata.src_node_id): dict(reply.content.config_records[LEDGER_HEAD])
+        names(reply.metadata.src_node_id): dict(reply.content.config_records[LEDGER_HEAD])
         for reply in replies
         if not reply.has_error() and LEDGER_HEAD in reply.content.config_records
     }
@@ -111,6 +143,7 @@ class RecordingFedAvg(FedAvg):
         self.completed_rounds = completed_rounds
         self.server_optimizer = server_optimizer or ServerOptimizer(None)
         self.selector = selector or RoundSelector(rounds_file.parent, None, None)
+        self.names = SiteNames()
         self._sent: ArrayRecord | None = None
         self._round: dict = {}
         self._clock = time.perf_counter()
@@ -124,6 +157,7 @@ class RecordingFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self.check_stop()
         wait_for_sites(grid, self.min_available_nodes)
+        self.names.refresh(grid)
         self._sent = arrays
         return super().configure_train(self.run_round(server_round), arrays, config, grid)
 
@@ -131,15 +165,17 @@ class RecordingFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         wait_for_sites(grid, self.min_available_nodes)
+        self.names.refresh(grid)
         return super().configure_evaluate(self.run_round(server_round), arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        per_site = _site_metrics(replies)
+        per_site = _site_metrics(replies, self.names)
         arrays, metrics = super().aggregate_train(server_round, replies)
-        failures = [reply.error.reason for reply in replies if reply.has_error()]
+        names = self.names
+        failures = [f"{names(r.metadata.src_node_id)}: {r.error.reason}" for r in replies if r.has_error()]
         self.record_train(server_round, per_site, metrics, failures)
         if arrays is not None and self._sent is not None:
             arrays = self.server_optimizer.step(self.run_round(server_round), self._sent, arrays)
@@ -189,8 +225,8 @@ class RecordingFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        per_site = _site_metrics(replies)
-        heads = _ledger_heads(replies)
+        per_site = _site_metrics(replies, self.names)
+        heads = _ledger_heads(replies, self.names)
         record_heads(self.rounds_file.parent, self.run_round(server_round), heads)
         metrics = super().aggregate_evaluate(server_round, replies)
         run_round = self.run_round(server_round)

@@ -25,12 +25,12 @@ def site_head(work_dir: Path) -> dict[str, str | int]:
 
 
 def record_heads(output_dir: Path, server_round: int, heads: dict[str, dict]) -> None:
-    """Append the heads the sites reported in a round (keyed by node id) to the heads file."""
+    """Append the heads the sites reported in a round (keyed by site name) to the heads file."""
     path = RunLayout(Path(output_dir)).ledger_heads
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        for node, head in heads.items():
-            line = {"round": server_round, "node": node, **head}
+        for site, head in heads.items():
+            line = {"round": server_round, "site": site, **head}
             handle.write(json.dumps(line, sort_keys=True) + "\n")
 
 

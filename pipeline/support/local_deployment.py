@@ -1,6 +1,7 @@
 """A whole deployment on one machine: the coordinator and each site as separate processes on
 127.0.0.1, running the project's own commands (``scripts/coordinator.py``, ``scripts/site.py``)
-with TLS and SuperNode authentication unless ``insecure``. Used by the deployment tests and
+with TLS and SuperNode authentication unless ``insecure``. Each site runs from its own site file
+written outside the repository, as a hospital's would be. Used by the deployment tests and
 benchmarks; a real federation runs the same commands on separate machines.
 """
 
@@ -13,12 +14,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
 
 from pipeline.deployment.certificates import SiteKeys, make_federation_certs
 from pipeline.deployment.coordinator import CoordinatorState
 from pipeline.deployment.flower_cli import flower_env, register_site
+from pipeline.deployment.processes import spawn
+
+MARKER = "FEDRAD_LOOPBACK_DEPLOYMENT"  # in the environment of every process of one deployment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +42,9 @@ class LoopbackDeployment:
     """Certificates, coordinator and sites under ``work_dir`` (logs in ``work_dir/logs``).
 
     ``overrides`` are the Hydra overrides of the experiment, given to every command; each
-    site ``<name>`` runs with ``+site=demo_<name>`` (``conf/site/demo_<name>.yaml``).
+    site ``<name>`` runs with its site file ``work_dir/site_files/site/<name>.yaml`` (the demo
+    site's folders under ``data.sites_root``, its key and CA, and ``site_settings[<name>]``,
+    e.g. a standing ``epsilon_budget``), selected with ``--config-dir ... +site=<name>``.
     """
 
     def __init__(
@@ -44,9 +54,11 @@ class LoopbackDeployment:
         sites: list[str],
         insecure: bool = False,
         certs_dir: Path | None = None,
+        site_settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.work_dir = Path(work_dir)
         self.sites = sites
+        self.site_settings = dict(site_settings or {})
         self.insecure = insecure
         self.certs_dir = certs_dir or self.work_dir / "certs"
         self.state_dir = self.work_dir / "state"
@@ -65,20 +77,56 @@ class LoopbackDeployment:
         """Everything process ``name`` (``coordinator`` or a site) printed so far."""
         return (self.work_dir / "logs" / f"{name}.log").read_text(errors="replace")
 
-    def _spawn(self, name: str, script: str, extra: list[str]) -> subprocess.Popen:
-        """Run ``scripts/<script>`` in its own process group, appending to its log."""
-        log = open(self.work_dir / "logs" / f"{name}.log", "a")
-        command = [sys.executable, str(REPO / "scripts" / script), *self.overrides, *extra]
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=flower_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    def _spawn(
+        self,
+        name: str,
+        script: str,
+        extra: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        options: Sequence[str] = (),
+    ) -> subprocess.Popen:
+        """Run ``scripts/<script> <options> <overrides> <extra>`` in its own process group
+        (killed if this process dies), appending to its log."""
+        with open(self.work_dir / "logs" / f"{name}.log", "a") as log:
+            script_path = str(REPO / "scripts" / script)
+            command = [sys.executable, script_path, *options, *self.overrides, *extra]
+            environment = flower_env() | {MARKER: str(self.work_dir)} | dict(env or {})
+            process = spawn(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
         self.processes[name] = process
         return process
+
+    def site_file(self, site: str) -> Path:
+        """Write site ``site``'s site file (outside the repository); its path."""
+        path = self.work_dir / "site_files" / "site" / f"{site}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = SiteKeys.under(self.certs_dir, site)
+        settings: dict[str, Any] = {
+            "name": site,
+            "input_dir": f"${{data.sites_root}}/{site}/dicom",
+            "labels_csv": f"${{data.sites_root}}/{site}/labels.csv",
+            "work_dir": f"${{data.sites_root}}/{site}/fedrad",
+            "secret_file": f"${{data.sites_root}}/{site}/site_secret.key",
+            "coordinator": f"127.0.0.1:{self.port}",
+            "root_certificate": str(self.certs_dir / "ca.crt"),
+            "private_key": str(keys.private_key),
+            "epsilon_budget": None,
+            "policy": {"require_approval": True, "auto_approve": True},
+            **self.site_settings.get(site, {}),
+        }
+        path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        return path
+
+    def leftovers(self) -> list[psutil.Process]:
+        """Processes of this deployment still running (any process started by its commands,
+        however detached, carries :data:`MARKER` in its environment)."""
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get(MARKER) == str(self.work_dir) and process.status() != "zombie":
+                    found.append(process)
+            except psutil.Error:
+                continue
+        return found
 
     def make_certs(self) -> None:
         if not self.insecure and not (self.certs_dir / "ca.crt").is_file():
@@ -114,15 +162,17 @@ class LoopbackDeployment:
         for thread in threads:
             thread.join()
 
-    def start_site(self, site: str, extra: Sequence[str] = ()) -> subprocess.Popen:
+    def start_site(
+        self, site: str, extra: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen:
+        """Start site ``site`` from its site file; ``env`` adds to its environment (a proxy)."""
+        site_file = self.site_file(site)
         return self._spawn(
             site,
             "site.py",
-            [
-                f"+site=demo_{site}",
-                f"deployment.supernode_port={free_port()}",
-                *extra,
-            ],
+            [f"+site={site}", f"deployment.supernode_port={free_port()}", *extra],
+            env,
+            options=["--config-dir", str(site_file.parent.parent)],
         )
 
     def wait_coordinator(self, timeout: float) -> int:
@@ -135,7 +185,8 @@ class LoopbackDeployment:
             ) from None
 
     def kill(self, name: str) -> None:
-        """SIGKILL process ``name`` and every process it started (its process group)."""
+        """SIGKILL process ``name``'s process group: the command, as a crash would; the Flower
+        processes it started die with it (:mod:`pipeline.deployment.processes`)."""
         process = self.processes[name]
         try:
             os.killpg(process.pid, signal.SIGKILL)
@@ -155,8 +206,14 @@ class LoopbackDeployment:
         self.kill(name)
 
     def close(self) -> None:
+        """Stop every process of the deployment, leftovers of killed ones included."""
         for name in list(self.processes):
             self.stop(name)
+        for process in self.leftovers():
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
 
     def run(self, timeout: float = 1800) -> None:
         """The whole federation: coordinator, registrations, sites, until the run ends."""
