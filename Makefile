@@ -38,15 +38,15 @@ test-fast: setup
 # BASE_IMAGE is made offline with mmdebstrap when absent; this machine's pip CA bundle and
 # find-links folder are passed to the image build.
 BASE_IMAGE ?= fedrad-base:bookworm
-CA_BUNDLE  ?= $(shell $(PIP) config get global.cert 2>/dev/null)
-WHEELHOUSE ?= $(shell $(PIP) config get global.find-links 2>/dev/null)
+CA_BUNDLE  ?= $(or $(PIP_CERT),$(shell $(PIP) config get global.cert 2>/dev/null))
+WHEELHOUSE ?= $(or $(PIP_FIND_LINKS),$(shell $(PIP) config get global.find-links 2>/dev/null))
 docker-base:
 	docker image inspect $(BASE_IMAGE) >/dev/null 2>&1 || { \
 	  mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm /tmp/fedrad-base.tar \
 	  && docker import /tmp/fedrad-base.tar $(BASE_IMAGE) && rm -f /tmp/fedrad-base.tar; }
 
 docker-test: setup docker-base
-	FEDRAD_BASE_IMAGE=$(BASE_IMAGE) CA_BUNDLE=$(CA_BUNDLE) WHEELHOUSE=$(WHEELHOUSE) TORCH_INDEX= \
+	FEDRAD_BASE_IMAGE=$(BASE_IMAGE) CA_BUNDLE=$(CA_BUNDLE) WHEELHOUSE=$(WHEELHOUSE) TORCH_INDEX= PIP_FIND_LINKS= \
 	  $(PY) -m pytest -m docker -s
 
 # Faults injected into a loaded three-site deployment (about an hour on 2 cores).

@@ -6,10 +6,10 @@ For the coordinator's operator, once per federation. Required: nothing for the d
     python scripts/make_certs.py deployment.hostnames=[coordinator.example.org] \
         deployment.sites=[hospital_a,hospital_b,hospital_c]
 
-Writes deployment.certs_dir: ca.crt (give to every site), ca.key (keep offline),
-coordinator.crt/.key (the SuperLink's), sites/<name>.key (give to that site only) and
-sites/<name>.pub (registered on the coordinator). Existing files are kept; delete them
-to rotate. No secret belongs in the repository.
+Writes deployment.certs_dir (default ~/.fedrad/certs, outside the repository; private keys
+mode 0600): ca.crt (give to every site), ca.key (keep offline), coordinator.crt/.key (the
+SuperLink's), sites/<name>.key (give to that site only) and sites/<name>.pub (registered on the
+coordinator). Existing files are kept; delete them to rotate.
 """
 
 from __future__ import annotations

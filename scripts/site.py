@@ -1,12 +1,15 @@
 """Site: preprocess this hospital's data if needed, then join the federation.
 
-For hospital IT, on the site's machine. Required: +site=<your site file> and deployment.superlink=<coordinator:port>.
+For hospital IT, on the site's machine. Required: the site file (--config-dir <folder> +site=<name> reads <folder>/site/<name>.yaml) and the coordinator's experiment=.
 
-    python scripts/site.py +site=demo_site1 experiment=demo deployment.superlink=coordinator.example.org:9092
+    python scripts/site.py --config-dir /etc/fedrad +site=hospital_a experiment=pneumonia_primia
+    python scripts/site.py +site=demo_site1 experiment=demo            # a demo site (conf/site/)
 
-conf/site/<name>.yaml names the site's DICOM folder, labels and work folder; the site needs
-the federation's ca.crt and its own private key (deployment.root_certificate,
-deployment.private_key). Only model updates and scalar metrics leave the site.
+The site file, kept outside the repository, names the site's data folders, work folder, the
+coordinator's address, the federation CA, the site's own key, its standing privacy budget and
+its approval policy. The site dials out (set HTTPS_PROXY for an outbound proxy), reconnects on
+its own after failures, and exits 0 when the federation is finished. Only model updates and
+scalar metrics leave the site.
 """
 
 from __future__ import annotations

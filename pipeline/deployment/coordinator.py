@@ -249,6 +249,7 @@ def run_coordinator(cfg: DictConfig) -> Outcome:
                 failure,
             )
             stop_tree(superlink)
+            stop_children()  # its executor and ServerApp, orphaned to this process if it died first
             superlink = None
         if outcome.completed and dep.keep_running and superlink is not None:
             log.info("deployment.keep_running=true: the SuperLink stays up (Ctrl-C to stop)")

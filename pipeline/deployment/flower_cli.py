@@ -22,6 +22,8 @@ from pathlib import Path
 from pipeline.contracts.messages import CONFIG_KEY, OUTPUT_DIR_KEY
 
 CONNECTION = "fedrad"
+# How `flwr run --stream` prints the ServerApp's Flower log records ("12/02/2026 06:39:26:INFO:...").
+FLOWER_LOG_COPY = re.compile(r"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
 SERVER_APP = "pipeline.federation.server_app:app"
 CLIENT_APP = "pipeline.federation.client_app:app"
 
@@ -154,14 +156,14 @@ def run_status(flwr_home: Path, run_id: int) -> str:
 
 
 def stream_run(flwr_home: Path, app_dir: Path, on_start: Callable[[subprocess.Popen], None]) -> int | None:
-    """Submit the app bundle with ``flwr run --stream`` and follow it until the run ends; the
-    run id (None if the run never started).
+    """Submit the app bundle with ``flwr run --stream``, echo the ServerApp's log until the run
+    ends, and return the run id (None if the run never started).
 
-    ``flwr run``'s own lines are echoed up to the start of the run; the ServerApp's log it
-    streams afterwards is not, because the ServerApp, a descendant of the coordinator's
-    SuperLink, prints it on the coordinator's console already (every line once). ``on_start``
-    receives the ``flwr run`` process (a watchdog may terminate it). Whether the run completed
-    is the SuperLink's to say (:func:`run_status`), not the stream's exit code.
+    Flower's own log records reach the stream in a second copy (:data:`FLOWER_LOG_COPY`) of the
+    lines the ServerApp, a descendant of the coordinator's SuperLink, prints on the coordinator's
+    console already: they are not echoed again (every line once). ``on_start`` receives the
+    ``flwr run`` process (a watchdog may terminate it). Whether the run completed is the
+    SuperLink's to say (:func:`run_status`), not the stream's exit code.
     """
     command = [flower_tool("flwr"), "run", str(app_dir), "--stream"]
     process = subprocess.Popen(
@@ -175,9 +177,9 @@ def stream_run(flwr_home: Path, app_dir: Path, on_start: Callable[[subprocess.Po
     run_id = None
     assert process.stdout is not None
     for line in process.stdout:
-        if run_id is None:
+        if not FLOWER_LOG_COPY.match(line):
             sys.stdout.write(line)
-            run_id = started_run_id(line)
+        run_id = run_id or started_run_id(line)
     process.wait()
     return run_id
 
