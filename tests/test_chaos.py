@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ import torch
 
 from pipeline.contracts.layout import SitePaths
 from pipeline.deployment.certificates import make_federation_certs
+from pipeline.deployment.processes import spawn
 from pipeline.governance.budget import PrivacyLedger
 from pipeline.support.local_deployment import LoopbackDeployment
 from pipeline.support.network import TcpRelay
@@ -59,7 +59,7 @@ def only_when_selected(request) -> None:
 @pytest.fixture(scope="module")
 def busy_machine() -> Iterator[None]:
     """Four CPU-bound processes on the machine's cores for the whole module; the counts at the end."""
-    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    burners = [spawn([sys.executable, "-c", "while True: pass"]) for _ in range(4)]  # die with pytest
     yield
     for burner in burners:
         burner.kill()

@@ -82,9 +82,11 @@ def supernode_command(dep: DictConfig, node: NodeConfig) -> list[str]:
 # refuses to activate the node, e.g. a restarted site whose previous session still looks alive.
 CONNECTION_ERROR = "Exit Code: 305"
 REPLY_SENT = "Sent successfully"  # what it prints once a reply has reached the coordinator
-# What it prints when the coordinator answers with an HTTP 5xx that Flower does not retry (its
-# SuperNode gives up on it): the site restarts its SuperNode.
-SERVER_ERROR = re.compile(r"Server error '5\d\d")
+# What it prints when it gives up on the coordinator while running on: an HTTP 5xx that Flower
+# does not retry, or a connection closed during the TLS handshake (a relay or proxy whose
+# upstream is down), which Flower takes for a TLS error and stops retrying. The SuperNode then
+# stops pulling messages without exiting: the site restarts it.
+GAVE_UP = re.compile(r"Server error '5\d\d|Giving up reconnection")
 LOOPBACK = "127.0.0.1,::1"
 
 
@@ -118,7 +120,7 @@ class SuperNodeSession:
                 self.refused = True
             if REPLY_SENT in line:
                 self.last_sent = time.time()
-            if SERVER_ERROR.search(line) and not self.broken:
+            if GAVE_UP.search(line) and not self.broken:
                 self.broken = True
                 threading.Thread(target=stop_tree, args=(process,), daemon=True).start()
 
