@@ -1,6 +1,7 @@
 """The docker image built and the compose federation run to the end (marker ``docker``).
 
-Skipped, with one line, where no docker daemon answers. ``make docker-test`` makes an offline
+Runs only when selected (``pytest -m docker``, ``make docker-test``); skipped, with one line,
+where no docker daemon answers. ``make docker-test`` makes an offline
 base image first (``mmdebstrap`` + ``docker import``) and passes it with this machine's CA bundle
 and pip wheelhouse (``FEDRAD_BASE_IMAGE``, ``CA_BUNDLE``, ``WHEELHOUSE``; see docker/build.sh).
 The test builds the image from the tracked files, runs docker/compose.yaml (certificates, a
@@ -37,7 +38,9 @@ def docker(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def daemon() -> None:
+def daemon(request) -> None:
+    if "docker" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("the docker test runs only with `pytest -m docker` (make docker-test)")
     try:
         answered = docker("info", timeout=30).returncode == 0
     except (FileNotFoundError, subprocess.TimeoutExpired):
