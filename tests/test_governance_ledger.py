@@ -35,7 +35,14 @@ from pipeline.governance.keys import (
 )
 from pipeline.governance.revocation import preprocess_consented, revoke_patient
 from pipeline.governance.rounds import experiment_sha256, rows_sha256, state_sha256, trained_patients
-from pipeline.governance.site_ledger import GENESIS, LedgerCorrupted, SiteLedger, canonical_json, entry_hash
+from pipeline.governance.site_ledger import (
+    GENESIS,
+    LedgerCorrupted,
+    SiteLedger,
+    _signed,
+    canonical_json,
+    entry_hash,
+)
 from pipeline.ingestion.preprocess import CONSENT_REVOKED
 from pipeline.ingestion.pseudonym import load_secret, patient_key
 from pipeline.training.checkpoints import load_checkpoint
@@ -130,6 +137,19 @@ def test_tampering_is_detected_and_named(ledger, kind):
         assert any(p.startswith(start) for p in problems), (start, problems)
     assert len(problems) == len(expected), problems
 
+
+def test_a_signature_is_checked_once_per_process_and_a_forgery_still_fails(ledger):
+    """A site reads its ledger at every message: the Ed25519 check of an entry already verified
+    is remembered, and an entry re-signed with another key is a new check, which fails."""
+    ledger.verify()
+    before = _signed.cache_info()
+    assert ledger.verify() == []
+    after = _signed.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (5, 0)
+    rewrite(ledger, lambda lines: resigned(lines, Ed25519PrivateKey.generate(), 3, {"n": 3}))
+    problems = ledger.verify()
+    assert [p.split(":")[0] for p in problems] == [f"entry {n} (note, line {n})" for n in (3, 4, 5)]
+    assert all("signature is not the site key's" in p for p in problems)
 
 def test_truncated_or_rewritten_tail_is_caught_by_the_reported_heads(ledger):
     heads = [(e["seq"], e["hash"]) for e in ledger.entries()]

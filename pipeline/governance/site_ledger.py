@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -101,10 +102,28 @@ def entry_hash(entry: dict) -> str:
     return hashlib.sha256(canonical_json({k: entry[k] for k in SIGNED_FIELDS})).hexdigest()
 
 
+def _raw(public_key: Ed25519PublicKey) -> bytes:
+    """The key's 32 raw bytes."""
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _signed(public_key: bytes, signature: str, digest: str) -> bool:
+    """Whether ``signature`` (hex) is ``public_key``'s Ed25519 signature of ``digest`` (hex).
+
+    Remembered: the answer for the same three values never changes, so a long-lived site
+    process verifies each entry of its growing ledger once, not at every message of every round.
+    """
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(bytes.fromhex(signature), bytes.fromhex(digest))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 def key_id(public_key: Ed25519PublicKey) -> str:
     """Short fingerprint of a ledger public key: names the ledger in the coordinator's heads."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return hashlib.sha256(_raw(public_key)).hexdigest()[:16]
 
 
 def _short(value: object) -> str:
@@ -277,6 +296,7 @@ class SiteLedger:
         problems: list[str] = []
         entries: list[dict] = []
         by_seq: dict[int, str] = {}
+        public = _raw(self.public_key)
         prev, seq = GENESIS, 0
         for line_no, line in enumerate(self._lines(data), start=1):
             seq += 1
@@ -324,9 +344,7 @@ class SiteLedger:
                 hashed = False
             if not hashed:
                 problems.append(f"{where}: its hash does not match its contents (edited)")
-            try:
-                self.public_key.verify(bytes.fromhex(entry["signature"]), bytes.fromhex(entry["hash"]))
-            except (InvalidSignature, ValueError):
+            if not _signed(public, str(entry["signature"]), str(entry["hash"])):
                 problems.append(f"{where}: signature is not the site key's ({self.key_id})")
             by_seq.setdefault(entry["seq"], entry["hash"])
             entries.append({k: entry[k] for k in (*SIGNED_FIELDS, "hash", "signature")})
