@@ -2,8 +2,9 @@
 
 Both sides read and write them through this module: the coordinator's records
 (:data:`CONFIG_KEY`, :data:`RUN_ID_KEY`, :data:`ROUND_KEY`, the SecAgg+ :data:`STAMP` record),
-the sites' replies (:data:`NUM_EXAMPLES`), and the node config a deployed site's SuperNode is
-started with (:class:`NodeConfig`: written by ``scripts/site.py``, read by the ClientApp).
+the sites' replies (:data:`NUM_EXAMPLES`, :data:`THRESHOLD_COUNTS`), and the node config a
+deployed site's SuperNode is started with (:class:`NodeConfig`: written by ``scripts/site.py``,
+read by the ClientApp).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ ARRAYS = "arrays"  # the record names of Flower's strategies: model, metrics, co
 METRICS = "metrics"
 CONFIG = "config"
 LEDGER_HEAD = "ledger"  # a site's ledger head (seq, head, key id) in its evaluation reply
+# A site's validation images called pneumonia at each threshold of a fixed grid, in its
+# evaluation reply (pipeline.evaluation.threshold): those with pneumonia, those without.
+THRESHOLD_COUNTS = "threshold-counts"
+POSITIVES_CALLED = "positives-called"
+NEGATIVES_CALLED = "negatives-called"
 OUTPUT_DIR_KEY = "output-dir"  # the deployed ServerApp's run config: where the run writes
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine for each simulated node
 SITE = "site"  # a site's reply: the config record with its own name (SITE_NAME)

@@ -1,4 +1,5 @@
-"""Centralised and single-site baselines on the federation's own training path."""
+"""Centralised and single-site baselines on the federation's own training path, released with an
+operating threshold chosen on the training sites' validation images, as a federation's is."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from pipeline.contracts.labels import NORMAL_INDEX
 from pipeline.contracts.layout import RunLayout, SitePaths
 from pipeline.contracts.messages import NUM_EXAMPLES
 from pipeline.evaluation.scoring import evaluate_checkpoint, summary_line
-from pipeline.training.checkpoints import save_checkpoint
+from pipeline.evaluation.threshold import grid_counts, operating_threshold, pneumonia_score
+from pipeline.training.checkpoints import OPERATING_THRESHOLD, save_checkpoint
 from pipeline.training.datamodule import CacheDataModule
-from pipeline.training.loop import build_classifier, build_trainer, train
+from pipeline.training.loop import build_classifier, build_trainer, predict_probabilities, train
 
 log = logging.getLogger("fedrad.train")
 
@@ -45,12 +48,16 @@ def run_baseline(cfg: DictConfig, output_dir: Path) -> dict:
     classifier = build_classifier(cfg, train_labels=datamodule.dataset("train").labels)
     trainer = build_trainer(cfg, max_epochs=epochs, output_dir=output_dir)
     train_metrics = train(classifier, datamodule, trainer)
-    checkpoint = save_checkpoint(
-        RunLayout(output_dir).model,
-        classifier.net,
-        cfg,
-        extra={"mode": str(cfg.mode), "sites": sites, "epochs": epochs},
+    validation = datamodule.dataset("val")
+    counts = grid_counts(
+        validation.labels.numpy() != NORMAL_INDEX,
+        pneumonia_score(predict_probabilities(classifier, validation.images)),
     )
+    threshold = operating_threshold(counts, f"the validation images of {', '.join(sites)}")
+    extra = {"mode": str(cfg.mode), "sites": sites, "epochs": epochs}
+    if threshold is not None:
+        extra[OPERATING_THRESHOLD] = threshold
+    checkpoint = save_checkpoint(RunLayout(output_dir).model, classifier.net, cfg, extra=extra)
     log.info("trained on %d images: %s", train_metrics[NUM_EXAMPLES], train_metrics)
     metrics = evaluate_checkpoint(checkpoint, list(caches.values()), output_dir, split="test")
     log.info("test patients of %s: %s", ", ".join(caches), summary_line(metrics))

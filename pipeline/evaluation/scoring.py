@@ -1,4 +1,10 @@
-"""Score a trained model on held-out images: metrics.json, confusion matrix and ROC plots."""
+"""Score a trained model on held-out images: metrics.json, confusion matrix and ROC plots.
+
+Each image gets one class, by the model's operating rule (:func:`pipeline.evaluation.threshold.
+model_classes`: its stored pneumonia threshold, then the more probable type; the most probable
+class for a model that stores no threshold). Accuracy, per-class sensitivity and specificity,
+MCC and the confusion matrix are of those classes, as in the clinical report.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from sklearn.metrics import (
 from pipeline.contracts.cache import load_splits
 from pipeline.contracts.labels import CLASS_NAMES, NORMAL_INDEX
 from pipeline.contracts.layout import RunLayout
-from pipeline.training.checkpoints import load_model
+from pipeline.evaluation.threshold import decision_rule, model_classes
+from pipeline.training.checkpoints import OPERATING_THRESHOLD, load_model
 from pipeline.training.loop import predict_probabilities
 
 CONFUSION_PNG = "confusion_matrix.png"
@@ -34,12 +41,16 @@ def _auroc(truth: np.ndarray, score: np.ndarray) -> float | None:
 
 
 def classification_metrics(
-    probabilities: np.ndarray, labels: np.ndarray, patient_keys: Sequence[str]
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    patient_keys: Sequence[str],
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Accuracy, macro one-vs-rest ROC-AUC (over the classes present), MCC, pneumonia-vs-normal
-    ROC-AUC, per-class sensitivity / specificity / ROC-AUC, confusion matrix and counts."""
+    ROC-AUC, per-class sensitivity / specificity / ROC-AUC, confusion matrix and counts, the
+    classes by the operating rule at ``threshold`` (None: the most probable class)."""
     classes = range(len(CLASS_NAMES))
-    predicted = probabilities.argmax(axis=1)
+    predicted = model_classes(probabilities, threshold)
     matrix = confusion_matrix(labels, predicted, labels=list(classes))
     per_class = {}
     for c in classes:
@@ -55,6 +66,7 @@ def classification_metrics(
         }
     class_aurocs = [m["auroc"] for m in per_class.values() if m["auroc"] is not None]
     return {
+        "decision_rule": decision_rule(threshold),
         "accuracy": float(accuracy_score(labels, predicted)),
         "auroc": float(np.mean(class_aurocs)) if class_aurocs else None,
         "mcc": float(matthews_corrcoef(labels, predicted)),
@@ -101,11 +113,16 @@ def plot_roc(probabilities: np.ndarray, labels: np.ndarray, path: Path) -> None:
 
 
 def write_report(
-    probabilities: np.ndarray, labels: np.ndarray, patient_keys: Sequence[str], output_dir: Path
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    patient_keys: Sequence[str],
+    output_dir: Path,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Compute the metrics of ``probabilities``; write metrics.json and both plots."""
+    """Compute the metrics of ``probabilities`` (classes at ``threshold``, see
+    :func:`classification_metrics`); write metrics.json and both plots."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = classification_metrics(probabilities, labels, patient_keys)
+    metrics = classification_metrics(probabilities, labels, patient_keys, threshold)
     (RunLayout(output_dir).metrics).write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion_matrix(np.array(metrics["confusion_matrix"]), output_dir / CONFUSION_PNG)
     plot_roc(probabilities, labels, output_dir / ROC_PNG)
@@ -118,12 +135,20 @@ def evaluate_checkpoint(
     output_dir: str | Path,
     split: str = "test",
 ) -> dict[str, Any]:
-    """Score the ``model.pt`` at ``checkpoint`` on ``split`` of the caches; write the report."""
+    """Score the ``model.pt`` at ``checkpoint`` on ``split`` of the caches, by its operating
+    threshold when it stores one; write the report."""
     net, info = load_model(checkpoint)
     data = load_splits(list(cache_dirs), split)
     check_image_size(checkpoint, info, data.images)
     probabilities = predict_probabilities(net, data.images)
-    return write_report(probabilities, data.labels, data.patient_keys, Path(output_dir))
+    threshold = stored_threshold(info)
+    return write_report(probabilities, data.labels, data.patient_keys, Path(output_dir), threshold)
+
+
+def stored_threshold(info: dict[str, Any]) -> float | None:
+    """The operating threshold a model file stores (None: it stores none)."""
+    stored = info.get(OPERATING_THRESHOLD)
+    return None if stored is None else float(stored["value"])
 
 
 def check_image_size(checkpoint: str | Path, info: dict[str, Any], images: np.ndarray) -> None:
@@ -140,7 +165,10 @@ def summary_line(metrics: dict[str, Any]) -> str:
     """One line of the headline metrics, for logs."""
     keys = ("accuracy", "auroc", "mcc", "pneumonia_auroc")
     values = "  ".join(f"{k}={_format(metrics[k])}" for k in keys)
-    return f"{values}  images={metrics['n_images']}  patients={metrics['n_patients']}"
+    return (
+        f"{values}  images={metrics['n_images']}  patients={metrics['n_patients']}  "
+        f"(classes: {metrics['decision_rule']})"
+    )
 
 
 def _format(value: float | None) -> str:

@@ -13,8 +13,10 @@ No pixel, no identifier and no file name leaves the site. Under secure aggregati
 mod, which masks the parameters before they leave, and a job that requires secure aggregation
 is never answered in the clear; under DP-SGD the metrics include the site's cumulative
 ``epsilon``, and a site whose budget is spent replies with an error. The reply to an evaluation
-message holds scalar metrics and the head of the site's ledger
-(:mod:`pipeline.governance.heads`), which the coordinator keeps.
+message holds scalar metrics, the head of the site's ledger
+(:mod:`pipeline.governance.heads`), which the coordinator keeps, and how many of its validation
+images with and without pneumonia the model calls pneumonia at each threshold of a fixed grid
+(:mod:`pipeline.evaluation.threshold`), from which the coordinator chooses the model's threshold.
 
 Deployed, every message runs in a fresh process that imports this module: the training stack
 (Lightning, MONAI, Opacus) is imported only by the handlers that train or evaluate, not by the
@@ -33,7 +35,15 @@ from flwr.clientapp import ClientApp
 from pipeline.contracts.console import quiet_third_party
 from pipeline.contracts.experiment import InvalidExperiment
 from pipeline.contracts.layout import WorkDir
-from pipeline.contracts.messages import ARRAYS, LEDGER_HEAD, METRICS, NUM_EXAMPLES, SITE, SITE_NAME
+from pipeline.contracts.messages import (
+    ARRAYS,
+    LEDGER_HEAD,
+    METRICS,
+    NUM_EXAMPLES,
+    SITE,
+    SITE_NAME,
+    THRESHOLD_COUNTS,
+)
 from pipeline.federation.releases import MASKING_NEIGHBOURS
 from pipeline.federation.secure_aggregation import secure_aggregation_mod
 from pipeline.federation.site_gate import approval_gate, received_experiment
@@ -87,13 +97,14 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split; the reply also
-    carries the head of the site's ledger (``ledger``: seq, head, key id), in the clear."""
+    carries the head of the site's ledger (``ledger``: seq, head, key id) and the validation
+    threshold counts, in the clear."""
     from pipeline.federation.site_task import evaluate_round
 
     received = received_experiment(message, context)
     torch.set_num_threads(max(1, int(received.cfg.federation.client_cpus)))
     state = cast(ArrayRecord, message.content[ARRAYS]).to_torch_state_dict()
-    metrics, head = evaluate_round(
+    metrics, head, counts = evaluate_round(
         received.cfg, received.cache_dir, state, received.server_round, received.run_id
     )
     metrics = dict(metrics)
@@ -102,6 +113,7 @@ def evaluate(message: Message, context: Context) -> Message:
         {
             METRICS: _metric_record(metrics, num_examples),
             LEDGER_HEAD: ConfigRecord(cast(dict[str, ConfigRecordValues], head)),
+            THRESHOLD_COUNTS: ConfigRecord(cast(dict[str, ConfigRecordValues], counts)),
             SITE: _site_record(received.site_name),
         }
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import cast
 
@@ -63,7 +62,7 @@ class RoundCheckpointer:
         round_path = RunLayout(self.output_dir).checkpoint(server_round)
         save_checkpoint(round_path, state, self.cfg, extra={"round": server_round})
         if self.selector.metric is None:
-            save_checkpoint(RunLayout(self.output_dir).model, state, self.cfg, extra={"round": server_round})
+            self.selector.release(server_round)
         self.selector.release_if_best(server_round)
         log.info("round %d  global model saved to %s", server_round, round_path)
         return None
@@ -136,8 +135,7 @@ def _release_last_if_unselected(output_dir: Path, selector: RoundSelector) -> No
     """With a selection metric but no round ever scored, release the last round's model."""
     rounds = RunLayout(output_dir).checkpoint_rounds()
     if selector.metric is not None and selector.best is None and rounds:
-        last = RunLayout(output_dir).checkpoint(rounds[-1])
-        shutil.copyfile(last, RunLayout(output_dir).model)
+        selector.release(rounds[-1])
         log.warning("no round was scored on %s: releasing the last round (%d)", selector.metric, rounds[-1])
 
 

@@ -110,7 +110,7 @@ def final_summary(metrics: dict, run: RunLayout) -> str:
     chosen = f"round {selection['round']}, best {selection['metric']}" if selection else "last round"
     rows = [
         ("images / patients", f"{metrics['n_images']} / {metrics['n_patients']}"),
-        ("accuracy (most probable class)", _fixed(metrics["accuracy"])),
+        ("accuracy, 3 classes", _fixed(metrics["accuracy"])),
         ("ROC-AUC, 3 classes (macro)", _fixed(metrics["auroc"])),
         ("ROC-AUC, pneumonia vs normal", _fixed(metrics["pneumonia_auroc"])),
     ]
@@ -118,6 +118,7 @@ def final_summary(metrics: dict, run: RunLayout) -> str:
     width = max(len(label) for label, _ in rows)
     lines = [f"released model ({chosen}) on the sites' test patients:"]
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    lines.append(f"  (classes: {metrics['decision_rule']})")
     lines.append(f"outputs in {run.root}: model.pt, metrics.json, rounds.jsonl")
     return "\n".join(lines)
 

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from pipeline.contracts.labels import NORMAL_INDEX
 from pipeline.contracts.layout import WorkDir
 from pipeline.contracts.messages import NUM_EXAMPLES
+from pipeline.evaluation.threshold import grid_counts, pneumonia_score
 from pipeline.federation.releases import MASKING_NEIGHBOURS, Release, ReleaseRefused, ReleaseStore
 from pipeline.federation.site_policy import SitePolicy
 from pipeline.governance.approval import enforce_approval
@@ -39,7 +41,14 @@ from pipeline.governance.rounds import (
 from pipeline.privacy.dp import DPSettings, PoissonDataModule, PrivateTraining, plan_round
 from pipeline.privacy.randomness import fresh_seed, noise_source
 from pipeline.training.datamodule import CacheDataModule
-from pipeline.training.loop import build_classifier, build_trainer, evaluate, lr_factor, train
+from pipeline.training.loop import (
+    build_classifier,
+    build_trainer,
+    evaluate,
+    lr_factor,
+    predict_probabilities,
+    train,
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -182,19 +191,25 @@ def _train(
 
 def evaluate_site(
     cfg: DictConfig, cache_dir: Path, global_state: StateDict, split: str = "val"
-) -> dict[str, float]:
-    """Evaluate the global model on one split of one site; scalar metrics only."""
+) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Evaluate the global model on one split of one site: scalar metrics, and the images with
+    and without pneumonia it calls pneumonia at each threshold of a fixed grid
+    (:func:`pipeline.evaluation.threshold.grid_counts`)."""
     classifier = build_classifier(cfg, seed=int(cfg.seed), load_pretrained=False)
     classifier.net.load_state_dict(global_state)
     datamodule = CacheDataModule.from_config(cfg.data, [cache_dir], seed=int(cfg.seed))
     trainer = build_trainer(cfg, max_epochs=1, lean=True)
-    return evaluate(classifier, datamodule, split, trainer)
+    metrics = evaluate(classifier, datamodule, split, trainer)
+    images = datamodule.dataset(split)
+    score = pneumonia_score(predict_probabilities(classifier, images.images))
+    return metrics, grid_counts(images.labels.numpy() != NORMAL_INDEX, score)
 
 
 def evaluate_round(
     cfg: DictConfig, cache_dir: Path, global_state: StateDict, server_round: int, run_id: str
-) -> tuple[dict[str, float], dict[str, str | int]]:
-    """A federation's evaluation of ``run:round``: validation metrics and the ledger head.
+) -> tuple[dict[str, float], dict[str, str | int], dict[str, list[int]]]:
+    """A federation's evaluation of ``run:round``: validation metrics, the ledger head and the
+    validation threshold counts.
 
     Answered once per ``run:round``: the same model again gets the same answer; another model
     for a round the site already evaluated is refused, so that a coordinator cannot probe the
@@ -214,11 +229,13 @@ def evaluate_round(
                     f"({answered['global_model_sha256'][:12]}); it does not score another one "
                     f"({model_sha[:12]}) for the same round"
                 )
-            return dict(answered["metrics"]), dict(answered["head"])
+            return dict(answered["metrics"]), dict(answered["head"]), dict(answered.get("counts", {}))
         verified_entries(work_dir)
-        metrics = evaluate_site(cfg, cache_dir, global_state, split="val")
+        metrics, counts = evaluate_site(cfg, cache_dir, global_state, split="val")
         head = evaluation_head(work_dir, run_id, server_round, global_state)
         store.save_evaluation(
-            run_id, server_round, {"global_model_sha256": model_sha, "metrics": metrics, "head": head}
+            run_id,
+            server_round,
+            {"global_model_sha256": model_sha, "metrics": metrics, "head": head, "counts": counts},
         )
-    return metrics, head
+    return metrics, head, counts

@@ -15,7 +15,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from pipeline.contracts.messages import LEDGER_HEAD, METRICS, NUM_EXAMPLES, SITE, SITE_NAME
-from pipeline.federation.selection import EarlyStop, RoundSelector, pooled_metrics, warn_collapsed_classes
+from pipeline.federation.selection import (
+    EarlyStop,
+    RoundSelector,
+    pooled_metrics,
+    pooled_threshold,
+    warn_collapsed_classes,
+)
 from pipeline.federation.server_optimizer import ServerOptimizer
 from pipeline.governance.heads import record_heads
 
@@ -234,7 +240,9 @@ class RecordingFedAvg(FedAvg):
         self._round.update({"val_per_site": per_site, "val": pooled, "ledger_heads": heads})
         log.info("round %d  validation (all sites)  %s", run_round, _format(pooled))
         warn_collapsed_classes(run_round, pooled)
-        self.selector.consider(run_round, pooled)
+        threshold = pooled_threshold([reply.content for reply in replies if not reply.has_error()])
+        self._round["operating_threshold"] = threshold
+        self.selector.consider(run_round, pooled, threshold)
         if self.selector.best is not None:
             self._round["selected_round"] = self.selector.best[0]
         if self.selector.should_stop():

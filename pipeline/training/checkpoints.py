@@ -5,7 +5,9 @@
     {"state_dict": {name: tensor}, "config": <cfg.model as a dict>,
      "class_names": [...], "image_size": int | None, **extra}
 
-so :func:`load_model` can rebuild the network without the run's Hydra config.
+so :func:`load_model` can rebuild the network without the run's Hydra config. A released
+model's extras include its ``round`` and its :data:`OPERATING_THRESHOLD` (the pneumonia
+threshold chosen on the federation's validation images, :mod:`pipeline.evaluation.threshold`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from models.registry import build_network
 from pipeline.contracts.labels import CLASS_NAMES
 
 StateDict = Mapping[str, torch.Tensor]
+OPERATING_THRESHOLD = "operating_threshold"
 
 
 def save_checkpoint(
@@ -41,11 +44,22 @@ def save_checkpoint(
         "image_size": data.get("image_size"),
         **(extra or {}),
     }
+    return _write(path, payload)
+
+
+def _write(path: Path, payload: dict[str, Any]) -> Path:
+    """``torch.save`` to a temporary file, then rename: a reader sees the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+def copy_checkpoint(source: str | Path, target: str | Path, extra: Mapping[str, Any]) -> Path:
+    """Write the checkpoint at ``source`` to ``target`` with ``extra`` added to its entries."""
+    state, info = load_checkpoint(source)
+    return _write(Path(target), {"state_dict": state, **info, **extra})
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
