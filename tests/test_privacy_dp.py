@@ -60,6 +60,25 @@ def test_per_sample_clipping_matches_opacus_and_is_bounded(name):
         torch.testing.assert_close(param.grad, contributions.sum(0), rtol=1e-9, atol=1e-12)
 
 
+def test_per_sample_clipping_under_bf16_autocast_runs_in_full_precision():
+    """Mixed precision (bf16 autocast, as on a GPU): the forward runs in bf16, the per-sample
+    norms and the clipped sum in the parameters' float32, close to a float32 pass."""
+    make, size = NETS["resnet18_groupnorm"]
+    torch.manual_seed(0)
+    net = make()
+    images, labels = torch.randn(4, 1, size, size), torch.arange(4) % 3
+    clipper = PerSampleClipper(net, 1.0)
+    exact = clipper.backward(F.cross_entropy(net(images), labels))
+    net.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net(images)
+        assert logits.dtype == torch.bfloat16
+        mixed = clipper.backward(F.cross_entropy(logits, labels))
+    assert mixed.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in net.parameters())
+    torch.testing.assert_close(mixed, exact, rtol=0.05, atol=0)
+    total = torch.cat([p.grad.flatten() for p in net.parameters()]).norm()
+    assert float(total) <= len(labels) * 1.0 * (1 + 1e-6)  # a sum of clipped per-sample gradients
+
 def test_noise_zero_equals_clipped_sgd():
     torch.manual_seed(1)
     net = SmallCNN(width=8).double()

@@ -86,12 +86,18 @@ class PerSampleClipper:
         output_grads = torch.autograd.grad(loss * batch, outputs)
         if len({id(module) for module, _, _ in records}) < len(records):
             raise ValueError("a layer ran twice in one forward pass: per-sample norms need one call")
-        layers = [_layer(module, inputs, grad) for (module, inputs, _), grad in zip(records, output_grads)]
-        norms = torch.stack([layer.squared_norms() for layer in layers]).sum(0).sqrt()
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for layer in layers:
-            for param, grad in layer.clipped_sums(factors):
-                param.grad = grad if param.grad is None else param.grad + grad
+        # Under mixed precision (autocast), norms and clipping still run in the parameters' own
+        # precision: a bf16 norm could understate an example's gradient and overshoot the bound.
+        with torch.autocast(loss.device.type, enabled=False):
+            layers = [
+                _layer(module, inputs.to(_dtype(module)), grad.to(_dtype(module)))
+                for (module, inputs, _), grad in zip(records, output_grads)
+            ]
+            norms = torch.stack([layer.squared_norms() for layer in layers]).sum(0).sqrt()
+            factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            for layer in layers:
+                for param, grad in layer.clipped_sums(factors):
+                    param.grad = grad if param.grad is None else param.grad + grad
         return norms.detach()
 
 
@@ -190,6 +196,11 @@ class _GroupNormLayer:
     def clipped_sums(self, factors: torch.Tensor):
         yield self.module.weight, factors @ self.weight_grads
         yield self.module.bias, factors @ self.bias_grads
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The precision of a recorded layer's parameters."""
+    return next(module.parameters()).dtype
 
 
 def _layer(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor):
