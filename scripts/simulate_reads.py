@@ -10,6 +10,7 @@ with probability ``1 - specificity`` a normal image is called pneumonia, and a p
 called as such gets the wrong type with probability ``type_confusion``. The confidence is
 drawn higher for right calls than for wrong ones. The draws depend only on ``--seed``.
 Which images fall in the test split depends on each site's secret, so all images are read.
+Every row says ``simulated=yes``: the clinical report shows a banner saying the reads are simulated.
 """
 
 from __future__ import annotations
@@ -63,15 +64,15 @@ def simulated_read(reader: SimulatedReader, truth: str, rng: random.Random) -> t
 
 
 def simulate_reads(seed: int = 0) -> pd.DataFrame:
-    """Columns site, image, reader, label, confidence: every demo image read by every reader."""
+    """Columns site, image, reader, label, confidence, simulated: every demo image read by every reader."""
     rows = []
     for images in plan_sites(load_sample(), n_sites=DEMO_SITES, seed=0, skew=1.0, max_images=None):
         for image in images:
             for reader in READERS:
                 rng = random.Random(f"{seed}-{reader.name}-{image.site}-{image.number}")
                 label, confidence = simulated_read(reader, image.label, rng)
-                rows.append((f"site{image.site}", image.file_name, reader.name, label, confidence))
-    return pd.DataFrame(rows, columns=["site", "image", "reader", "label", "confidence"])
+                rows.append((f"site{image.site}", image.file_name, reader.name, label, confidence, "yes"))
+    return pd.DataFrame(rows, columns=["site", "image", "reader", "label", "confidence", "simulated"])
 
 
 def main(argv: list[str] | None = None) -> None:

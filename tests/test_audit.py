@@ -38,7 +38,7 @@ from pipeline.evaluation.audit.release import (
 )
 from pipeline.evaluation.audit.report import AUDIT_HTML, AUDIT_JSON, write_audit_report
 from pipeline.evaluation.audit.run import run_audit
-from pipeline.evaluation.audit.target import HYDRA_CONFIG
+from pipeline.evaluation.provenance import HYDRA_CONFIG
 from pipeline.ingestion.pseudonym import file_sha256
 from pipeline.privacy.dp import DPSettings, plan_round
 from pipeline.training.checkpoints import save_checkpoint
@@ -232,7 +232,7 @@ def test_audit_report_holds_its_figures_and_tables(demo_sites, trained, tmp_path
         assert f'id="{section}"' in page
     assert "never holds a single site" in page
     saved = json.loads((tmp_path / "audit" / AUDIT_JSON).read_text())
-    assert [m["name"] for m in saved["models"]] == ["overfit", "dp"]
+    assert [m["name"] for m in saved["models"]] == ["SmallCNN at 64 px", "SmallCNN at 64 px, DP-SGD"]
     assert [m["private"] for m in saved["models"]] == [False, True]
     for model in saved["models"]:
         assert set(model["membership"]) >= {"loss", "lira"}

@@ -136,3 +136,16 @@ def test_reads_of_no_evaluated_image_give_a_warning(tmp_path):
     assert (
         result.warnings[-1] == "no read is of an image of the test split: the report has no reader comparison"
     )
+
+
+def test_simulated_reads_are_marked_per_reader(tmp_path):
+    result = reads(
+        tmp_path,
+        "site,image,reader,label,simulated\n"
+        "siteA,img_0001.dcm,R1,normal,yes\nsiteA,img_0002.dcm,R1,bacterial,YES\n"
+        "siteA,img_0001.dcm,R2,normal,\nsiteA,img_0002.dcm,R2,viral,no\n",
+    )
+    assert [(r.name, r.simulated) for r in result.readers] == [("R1", True), ("R2", False)]
+    assert problems(tmp_path, "image,reader,label,simulated\na1,R1,normal,maybe\n") == [
+        "line 2: simulated 'maybe' is not yes or no"
+    ]

@@ -5,23 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.stats import binomtest, bootstrap
-from sklearn.metrics import (
-    accuracy_score,
-    f1_score,
-    matthews_corrcoef,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import precision_score, recall_score, roc_auc_score
+from statsmodels.stats.proportion import confint_proportions_2indep, proportion_confint
 
 from pipeline.evaluation.clinical.statistics import (
+    BCA,
+    EXACT,
+    EXACT_CLUSTERED,
+    SCORE,
+    Resamples,
+    auc_score_interval,
+    bca,
     binary_metrics,
     bootstrap_weights,
-    choose_threshold,
     kappa,
     mcnemar_exact,
-    summarise,
+    paired_difference_interval,
+    proportion,
+    weighted_fraction,
 )
 
 pytestmark = pytest.mark.report
@@ -30,13 +31,10 @@ pytestmark = pytest.mark.report
 def sklearn_metrics(truth: np.ndarray, predicted: np.ndarray, score: np.ndarray) -> dict[str, float]:
     nan = {"zero_division": np.nan}
     return {
-        "accuracy": accuracy_score(truth, predicted),
         "sensitivity": recall_score(truth, predicted, **nan),
         "specificity": recall_score(truth, predicted, pos_label=False, **nan),
         "ppv": precision_score(truth, predicted, **nan),
         "npv": precision_score(truth, predicted, pos_label=False, **nan),
-        "f1": f1_score(truth, predicted, **nan),
-        "mcc": matthews_corrcoef(truth, predicted),
         "roc_auc": roc_auc_score(truth, score),
     }
 
@@ -68,12 +66,11 @@ def test_resampled_metrics_match_scikit_learn_on_the_resampled_images():
             np.testing.assert_allclose(ours[name][row], value, rtol=1e-12, err_msg=f"{name} resample {row}")
 
 
-def test_undefined_metrics_are_nan_and_mcc_zero_as_in_scikit_learn():
+def test_undefined_metrics_are_nan():
     truth = predicted = np.array([False, False, False])
     ours = binary_metrics(truth, predicted, np.array([0.1, 0.7, 0.2]), np.ones((1, 3)))
     assert np.isnan(ours["sensitivity"][0]) and np.isnan(ours["roc_auc"][0]) and np.isnan(ours["ppv"][0])
     assert ours["specificity"][0] == 1.0
-    assert ours["mcc"][0] == matthews_corrcoef(truth, predicted) == 0.0
 
 
 def test_auc_of_hanley_and_mcneil_worked_example():
@@ -96,54 +93,105 @@ def test_bootstrap_resamples_whole_patients():
     np.testing.assert_array_equal(weights, bootstrap_weights(patients, n_resamples=200, seed=0))
 
 
-def test_percentile_interval_agrees_with_scipy_bootstrap():
-    rng = np.random.default_rng(3)
-    correct = (rng.random(150) < 0.8).astype(float)
-    weights = bootstrap_weights([str(i) for i in range(150)], n_resamples=4000, seed=5)
-    ours = summarise(weights @ correct / weights.sum(axis=1))
+@pytest.mark.parametrize(
+    ("right", "total", "low", "high"), [(3, 3, 0.292, 1.0), (0, 3, 0.0, 0.708), (12, 13, 0.640, 0.998)]
+)
+def test_proportions_get_the_exact_interval_that_never_collapses(right, total, low, high):
+    """The issue's cases: 3 of 3 normals showed "1.000 (1.000 to 1.000)" under the bootstrap."""
+    estimate = proportion(np.arange(total) < right, [f"p{i}" for i in range(total)])
+    exact = binomtest(right, total).proportion_ci(method="exact")
+    assert (estimate.count, estimate.total, estimate.method) == (right, total, EXACT)
+    assert estimate.low == pytest.approx(exact.low) and estimate.high == pytest.approx(exact.high)
+    assert round(estimate.low, 3) == low and round(estimate.high, 3) == high
+    assert estimate.high - estimate.low > 0.25
+
+
+def test_images_of_one_patient_count_as_fewer_independent_images():
+    """Two images per patient, always both right or both wrong: the cluster variance (with its
+    usual k / (k - 1) factor for k patients) makes the effective sample size k - 1 = 14 images,
+    and the interval is the exact one of 14 images at the same fraction (Korn and Graubard)."""
+    right = np.repeat(np.arange(15) < 11, 2)  # 22 of 30 images, 11 of 15 patients
+    patients = np.repeat([f"p{i}" for i in range(15)], 2)
+    clustered = proportion(right, patients)
+    low, high = proportion_confint(22 / 30 * 14, 14, method="beta")
+    assert clustered.value == pytest.approx(22 / 30) and clustered.method == EXACT_CLUSTERED
+    assert clustered.low == pytest.approx(low) and clustered.high == pytest.approx(high)
+    independent = proportion(right, [f"i{i}" for i in range(30)])
+    assert independent.high - independent.low < clustered.high - clustered.low
+
+
+def test_bca_interval_agrees_with_scipy():
+    """One image per patient: our patient bootstrap and jackknife are scipy's, so the BCa intervals
+    of the ROC-AUC agree up to the resampling noise."""
+    truth, _, score = random_case(11, n=120)
+    resamples = Resamples.of([str(i) for i in range(120)], n_resamples=4000, seed=5)
+    values = binary_metrics(truth, truth, score, resamples.bootstrap)["roc_auc"]
+    jackknife = binary_metrics(truth, truth, score, resamples.jackknife)["roc_auc"]
+    ours = bca(values, jackknife, lambda value: pytest.fail("the bootstrap has spread"))
+
     reference = bootstrap(
-        (correct,), np.mean, method="percentile", n_resamples=4000, rng=11
+        (truth, score),
+        lambda t, s: roc_auc_score(t, s),
+        paired=True,
+        vectorized=False,
+        method="BCa",
+        n_resamples=4000,
+        rng=7,
     ).confidence_interval
-    assert ours.value == pytest.approx(correct.mean())
+    assert ours.method == BCA and ours.value == pytest.approx(roc_auc_score(truth, score))
     assert ours.low == pytest.approx(reference.low, abs=0.015)
     assert ours.high == pytest.approx(reference.high, abs=0.015)
 
 
-def test_interval_leaves_out_undefined_resamples_and_reports_none_when_undefined():
-    values = np.array([0.5, np.nan, 0.4, 0.6, np.nan, 0.5])
-    estimate = summarise(values)
-    assert estimate.value == 0.5 and estimate.low >= 0.4 and estimate.high <= 0.6
-    assert summarise(np.array([np.nan, 0.3, 0.4])).as_dict() == {
-        "value": None,
-        "ci_low": None,
-        "ci_high": None,
-    }
+def test_bootstrap_without_spread_falls_back_to_a_score_interval():
+    """3 pneumonias all scored above 3 normals: every resample has ROC-AUC 1. Newcombe's score
+    interval is not degenerate; its lower bound is 0.5, where perfect separation of 3 by 3
+    happens by chance with probability 1/20 (the exact test's 5%)."""
+    truth = np.array([True, True, True, False, False, False])
+    score = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+    resamples = Resamples.of(list("abcdef"), n_resamples=300, seed=0)
+    values = binary_metrics(truth, truth, score, resamples.bootstrap)["roc_auc"]
+    assert np.nanmin(values) == np.nanmax(values) == 1.0
+    estimate = bca(values, values[:6], lambda auc: auc_score_interval(auc, 3, 3))
+    assert estimate.method == SCORE and estimate.value == 1.0 and estimate.high == 1.0
+    assert estimate.low == pytest.approx(0.5, abs=0.01)
+    hanley = auc_score_interval(0.893, 51, 58)  # Hanley & McNeil's worked example
+    assert hanley.low < 0.893 < hanley.high and 0.08 < hanley.high - hanley.low < 0.2
 
 
-def test_youden_threshold_maximises_sensitivity_plus_specificity():
-    truth, _, score = random_case(2, n=200)
-    threshold = choose_threshold(truth, score, "youden")
-
-    def youden(t: float) -> float:
-        called = score >= t
-        return called[truth].mean() + (~called[~truth]).mean() - 1
-
-    assert youden(threshold) == pytest.approx(max(youden(t) for t in np.unique(score)))
-
-
-def test_sensitivity_threshold_is_the_highest_reaching_the_target():
-    truth, _, score = random_case(4, n=200)
-    threshold = choose_threshold(truth, score, "sensitivity", target=0.9)
-    fpr, tpr, thresholds = roc_curve(truth, score)
-    assert (score[truth] >= threshold).mean() >= 0.9
-    assert threshold == max(t for t, s in zip(thresholds, tpr) if s >= 0.9 and np.isfinite(t))
+def test_paired_difference_of_two_perfect_readers_is_not_zero_width():
+    """Model and reader both right on 3 of 3 pneumonias: the difference is 0, every bootstrap
+    resample agrees, and Newcombe's paired interval (method 10) gives -0.562 to 0.562."""
+    right = np.ones(3, bool)
+    resamples = Resamples.of(["a", "b", "c"], n_resamples=300, seed=0)
+    difference = weighted_fraction(right, resamples.bootstrap) - weighted_fraction(right, resamples.bootstrap)
+    estimate = bca(difference, difference[:3], lambda _: paired_difference_interval(right, right))
+    assert estimate.value == 0.0 and estimate.method == SCORE
+    assert estimate.low == pytest.approx(-0.562, abs=1e-3) and estimate.high == pytest.approx(0.562, abs=1e-3)
 
 
-def test_threshold_errors_are_clear():
-    with pytest.raises(ValueError, match="single class"):
-        choose_threshold(np.array([True, True]), np.array([0.2, 0.8]), "youden")
-    with pytest.raises(ValueError, match="unknown threshold method"):
-        choose_threshold(np.array([True, False]), np.array([0.8, 0.2]), "best")
+def test_newcombe_paired_interval_without_correlation_is_the_independent_one():
+    """Method 10 of Newcombe (1998, paired) corrects his independent-samples interval (method 10
+    of his other 1998 paper) by the correlation phi of the pairs; with ad = bc, phi is 0 and the
+    two coincide. statsmodels implements the independent one."""
+    first = np.repeat([True, True, False, False], [6, 2, 3, 1])  # a=6, b=2, c=3, d=1: ad = bc
+    second = np.repeat([True, False, True, False], [6, 2, 3, 1])
+    estimate = paired_difference_interval(first, second)
+    low, high = confint_proportions_2indep(8, 12, 9, 12, method="newcomb", compare="diff")
+    assert estimate.value == pytest.approx(8 / 12 - 9 / 12)
+    assert estimate.low == pytest.approx(low) and estimate.high == pytest.approx(high)
+    correlated = paired_difference_interval(
+        np.repeat([1, 1, 0, 0], [12, 9, 2, 21]) > 0, np.repeat([1, 0, 1, 0], [12, 9, 2, 21]) > 0
+    )
+    independent = confint_proportions_2indep(21, 44, 14, 44, method="newcomb", compare="diff")
+    assert correlated.high - correlated.low < independent[1] - independent[0]  # pairing narrows it
+
+
+def test_jackknife_leaves_out_whole_patients():
+    resamples = Resamples.of(["a", "a", "b", "c", "c"], n_resamples=10, seed=0)
+    np.testing.assert_array_equal(resamples.jackknife, [[0, 0, 1, 1, 1], [1, 1, 0, 1, 1], [1, 1, 1, 0, 0]])
+    subset = resamples.subset(np.array([True, True, False, False, False]))
+    np.testing.assert_array_equal(subset.jackknife, [[0, 0]])  # only patient a has images left
 
 
 def test_mcnemar_exact_is_the_binomial_test_on_discordant_pairs():

@@ -1,6 +1,7 @@
-"""The one renderer of fedrad's report pages (the clinical report and the privacy audit): a
-strict, autoescaped Jinja template per page, PNG figures embedded as data URIs, and the page's
-content written next to it as JSON."""
+"""The one renderer of fedrad's report pages (the clinical report, the model card and the privacy
+audit): a strict, autoescaped Jinja template per page with one stylesheet for all of them
+(``report.css``: screen and print), PNG figures embedded as data URIs, and the page's content
+written next to it as JSON."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template, select_autoescape
+from markupsafe import Markup
+
+STYLESHEET = Path(__file__).with_name("report.css")
 
 
 def number(value: float | None, digits: int = 3) -> str:
@@ -19,7 +23,7 @@ def number(value: float | None, digits: int = 3) -> str:
 
 def page_template(folder: Path, name: str, **filters: Callable[..., Any]) -> Template:
     """A report page's Jinja template from ``folder``: autoescaped, strict about undefined
-    names, with ``number`` and the given ``filters`` (the clinical and the audit report share it)."""
+    names, with ``number`` and the given ``filters``, and the shared stylesheet as ``style``."""
     env = Environment(
         loader=FileSystemLoader(folder),
         autoescape=select_autoescape(default=True),
@@ -28,6 +32,7 @@ def page_template(folder: Path, name: str, **filters: Callable[..., Any]) -> Tem
         lstrip_blocks=True,
     )
     env.filters.update(number=number, **filters)
+    env.globals["style"] = Markup(STYLESHEET.read_text())
     return env.get_template(name)
 
 

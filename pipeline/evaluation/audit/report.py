@@ -14,6 +14,7 @@ from pipeline.evaluation.render import page_template, write_report_files
 AUDIT_JSON = "audit.json"
 AUDIT_HTML = "audit.html"
 TEMPLATE = "audit.html.j2"
+INVERSION_PNG = "inversion.png"
 ATTACK_NAMES = {"loss": "loss threshold", "lira": "LiRA (offline)"}
 
 
@@ -93,13 +94,18 @@ def _percent(value: float | None) -> str:
 def write_audit_report(audit: dict[str, Any], images: dict[str, np.ndarray], output_dir: str | Path) -> Path:
     """Write audit.json, the PNG figures and audit.html into ``output_dir``; return the HTML path.
 
-    ``images`` maps column titles (original, each protection) to images (N, 1, H, W) in [0, 1].
+    ``images`` maps column titles (original, each protection) to images (N, 1, H, W) in [0, 1];
+    they are drawn only if ``audit["images_included"]`` (a report to be shared leaves out the
+    training image and its reconstructions).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     figures = {
         "membership_roc.png": roc_figure(audit),
         "membership_scores.png": score_figure(audit),
-        "inversion.png": inversion_figure(images),
     }
+    if audit["images_included"]:
+        figures[INVERSION_PNG] = inversion_figure(images)
+    else:
+        (output_dir / INVERSION_PNG).unlink(missing_ok=True)  # an earlier run's, with the images
     return write_report_files(output_dir, audit, figures, render, AUDIT_JSON, AUDIT_HTML)

@@ -42,15 +42,18 @@ def audit_output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.audit.output_dir or Path(cfg.audit.checkpoint).parent / "audit")
 
 
-def dp_update(targets: list[AuditTarget], cfg: DictConfig, site_examples: int) -> DPUpdate:
+NO_DP_SETTINGS = (
+    "No update under DP-SGD was attacked: no audited model was trained with DP-SGD. Audit a DP-trained "
+    "model beside it (audit.compare_checkpoint=...) or add privacy=dp_sgd to see what DP-SGD protects."
+)
+
+
+def dp_update(targets: list[AuditTarget], cfg: DictConfig, site_examples: int) -> DPUpdate | None:
     """The DP-SGD update settings of the first DP-trained model audited (else of ``cfg.privacy``),
-    with the noise multiplier a site of ``site_examples`` training images uses."""
+    with the noise multiplier a site of ``site_examples`` training images uses; None without any."""
     configs = [t.config for t in targets if t.private] + ([cfg] if cfg.privacy.enabled else [])
     if not configs:
-        raise ValueError(
-            "the inversion under DP-SGD needs DP settings: audit a DP-trained model too "
-            "(audit.compare_checkpoint=...) or add privacy=dp_sgd"
-        )
+        return None
     config = configs[0]
     settings = DPSettings.from_config(config.privacy)
     plan = plan_round(
@@ -78,14 +81,14 @@ def inversion_section(
     )
     dp = dp_update(targets, cfg, len(site.labels))
     results, shown = {}, {"original": images.numpy()}
-    for protection in (None, dp):
+    for protection in (None, dp) if dp is not None else (None,):
         torch.manual_seed(int(cfg.audit.seed))
         net_config = cast(dict[str, Any], OmegaConf.to_container(options.net, resolve=True))
         net = build_network(net_config, where="audit.inversion.net")
         name = "none" if protection is None else "dp-sgd"
         log.info("gradient inversion of a %d-image update, protection: %s", count, name)
         results[name], reconstructed = inversion_attack(net, images, labels, protection, settings)
-        shown["no protection" if protection is None else f"DP-SGD (σ={dp.noise_multiplier:.2f})"] = (
+        shown["no protection" if protection is None else f"DP-SGD (σ={protection.noise_multiplier:.2f})"] = (
             reconstructed.numpy()
         )
     section = {
@@ -97,6 +100,7 @@ def inversion_section(
         "results": results,
         "chance": chance_similarity(images, population, settings.seed),
         "secure_aggregation": SECURE_AGGREGATION_NOTE,
+        "dp_note": None if dp is not None else NO_DP_SETTINGS,
     }
     return section, shown
 
@@ -134,17 +138,22 @@ def run_audit(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         )
         own = inversion["results"]["dp-sgd" if target.private else "none"]
         entry = {
-            "name": target.checkpoint.parent.name,
+            "name": target.name,
             **target.describe(),
             "membership": membership,
             "release_metrics": release_metrics(membership, own),
         }
         entry["release"] = {"violations": check_release(entry, policy)}
         models.append(entry)
+    names = [m["name"] for m in models]
+    for entry in models:  # two models of one description: tell them apart by their file's hash
+        if names.count(entry["name"]) > 1:
+            entry["name"] += f" ({entry['sha256'][:8]})"
     audit = {
         "title": "Privacy audit by attack",
         "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "sites": list(cfg.data.sites),
+        "images_included": bool(cfg.audit.include_images),
         "policy": vars(policy),
         "models": models,
         "inversion": inversion,

@@ -9,11 +9,9 @@ from typing import cast
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from pipeline.evaluation.provenance import HYDRA_CONFIG, network_name, recorded_config
 from pipeline.ingestion.pseudonym import file_sha256
 from pipeline.training.checkpoints import load_model
-
-# Hydra records every run's composed configuration here, in the run's output folder.
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -25,6 +23,7 @@ class AuditTarget:
     config: DictConfig
     sha256: str
     config_source: str
+    round: int | None = None
 
     @property
     def private(self) -> bool:
@@ -37,14 +36,23 @@ class AuditTarget:
         federation = self.config.federation
         return int(federation.num_rounds) * int(federation.local_epochs)
 
+    @property
+    def name(self) -> str:
+        """What the report calls it: network, image size, DP-SGD and round, e.g. ``ResNet18
+        (batch norm) at 64 px, round 7``."""
+        net = cast(dict, OmegaConf.to_container(self.config.model.net, resolve=True))
+        dp = ", DP-SGD" if self.private else ""
+        round_ = f", round {self.round}" if self.round is not None else ""
+        return f"{network_name(net)} at {self.config.data.get('image_size')} px{dp}{round_}"
+
     def describe(self) -> dict:
         """What the report says about this model."""
-        net = self.config.model.net
-        norm = f" ({net.norm} norm)" if net.get("norm") else ""
+        net = cast(dict, OmegaConf.to_container(self.config.model.net, resolve=True))
         return {
             "checkpoint": str(self.checkpoint),
             "sha256": self.sha256,
-            "model": f"{net.get('_target_')}{norm}",
+            "round": self.round,
+            "model": network_name(net),
             "image_size": self.config.data.get("image_size"),
             "private": self.private,
             "training_epochs": self.training_epochs,
@@ -61,13 +69,12 @@ def load_target(checkpoint: str | Path, cfg: DictConfig) -> AuditTarget:
     """
     checkpoint = Path(checkpoint)
     net, info = load_model(checkpoint)
-    recorded = checkpoint.parent / HYDRA_CONFIG
-    if recorded.is_file():
-        # Hydra's record of the run's config: a mapping.
-        config, source = cast(DictConfig, OmegaConf.load(recorded)), str(recorded)
+    recorded = recorded_config(checkpoint)
+    if recorded is not None:
+        config, source = recorded, str(checkpoint.parent / HYDRA_CONFIG)
     else:
         config = cast(DictConfig, OmegaConf.merge(cfg, {"model": info["config"]}))
         source = "the audit's own configuration (no .hydra/config.yaml next to the checkpoint)"
     if info.get("image_size") is not None:
         config.data.image_size = info["image_size"]
-    return AuditTarget(checkpoint, net, config, file_sha256(checkpoint), source)
+    return AuditTarget(checkpoint, net, config, file_sha256(checkpoint), source, info.get("round"))

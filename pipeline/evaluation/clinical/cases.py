@@ -1,5 +1,6 @@
-"""The evaluated cases: every image of one split of one or more site caches, with the model's
-probabilities, and what each site knows locally about its own files."""
+"""The evaluated cases: every image of one split (or of all splits) of one or more site caches,
+with the model's probabilities and the coarse subgroup categories the cache keeps, and what each
+site knows locally about its own files."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from pipeline.contracts.cache import SiteCache
+from pipeline.contracts.cache import SPLITS, SUBGROUP_COLUMNS, SiteCache
 from pipeline.contracts.files import read_csv
-from pipeline.contracts.labels import NORMAL_INDEX
 from pipeline.contracts.layout import WorkDir
 from pipeline.evaluation.scoring import check_image_size
+from pipeline.evaluation.threshold import pneumonia_score
+from pipeline.ingestion.header import UNKNOWN
 from pipeline.training.loop import predict_probabilities
+
+ALL_SPLITS = "all"
 
 
 @dataclass(frozen=True)
@@ -34,13 +38,15 @@ class SiteIndex:
 
 @dataclass(frozen=True)
 class Cases:
-    """The images of one split, pooled over sites (row order: site after site)."""
+    """The evaluated images, pooled over sites (row order: site after site)."""
 
     sites: np.ndarray  # site name per image
     image_keys: np.ndarray
     patient_keys: np.ndarray  # "<site>/<patient_key>": patients never merge across sites
     labels: np.ndarray  # class index
     probabilities: np.ndarray  # (N, classes)
+    # (N, len(SUBGROUP_COLUMNS)): view, sex, age band, maker per image; None: all unknown
+    subgroups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,7 +54,13 @@ class Cases:
     @property
     def pneumonia_score(self) -> np.ndarray:
         """The model's probability of pneumonia (bacterial or viral)."""
-        return 1.0 - self.probabilities[:, NORMAL_INDEX]
+        return pneumonia_score(self.probabilities)
+
+    def subgroup(self, column: str) -> np.ndarray:
+        """Each image's category of ``column`` (one of SUBGROUP_COLUMNS)."""
+        if self.subgroups is None:
+            return np.full(len(self), UNKNOWN)
+        return self.subgroups[:, SUBGROUP_COLUMNS.index(column)]
 
     def subset(self, mask: np.ndarray) -> "Cases":
         return Cases(
@@ -57,6 +69,7 @@ class Cases:
             self.patient_keys[mask],
             self.labels[mask],
             self.probabilities[mask],
+            None if self.subgroups is None else self.subgroups[mask],
         )
 
 
@@ -73,25 +86,30 @@ def load_cases(
     names: list[str],
     split: str,
 ) -> Cases:
-    """Score ``split`` of every cache with ``net`` (loaded from ``checkpoint`` with ``info``)."""
+    """Score ``split`` (or every split: :data:`ALL_SPLITS`) of every cache with ``net`` (loaded
+    from ``checkpoint`` with ``info``)."""
     parts = []
     for cache_dir, name in zip(cache_dirs, names, strict=True):
         cache = SiteCache(cache_dir)
         manifest = cache.manifest()
-        data = cache.load_split(split)
-        if len(data.labels):
-            check_image_size(checkpoint, info, data.images)
-        keys = manifest.loc[manifest["split"] == split, "image_key"].to_numpy(str)
-        probabilities = predict_probabilities(net, data.images)
-        parts.append(
-            Cases(
-                np.full(len(keys), name),
-                keys,
-                np.array([f"{name}/{p}" for p in data.patient_keys], dtype=str),
-                data.labels,
-                probabilities,
+        for column in SUBGROUP_COLUMNS:  # caches written before the subgroup columns existed
+            if column not in manifest.columns:
+                manifest[column] = UNKNOWN
+        for part in SPLITS if split == ALL_SPLITS else (split,):
+            data = cache.load_split(part)
+            if len(data.labels):
+                check_image_size(checkpoint, info, data.images)
+            rows = manifest[manifest["split"] == part]
+            parts.append(
+                Cases(
+                    np.full(len(rows), name),
+                    rows["image_key"].to_numpy(str),
+                    np.array([f"{name}/{p}" for p in data.patient_keys], dtype=str),
+                    data.labels,
+                    predict_probabilities(net, data.images),
+                    rows[list(SUBGROUP_COLUMNS)].fillna(UNKNOWN).to_numpy(str),
+                )
             )
-        )
     cases = Cases(*(np.concatenate([getattr(p, f) for p in parts]) for f in Cases.__dataclass_fields__))
     if not len(cases):
         raise ValueError(f"no {split} images in caches {[str(c) for c in cache_dirs]}")

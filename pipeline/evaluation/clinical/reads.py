@@ -3,7 +3,8 @@
 Columns (names case-insensitive): ``image`` (the site's source file name, as in its
 ``labels.csv``, or the cache's ``image_key``), ``reader``, ``label`` (normal / bacterial /
 viral, or normal / pneumonia) and optionally ``site`` (needed when a file name exists at
-several evaluated sites) and ``confidence`` (0 to 1, the reader's certainty in the label).
+several evaluated sites), ``confidence`` (0 to 1, the reader's certainty in the label) and
+``simulated`` (``yes`` on a read that no radiologist made: the report then says so in a banner).
 
 Problems that make the reads unusable raise :class:`ReadsError` listing every bad row;
 the rest are returned as warnings and shown in the report.
@@ -24,7 +25,8 @@ from pipeline.evaluation.clinical.cases import Cases, SiteIndex
 PNEUMONIA = "pneumonia"
 READ_LABELS = (*CLASS_NAMES, PNEUMONIA)
 REQUIRED_COLUMNS = ("image", "reader", "label")
-OPTIONAL_COLUMNS = ("site", "confidence")
+OPTIONAL_COLUMNS = ("site", "confidence", "simulated")
+YES, NO = ("yes", "true", "1"), ("no", "false", "0", "")
 ACCEPTED = "accepted"
 MAX_LISTED = 25
 
@@ -48,6 +50,7 @@ class ReaderReads:
     cases: np.ndarray  # indices into the evaluated Cases
     labels: np.ndarray  # read label names (READ_LABELS)
     confidence: np.ndarray | None  # 0..1 certainty in the label; None unless given for every read
+    simulated: bool = False  # any of the reads is marked simulated
 
     @property
     def three_class(self) -> bool:
@@ -126,7 +129,7 @@ def load_reads(path: str | Path, cases: Cases, sites: list[SiteIndex], split: st
     by_name = {site.name: site for site in sites}
     case_of = {(s, k): i for i, (s, k) in enumerate(zip(cases.sites, cases.image_keys))}
     errors: list[str] = []
-    rows: list[tuple[str, int, str, float | None]] = []  # reader, case index, label, confidence
+    rows: list[tuple[str, int, str, float | None, bool]] = []  # reader, case, label, confidence, simulated
     seen: dict[tuple[str, str, str], int] = {}
     outside_split, rejected_reads = 0, []
     for offset, row in enumerate(table.to_dict("records")):
@@ -148,6 +151,9 @@ def load_reads(path: str | Path, cases: Cases, sites: list[SiteIndex], split: st
                 confidence = float("nan")
             if not 0 <= confidence <= 1:
                 errors.append(f"{where}: confidence {row['confidence']!r} is not a number from 0 to 1")
+        simulated = row.get("simulated", "").lower()
+        if simulated not in YES + NO:
+            errors.append(f"{where}: simulated {row['simulated']!r} is not yes or no")
         site_name = row.get("site", "")
         if site_name and site_name not in by_name:
             errors.append(f"{where}: unknown site {site_name!r} (evaluated sites: {', '.join(by_name)})")
@@ -173,7 +179,7 @@ def load_reads(path: str | Path, cases: Cases, sites: list[SiteIndex], split: st
         if case is None:
             outside_split += 1
             continue
-        rows.append((reader, case, label, confidence))
+        rows.append((reader, case, label, confidence, simulated in YES))
     if errors:
         raise ReadsError(path, errors)
     warnings += rejected_reads
@@ -183,13 +189,13 @@ def load_reads(path: str | Path, cases: Cases, sites: list[SiteIndex], split: st
 
 
 def _readers(
-    rows: list[tuple[str, int, str, float | None]], n_cases: int, split: str, warnings: list[str]
+    rows: list[tuple[str, int, str, float | None, bool]], n_cases: int, split: str, warnings: list[str]
 ) -> list[ReaderReads]:
     """Group the valid reads by reader (in order of appearance), adding warnings as found."""
     if not rows:
         warnings.append(f"no read is of an image of the {split} split: the report has no reader comparison")
         return []
-    frame = pd.DataFrame(rows, columns=["reader", "case", "label", "confidence"])
+    frame = pd.DataFrame(rows, columns=["reader", "case", "label", "confidence", "simulated"])
     readers = []
     for name, reads in frame.groupby("reader", sort=False):
         if len(reads) < n_cases:
@@ -211,7 +217,11 @@ def _readers(
             )
         readers.append(
             ReaderReads(
-                str(name), reads["case"].to_numpy(int), labels, confidence if has_confidence else None
+                str(name),
+                reads["case"].to_numpy(int),
+                labels,
+                confidence if has_confidence else None,
+                bool(reads["simulated"].any()),
             )
         )
     return readers
