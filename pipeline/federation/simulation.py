@@ -49,13 +49,21 @@ def why_no_model(output_dir: Path, cfg: DictConfig) -> str:
 def backend_config(cfg: DictConfig, num_sites: int) -> dict:
     """Resources per simulated site; GPUs are shared between sites when present. The sites'
     own console lines reach this console only with ``verbose=true`` (their failures always
-    do, in the coordinator's log)."""
+    do, in the coordinator's log). With ``federation.ray_address`` the sites run on that Ray
+    cluster instead of a private Ray instance."""
     gpus = cfg.federation.client_gpus
     if gpus is None:
         gpus = 1.0 / num_sites if torch.cuda.is_available() else 0.0
+    init_args: dict[str, bool | str] = {
+        "log_to_driver": bool(cfg.get("verbose", False)),
+        "include_dashboard": False,
+    }
+    address = cfg.federation.get("ray_address")
+    if address:
+        init_args["address"] = str(address)
     return {
         "client_resources": {"num_cpus": int(cfg.federation.client_cpus), "num_gpus": float(gpus)},
-        "init_args": {"log_to_driver": bool(cfg.get("verbose", False)), "include_dashboard": False},
+        "init_args": init_args,
     }
 
 
@@ -77,6 +85,8 @@ def simulate(cfg: DictConfig, sites: list[SitePaths], output_dir: Path) -> None:
     if missing:
         raise FileNotFoundError(f"sites not preprocessed (no manifest.csv): {missing}")
     log.info("simulating %d sites: %s", len(sites), ", ".join(s.name for s in sites))
+    if cfg.federation.get("ray_address"):
+        log.info("on the Ray cluster at %s", cfg.federation.ray_address)
     run_simulation(
         server_app=make_server_app(cfg, output_dir),
         client_app=client_app,
