@@ -63,20 +63,43 @@ def planted_identifiers(demo_sites) -> list[str]:
     return sorted(set().union(*(site_identifiers(site) for site in demo_sites.sites)))
 
 
+def one_round_command(sites_root: Path, out: Path, *overrides: str) -> list[str]:
+    """``scripts/simulate.py``: one quick federated round of the demo sites under ``sites_root``."""
+    return [
+        sys.executable,
+        str(REPO / "scripts" / "simulate.py"),
+        *FAST_FEDERATION,
+        f"data.sites_root={sites_root}",
+        "data.prepare_demo=false",
+        "federation.num_rounds=1",
+        *overrides,
+        f"output_dir={out}",
+    ]
+
+
+# Markers whose tests run only when selected (pytest -m <marker>): long, or needing a service.
+OPT_IN = {
+    "chaos": "chaos tests run only with `pytest -m chaos` (about an hour on 2 cores)",
+    "docker": "the docker test runs only with `pytest -m docker` (make docker-test)",
+    "scale": "scale tests run only with `pytest -m scale` (minutes each)",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip, with one line, the tests of an opt-in marker that the -m expression does not name."""
+    selected = config.getoption("markexpr") or ""
+    for item in items:
+        for marker, why in OPT_IN.items():
+            if item.get_closest_marker(marker) is not None and marker not in selected:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
 @pytest.fixture(scope="session")
 def demo_run(demo_sites, tmp_path_factory) -> Path:
     """One federated round of the demo through the real entry point."""
     out = tmp_path_factory.mktemp("demo_run")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    command = [
-        sys.executable,
-        str(REPO / "scripts" / "simulate.py"),
-        *FAST_FEDERATION,
-        f"data.sites_root={demo_sites.root}",
-        "data.prepare_demo=false",
-        "federation.num_rounds=1",
-        f"output_dir={out}",
-    ]
+    command = one_round_command(demo_sites.root, out)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (out / "stdout.txt").write_text(done.stdout + done.stderr)

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from pipeline.contracts.layout import RunLayout
-from tests.conftest import FAST_FEDERATION, REPO
+from tests.conftest import REPO, one_round_command
 
 RAY = Path(sys.executable).parent / "ray"
 STARTED = "This command will now block forever"  # `ray start --block`, once the node is up
@@ -109,17 +109,9 @@ def actor_nodes(address: str) -> list[str]:
 @pytest.mark.scale
 @pytest.mark.slow
 def test_simulation_runs_on_a_ray_cluster_of_two_nodes(demo_sites, ray_cluster, tmp_path):
-    command = [
-        sys.executable,
-        str(REPO / "scripts" / "simulate.py"),
-        *FAST_FEDERATION,
-        f"data.sites_root={demo_sites.root}",
-        "data.prepare_demo=false",
-        "federation.num_rounds=1",
-        "federation.min_sites=3",
-        f"federation.ray_address={ray_cluster}",
-        f"output_dir={tmp_path}",
-    ]
+    command = one_round_command(
+        demo_sites.root, tmp_path, "federation.min_sites=3", f"federation.ray_address={ray_cluster}"
+    )
     done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"on the Ray cluster at {ray_cluster}" in done.stdout + done.stderr
