@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 
-import hydra
-from omegaconf import DictConfig
-
 from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.evaluation.audit.report import write_audit_report  # noqa: E402
 from pipeline.evaluation.audit.run import audit_output_dir, run_audit  # noqa: E402

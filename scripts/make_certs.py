@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 from pipeline.cli import answer_help
 
 answer_help(__doc__)  # before the training stack is imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.deployment.certificates import make_federation_certs  # noqa: E402
 from pipeline.deployment.coordinator import CoordinatorState, write_cli_connection  # noqa: E402

@@ -12,12 +12,12 @@ Unchanged files are skipped; each site's report.csv lists every file with its st
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
 from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.governance.revocation import preprocess_sites  # noqa: E402
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 
-import hydra
-from omegaconf import DictConfig
-
 from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.contracts.messages import NUM_EXAMPLES  # noqa: E402
 from pipeline.training.pretraining import pretrain  # noqa: E402

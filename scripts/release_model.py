@@ -23,12 +23,12 @@ import logging
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.evaluation.audit.release import ReleasePolicy, ReleaseRefused, release_model  # noqa: E402
 from pipeline.evaluation.audit.report import AUDIT_JSON  # noqa: E402

@@ -11,12 +11,12 @@ revocation is entered in the site's ledger (see scripts/ledger.py).
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
 from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.deployment.site import configured_site  # noqa: E402
 from pipeline.governance.revocation import revoke_patient  # noqa: E402

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.federation.objective import validation_metric  # noqa: E402
 from pipeline.federation.simulation import NoModelReleased, run  # noqa: E402

@@ -14,12 +14,12 @@ scalar metrics leave the site.
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
 from pipeline.cli import answer_help
 
 answer_help(__doc__)  # before the training stack is imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.deployment.site import run_site  # noqa: E402
 

@@ -12,12 +12,12 @@ code) makes another job that needs a new approval. Pass the same overrides as to
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
 from pipeline.cli import answer_help, one_line_errors
 
 answer_help(__doc__)  # before the training stack is imported
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from pipeline.governance.review import job_status, submit_job  # noqa: E402
 
