@@ -21,9 +21,11 @@ from omegaconf import OmegaConf
 from pipeline.contracts.cache import SiteCache
 from pipeline.contracts.labels import NORMAL_INDEX
 from pipeline.contracts.layout import RunLayout
+from pipeline.evaluation.audit.release import ReleasePolicy, release_model
 from pipeline.evaluation.clinical import ReportOptions, build_report
 from pipeline.evaluation.clinical.analysis import PNEUMONIA_TASK
 from pipeline.evaluation.clinical.cases import load_cases
+from pipeline.evaluation.model_card import write_release_card
 from pipeline.evaluation.threshold import grid_counts, operating_threshold
 from pipeline.governance.revocation import preprocess_consented
 from pipeline.ingestion.pseudonym import file_sha256
@@ -336,7 +338,8 @@ def test_threshold_override_and_models_without_one(demo_run, demo_sites, externa
 
 @pytest.fixture(scope="module")
 def released(demo_run, demo_sites, tmp_path_factory) -> Path:
-    """The audit's first example on the demo model (no DP-SGD), images left out, then its release."""
+    """The audit's first example on the demo model (no DP-SGD), images left out, then its release
+    with its model card."""
     out = tmp_path_factory.mktemp("release")
     data = (f"data.sites_root={demo_sites.root}", f"data.image_size={DEMO_IMAGE_SIZE}")
     audit = run_script(
@@ -349,17 +352,16 @@ def released(demo_run, demo_sites, tmp_path_factory) -> Path:
         *data,
     )
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
-    release = run_script(
-        "release_model.py",
-        f"release.model={demo_run / 'model.pt'}",
-        f"release.audit={out / 'audit' / 'audit.json'}",
+    cfg = compose_config(
+        *data,
         f"audit.release.folder={out / 'released'}",
         "audit.release.max_membership_auc=1",
         "audit.release.max_tpr_at_1pct_fpr=1",
         "audit.release.max_reconstruction_ssim=1",
-        *data,
     )
-    assert release.returncode == 0, release.stdout[-3000:] + release.stderr[-3000:]
+    policy = ReleasePolicy.from_config(cfg.audit.release)  # what scripts/release_model.py runs
+    release_model(demo_run / "model.pt", out / "audit" / "audit.json", policy, out / "released")
+    write_release_card(demo_run / "model.pt", out / "audit" / "audit.json", policy, cfg)
     return out
 
 
@@ -399,6 +401,9 @@ def test_model_card_of_the_released_model(released, demo_run, demo_sites):
     assert card["privacy"] == {"secure_aggregation": False, "dp_sgd": False, "epsilon_per_site": {}}
     audit = json.loads((released / "audit" / "audit.json").read_text())
     assert card["audit"]["release_metrics"] == audit["models"][0]["release_metrics"]
+    assert (
+        card["audit"]["violations"] == [] and card["audit"]["policy"]["max_membership_auc"] == 1
+    )  # as released
     performance = card["clinical_performance"]
     assert (
         performance["split"] == "test"

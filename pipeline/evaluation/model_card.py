@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from pipeline.contracts.cache import SPLITS, SiteCache
 from pipeline.contracts.labels import CLASS_NAMES
 from pipeline.contracts.layout import SitePaths
-from pipeline.evaluation.audit.release import ReleasePolicy, audited_entry
+from pipeline.evaluation.audit.release import ReleasePolicy, audited_entry, check_release
 from pipeline.evaluation.clinical.analysis import PNEUMONIA_TASK
 from pipeline.evaluation.clinical.build import ReportOptions, build_report
 from pipeline.evaluation.clinical.page import estimate
@@ -91,10 +91,11 @@ def model_card(
     statement: dict[str, Any],
     training: dict[str, dict[str, Any]],
     audit_entry: dict[str, Any],
-    policy: dict[str, Any],
+    policy: ReleasePolicy,
     report: dict[str, Any],
 ) -> dict[str, Any]:
-    """Every entry of the model card (aggregates and settings only)."""
+    """Every entry of the model card (aggregates and settings only); the audit's figures are
+    judged by ``policy``, the one the model is released under."""
     return {
         "title": "Model card",
         "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -105,8 +106,8 @@ def model_card(
         "privacy": (provenance["training"] or {}).get("privacy"),
         "audit": {
             "release_metrics": audit_entry["release_metrics"],
-            "violations": audit_entry["release"]["violations"],
-            "policy": policy,
+            "violations": check_release(audit_entry, policy),
+            "policy": vars(policy),
         },
         "clinical_performance": clinical_performance(report),
         "limitations": measured_limitations(report) + list(statement.get("limitations") or []),
@@ -142,7 +143,7 @@ def write_release_card(model: Path, audit_json: Path, policy: ReleasePolicy, cfg
         said,
         training_data(sites, image_size),
         audited_entry(model, audit_json),
-        vars(policy),
+        policy,
         report,
     )
     return write_model_card(card, Path(cfg.audit.release.folder))
