@@ -42,8 +42,7 @@ def run_tasks(
     whose process dies is rejected (in-process, with one worker, a crash ends the run).
     """
     workers = min(workers, len(tasks) // MIN_TASKS_PER_WORKER)
-    bar_options = {"unit": "file", "desc": f"preprocess {site}", "mininterval": 1.0, "disable": None}
-    with tqdm(total=len(tasks), **bar_options) as bar:  # no bar when not on a terminal
+    with tqdm(total=len(tasks), unit="file", desc=f"preprocess {site}", mininterval=1.0) as bar:
         if workers <= 1:
             for task in tasks:
                 yield worker(task)

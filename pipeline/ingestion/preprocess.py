@@ -337,10 +337,10 @@ def preprocess_site(
     """
     started = time.perf_counter()
     settings = Settings.from_config(cfg)
-    ensure_secret(paths.secret_file)
-    secret = load_secret(paths.secret_file)
     labels = Labels.read(paths.labels_csv)
     files, records = _inventory(paths.input_dir, labels, bool(cfg.get("follow_external_links", False)))
+    ensure_secret(paths.secret_file)  # only once the site's labels and images are there
+    secret = load_secret(paths.secret_file)
     cache_dir = paths.cache(settings.image_size)
     _process(paths, files, records, labels, settings, secret, int(cfg.get("workers", 1)))
     _reject_duplicates(files, records)
