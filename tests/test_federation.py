@@ -26,7 +26,7 @@ def fast_config(sites_root: Path, *overrides: str):
     return compose_config(*FAST_FEDERATION, f"data.sites_root={sites_root}", *overrides)
 
 
-def test_site_reply_holds_only_parameters_count_and_scalars(demo_sites, planted_identifiers, monkeypatch):
+def test_site_reply_holds_only_parameters_count_scalars_and_its_name(demo_sites, planted_identifiers, monkeypatch):
     # Outside a Flower runtime, say which run this process serves (as the SuperNode does).
     for attribute in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attribute, 1)
@@ -47,8 +47,10 @@ def test_site_reply_holds_only_parameters_count_and_scalars(demo_sites, planted_
     reply = client_app(message, context)
 
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics"}
-    assert not content.config_records
+    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    # Besides parameters and scalars, only the site's own name (its data.sites entry here), by
+    # which the coordinator logs it where no name was registered for its key.
+    assert {k: dict(v) for k, v in content.config_records.items()} == {"site": {"name": "site1"}}
     arrays = content["arrays"]
     assert list(arrays.keys()) == list(state.keys())
     for key, tensor in state.items():

@@ -209,3 +209,14 @@ def test_pretraining_on_public_images_starts_the_federation(demo_sites, sites_ro
             if e["kind"] == "round"
         ]
         assert entry["body"]["global_model_sha256"] == state_sha256(pretrained)
+
+
+def test_a_site_reported_name_is_shown_only_when_plain_and_not_taken():
+    from pipeline.federation.strategy import SiteNames
+
+    names = SiteNames()
+    names.reported(1, "site1")
+    names.reported(2, "site1")  # another node claiming the same name keeps its node id
+    names.reported(3, "evil\nname")
+    names.reported(4, "x" * 65)
+    assert [names(n) for n in (1, 2, 3, 4)] == ["site1", "2", "3", "4"]

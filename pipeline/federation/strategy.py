@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,9 @@ class TooFewSites(RuntimeError):
     """Fewer than ``federation.min_sites`` sites trained in a round: the federation stops."""
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a site-reported name the logs may show
+
+
 class SiteNames:
     """The name of each site, for logs and records: the name the coordinator registered its key
     under (``flwr supernode register --name``); where the SuperLink has none (simulation,
@@ -52,9 +56,12 @@ class SiteNames:
                 self.registered.add(int(node.node_id))
 
     def reported(self, node_id: int, name: object) -> None:
-        """A name a site gave itself; used where no name was registered."""
-        if name and node_id not in self.registered:
-            self.names[node_id] = str(name)
+        """A name a site gave itself; used where no name was registered, if it is a plain name
+        (letters, digits, ``._-``, at most 64) that no other site already goes by."""
+        if node_id in self.registered or not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+            return
+        if name not in (v for k, v in self.names.items() if k != node_id):
+            self.names[node_id] = name
 
     def learn(self, replies: Iterable[Message]) -> None:
         for reply in replies:
