@@ -277,3 +277,28 @@ def test_compose_file_runs_project_entry_points():
             text=True,
         )
         assert done.returncode == 0, done.stderr
+
+
+def test_a_supernode_stuck_retrying_the_coordinator_is_restarted(tmp_path, monkeypatch):
+    """Flower retries a coordinator that refuses a restarted session forever (seen after a
+    SuperLink restart): a site stops its SuperNode once it has retried for stuck_after_s without
+    getting through, and only then."""
+    from pipeline.contracts.layout import WorkDir
+    from pipeline.deployment import site
+
+    stopped: list[str] = []
+    monkeypatch.setattr(site, "stop_tree", stopped.append)
+    session = site.SuperNodeSession([], WorkDir(tmp_path), exit_when_finished=False, stuck_after_s=0.5)
+    retry = "WARNING :   Connection attempt failed, retrying in 2.0 seconds\n"
+    session._echo("supernode", io.StringIO(retry))
+    time.sleep(0.6)
+    session._echo("supernode", io.StringIO("INFO :      Connection successful after 3.1 seconds and 2 tries.\n"))
+    session._echo("supernode", io.StringIO(retry))
+    time.sleep(0.2)
+    assert not session.broken and stopped == []  # it got through in between
+    time.sleep(0.5)
+    session._echo("supernode", io.StringIO(retry))
+    deadline = time.monotonic() + 5
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert session.broken and stopped == ["supernode"]

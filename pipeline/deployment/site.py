@@ -82,6 +82,9 @@ def supernode_command(dep: DictConfig, node: NodeConfig) -> list[str]:
 # refuses to activate the node, e.g. a restarted site whose previous session still looks alive.
 CONNECTION_ERROR = "Exit Code: 305"
 REPLY_SENT = "Sent successfully"  # what it prints once a reply has reached the coordinator
+# What it prints while it retries the coordinator, and what shows that it got through again.
+RETRYING = "Connection attempt failed"
+GOT_THROUGH = re.compile(r"Connection successful|SuperNode ID|Receiving:|Sent successfully")
 # What it prints when it gives up on the coordinator while running on: an HTTP 5xx that Flower
 # does not retry, or a connection closed during the TLS handshake (a relay or proxy whose
 # upstream is down), which Flower takes for a TLS error and stops retrying. The SuperNode then
@@ -103,10 +106,14 @@ class SuperNodeSession:
     """One SuperNode process (in its own process group, see :mod:`pipeline.deployment.processes`),
     its output echoed once, stopped early when the federation tells the site it is finished."""
 
-    def __init__(self, command: list[str], work: WorkDir, exit_when_finished: bool) -> None:
+    def __init__(
+        self, command: list[str], work: WorkDir, exit_when_finished: bool, stuck_after_s: float
+    ) -> None:
         self.command = command
         self.work = work
         self.exit_when_finished = exit_when_finished
+        self.stuck_after_s = stuck_after_s
+        self.retrying_since: float | None = None
         self.refused = False
         self.broken = False
         self.finished = False
@@ -120,7 +127,13 @@ class SuperNodeSession:
                 self.refused = True
             if REPLY_SENT in line:
                 self.last_sent = time.time()
-            if GAVE_UP.search(line) and not self.broken:
+            if GOT_THROUGH.search(line):
+                self.retrying_since = None
+            elif RETRYING in line and self.retrying_since is None:
+                self.retrying_since = time.monotonic()
+            since = self.retrying_since
+            stuck = since is not None and time.monotonic() - since > self.stuck_after_s
+            if (GAVE_UP.search(line) or stuck) and not self.broken:
                 self.broken = True
                 threading.Thread(target=stop_tree, args=(process,), daemon=True).start()
 
@@ -177,7 +190,7 @@ def serve(site: SitePaths, command: list[str], dep: DictConfig) -> int:
     max_restarts = dep.get("max_restarts")
     delay = float(dep.rejoin_delay_s)
     while True:
-        session = SuperNodeSession(command, site.work, bool(dep.exit_when_finished))
+        session = SuperNodeSession(command, site.work, bool(dep.exit_when_finished), float(dep.stuck_after_s))
         code = session.run()
         if session.finished:
             log.info("site %s: the federation it joined is finished; the site stops", site.name)
@@ -193,11 +206,15 @@ def serve(site: SitePaths, command: list[str], dep: DictConfig) -> int:
             )
             return code or 1
         restarts += 1
-        why = (
-            "the coordinator refused the connection or could not be reached"
-            if session.refused
-            else (f"its SuperNode exited with code {code}")
-        )
+        if session.refused:
+            why = "the coordinator refused the connection or could not be reached"
+        elif session.broken:
+            why = (
+                "its SuperNode gave up on the coordinator, or kept failing to reach it for "
+                "deployment.stuck_after_s (a server error, a dropped connection, a restarted coordinator)"
+            )
+        else:
+            why = f"its SuperNode exited with code {code}"
         log.warning(
             "site %s: %s; reconnecting in %.0f s (restart %d, deployment.rejoin_delay_s)",
             site.name,
