@@ -461,3 +461,15 @@ def test_bad_reads_file_stops_with_the_listed_problems(demo_sites, tmp_path):
     assert "line 2: unknown label 'consolidation'" in done.stderr
     assert "line 3: unknown site 'site9' (evaluated sites: site1, site2, site3)" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_is_scored_by_its_stored_threshold_or_by_the_most_probable_class(
+    demo_run, demo_sites, tmp_path
+):
+    from pipeline.evaluation.scoring import evaluate_checkpoint
+
+    caches = cache_dirs(demo_sites)
+    stored = evaluate_checkpoint(demo_run / "model.pt", caches, tmp_path / "stored")
+    plain = evaluate_checkpoint(demo_run / "model.pt", caches, tmp_path / "plain", stored_rule=False)
+    assert stored["decision_rule"] != plain["decision_rule"]
+    assert stored["pneumonia_auroc"] == plain["pneumonia_auroc"]  # the ranking does not depend on the rule

@@ -134,14 +134,16 @@ def evaluate_checkpoint(
     cache_dirs: Sequence[str | Path],
     output_dir: str | Path,
     split: str = "test",
+    stored_rule: bool = True,
 ) -> dict[str, Any]:
     """Score the ``model.pt`` at ``checkpoint`` on ``split`` of the caches, by its operating
-    threshold when it stores one; write the report."""
+    threshold when it stores one (``stored_rule``; else by the most probable class, e.g. to
+    compare with models that store none); write the report."""
     net, info = load_model(checkpoint)
     data = load_splits(list(cache_dirs), split)
     check_image_size(checkpoint, info, data.images)
     probabilities = predict_probabilities(net, data.images)
-    threshold = stored_threshold(info)
+    threshold = stored_threshold(info) if stored_rule else None
     return write_report(probabilities, data.labels, data.patient_keys, Path(output_dir), threshold)
 
 

@@ -354,7 +354,8 @@ def run_federated(cfg: DictConfig, out: Path) -> tuple[Path, dict]:
 
 def score(model: Path, test: Path, out: Path) -> dict:
     """The released model's figures on the held-out part."""
-    metrics = evaluate_checkpoint(model, [test], out / "test", split="test")
+    # One rule for every arm (the central and public models store no threshold).
+    metrics = evaluate_checkpoint(model, [test], out / "test", split="test", stored_rule=False)
     sensitivity = {c: metrics["per_class"][c]["sensitivity"] for c in CLASS_NAMES}
     return {
         "pneumonia_auc": metrics["pneumonia_auroc"],
