@@ -302,3 +302,17 @@ def test_a_supernode_stuck_retrying_the_coordinator_is_restarted(tmp_path, monke
     while not stopped and time.monotonic() < deadline:
         time.sleep(0.05)
     assert session.broken and stopped == ["supernode"]
+
+
+def test_a_superlink_gone_during_a_listing_is_an_error_to_recover_from(monkeypatch, tmp_path):
+    """`flwr ls` against a SuperLink that went away prints an error object with exit status 0:
+    the coordinator gets a FlowerCliError (it restarts the SuperLink), not a KeyError that kills it."""
+    from pipeline.deployment import flower_cli
+
+    monkeypatch.setattr(flower_cli, "flwr", lambda args, home: '{"success": false, "error-message": "gone"}')
+    with pytest.raises(flower_cli.FlowerCliError, match="gone"):
+        flower_cli.run_status(tmp_path, 1)
+    with pytest.raises(flower_cli.FlowerCliError):
+        flower_cli.unfinished_runs(tmp_path)
+    monkeypatch.setattr(flower_cli, "flwr", lambda args, home: '{"runs": [{"run-id": 7, "status": "running"}]}')
+    assert flower_cli.unfinished_runs(tmp_path) == [7]

@@ -152,6 +152,13 @@ class SuperLinkWatchdog:
         self.failure: str | None = None
         self._done = threading.Event()
 
+    def check(self) -> str | None:
+        """The failure of the SuperLink or its executor now, if any."""
+        try:
+            return self._failed()
+        except psutil.Error:
+            return None
+
     def _failed(self) -> str | None:
         if self.superlink.poll() is not None:
             return f"the SuperLink exited with code {self.superlink.returncode}"
@@ -195,8 +202,9 @@ def _attempt(cfg: DictConfig, state: CoordinatorState, superlink: subprocess.Pop
         started = flower_cli.stream_run(state.flwr_home, state.app_dir, watchdog.watch)
     finally:
         watchdog.stop()
-    if watchdog.failure is not None or started is None:
-        return "not finished", watchdog.failure or "`flwr run` did not start the run"
+    failure = watchdog.failure or watchdog.check()
+    if failure is not None or started is None:
+        return "not finished", failure or "`flwr run` did not start the run"
     run_id = started
     status = flower_cli.run_status(state.flwr_home, run_id)
     log.info("run %d ended: %s", run_id, status)

@@ -149,10 +149,21 @@ def started_run_id(output: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def list_runs(flwr_home: Path, *args: str) -> list[dict]:
+    """``flwr ls --format json``'s runs. A SuperLink that went away meanwhile makes ``flwr`` print
+    an error object instead (with exit status 0): raises :class:`FlowerCliError` for it."""
+    command = ["ls", *args, "--format", "json"]
+    output = flwr(command, flwr_home)
+    try:
+        runs = json.loads(output)["runs"]
+    except (ValueError, KeyError, TypeError):
+        raise FlowerCliError(command, output) from None
+    return list(runs)
+
+
 def run_status(flwr_home: Path, run_id: int) -> str:
     """Flower's status of a run, e.g. ``running`` or ``finished:completed``."""
-    listing = json.loads(flwr(["ls", "--run-id", str(run_id), "--format", "json"], flwr_home))
-    return str(listing["runs"][0]["status"])
+    return str(list_runs(flwr_home, "--run-id", str(run_id))[0]["status"])
 
 
 def stream_run(flwr_home: Path, app_dir: Path, on_start: Callable[[subprocess.Popen], None]) -> int | None:
@@ -186,10 +197,8 @@ def stream_run(flwr_home: Path, app_dir: Path, on_start: Callable[[subprocess.Po
 
 def unfinished_runs(flwr_home: Path) -> list[int]:
     """Runs the SuperLink's database still lists as not finished (a coordinator crash)."""
-    listing = json.loads(flwr(["ls", "--format", "json"], flwr_home))
-    return [
-        int(run["run-id"]) for run in listing.get("runs", []) if not str(run["status"]).startswith("finished")
-    ]
+    runs = list_runs(flwr_home)
+    return [int(run["run-id"]) for run in runs if not str(run["status"]).startswith("finished")]
 
 
 def stop_run(flwr_home: Path, run_id: int) -> None:
