@@ -13,7 +13,7 @@ federated round, every byte of every artifact is scanned for every one of those 
   (``img_NNNN.dcm``) hold no identifier.
 
 What a site sends over the wire is scanned at message level by
-``tests/test_federation.py::test_site_reply_holds_only_parameters_count_and_scalars``.
+``tests/test_federation.py::test_site_reply_holds_only_parameters_count_scalars_and_its_name``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_scanner_finds_a_planted_value_in_any_encoding(tmp_path):
 def test_site_replies_are_scanned_at_message_level():
     from tests import test_federation
 
-    scan = inspect.getsource(test_federation.test_site_reply_holds_only_parameters_count_and_scalars)
+    scan = inspect.getsource(test_federation.test_site_reply_holds_only_parameters_count_scalars_and_its_name)
     assert "planted_identifiers" in scan and "not in payload" in scan
 
 
