@@ -111,12 +111,18 @@ def test_the_best_round_is_released_and_a_stalled_run_stops(sites_root, tmp_path
     records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: r["val"]["val_auroc"])["round"]
     selection = json.loads((out / "selection.json").read_text())
+    threshold = records[best - 1]["operating_threshold"]
     assert selection == {
         "round": best,
         "metric": "val_auroc",
         "value": pytest.approx(records[best - 1]["val"]["val_auroc"]),
+        "operating_threshold": threshold["value"],
     }
-    assert (out / "model.pt").read_bytes() == (out / "checkpoints" / f"round_{best:03d}.pt").read_bytes()
+    released, extras = load_checkpoint(out / "model.pt")
+    chosen, _ = load_checkpoint(out / "checkpoints" / f"round_{best:03d}.pt")
+    assert released.keys() == chosen.keys()
+    assert all(torch.equal(released[k], chosen[k]) for k in chosen)
+    assert extras["operating_threshold"] == threshold  # the threshold travels with the model
     assert all(r["selected_round"] <= r["round"] for r in records)
     for record in records:  # per-class sensitivity is reported every round
         assert {f"val_sensitivity_{c}" for c in CLASS_NAMES} <= set(record["val"])
