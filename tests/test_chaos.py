@@ -124,11 +124,11 @@ def superlink_of(deployment: LoopbackDeployment) -> psutil.Process:
 def inject(scenario: str, deployment: LoopbackDeployment, sites_root: Path, relay: TcpRelay) -> None:
     """Wait for round 2, then cause the scenario's fault."""
     if scenario == "site_killed":
-        wait_until(lambda: "Start `flwr-clientapp` process" in deployment.log("site1"), deployment, "trained")
+        wait_until(lambda: "train message received" in deployment.log("site1"), deployment, "trained")
         wait_until(lambda: records(deployment.work_dir / "run") != [], deployment, "finished round 1")
         mark = len(deployment.log("site1"))
         wait_until(
-            lambda: "Start `flwr-clientapp` process" in deployment.log("site1")[mark:], deployment, "round 2"
+            lambda: "train message received" in deployment.log("site1")[mark:], deployment, "round 2"
         )
         deployment.kill("site1")
         deployment.start_site("site1")

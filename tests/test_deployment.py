@@ -24,11 +24,21 @@ from opacus.accountants import RDPAccountant
 
 from pipeline.contracts.layout import SitePaths
 from pipeline.deployment.certificates import CoordinatorCerts, SiteKeys, make_federation_certs
+from pipeline.deployment.coordinator import superlink_command, wait_for_port
+from pipeline.deployment.flower_cli import (
+    CLIENT_APP,
+    SERVER_APP,
+    flower_env,
+    flwr,
+    write_app_bundle,
+    write_connection,
+)
+from pipeline.deployment.processes import spawn, stop_tree
 from pipeline.governance.budget import PrivacyLedger
 from pipeline.support.local_deployment import LoopbackDeployment
 from pipeline.support.network import ConnectProxy
 from pipeline.training.checkpoints import load_checkpoint
-from tests.conftest import FAST_FEDERATION, REPO, DEMO_IMAGE_SIZE
+from tests.conftest import DEMO_IMAGE_SIZE, FAST_FEDERATION, REPO, compose_config
 
 pytestmark = pytest.mark.deployment
 
@@ -112,7 +122,7 @@ def test_three_sites_with_tls_and_auth_and_a_killed_site_rejoins(dropout_deploym
     deployment.register_sites()
     for site in SITES:
         deployment.start_site(site)
-    _wait_for_log(deployment, "site1", "Start `flwr-clientapp` process")  # training its first round
+    _wait_for_log(deployment, "site1", "train message received")  # training its first round
     deployment.kill("site1")
     before_restart = len(deployment.log("site1"))
     deployment.start_site("site1")
@@ -132,7 +142,9 @@ def test_three_sites_with_tls_and_auth_and_a_killed_site_rejoins(dropout_deploym
 
 def _charged_rounds(sites_root: Path) -> set[int]:
     """Rounds any site has charged to its privacy ledger."""
-    ledgers = (PrivacyLedger.for_cache(SitePaths.under(sites_root, s).cache(DEMO_IMAGE_SIZE), "rdp") for s in SITES)
+    ledgers = (
+        PrivacyLedger.for_cache(SitePaths.under(sites_root, s).cache(DEMO_IMAGE_SIZE), "rdp") for s in SITES
+    )
     return {entry["round"] for ledger in ledgers for entry in ledger.entries}
 
 
@@ -292,7 +304,9 @@ def test_a_supernode_stuck_retrying_the_coordinator_is_restarted(tmp_path, monke
     retry = "WARNING :   Connection attempt failed, retrying in 2.0 seconds\n"
     session._echo("supernode", io.StringIO(retry))
     time.sleep(0.6)
-    session._echo("supernode", io.StringIO("INFO :      Connection successful after 3.1 seconds and 2 tries.\n"))
+    session._echo(
+        "supernode", io.StringIO("INFO :      Connection successful after 3.1 seconds and 2 tries.\n")
+    )
     session._echo("supernode", io.StringIO(retry))
     time.sleep(0.2)
     assert not session.broken and stopped == []  # it got through in between
@@ -314,5 +328,70 @@ def test_a_superlink_gone_during_a_listing_is_an_error_to_recover_from(monkeypat
         flower_cli.run_status(tmp_path, 1)
     with pytest.raises(flower_cli.FlowerCliError):
         flower_cli.unfinished_runs(tmp_path)
-    monkeypatch.setattr(flower_cli, "flwr", lambda args, home: '{"runs": [{"run-id": 7, "status": "running"}]}')
+    monkeypatch.setattr(
+        flower_cli, "flwr", lambda args, home: '{"runs": [{"run-id": 7, "status": "running"}]}'
+    )
     assert flower_cli.unfinished_runs(tmp_path) == [7]
+
+
+EVIL_CLIENT = """
+from pathlib import Path
+from flwr.clientapp import ClientApp
+Path({marker!r}).write_text("the coordinator's code ran at the site")
+app = ClientApp()
+"""
+EVIL_SERVER = """
+import json, time
+from pathlib import Path
+from flwr.app import Message, RecordDict
+from flwr.serverapp import ServerApp
+app = ServerApp()
+
+@app.main()
+def main(grid, context):
+    nodes = []
+    while not nodes:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.5)
+    asked = [Message(content=RecordDict(), dst_node_id=node, message_type="train") for node in nodes]
+    replies = list(grid.send_and_receive(asked, timeout=300))
+    answers = [reply.error.reason if reply.has_error() else "answered" for reply in replies]
+    Path({result!r}).write_text(json.dumps(answers))
+"""
+
+
+def test_a_coordinator_cannot_make_a_site_run_its_code(demo_sites, tmp_path):
+    """A coordinator submits an app bundle whose ClientApp is its own code: the site runs only
+    its installed ClientApp, whose gate refuses the message; the bundle's module never runs."""
+    marker, result, app_dir = tmp_path / "evil_ran", tmp_path / "answers.json", tmp_path / "evil_app"
+    app_dir.mkdir()
+    (app_dir / "evil_client.py").write_text(EVIL_CLIENT.format(marker=str(marker)))
+    (app_dir / "evil_server.py").write_text(EVIL_SERVER.format(result=str(result)))
+    bundle = write_app_bundle(app_dir, tmp_path / "experiment.yaml", tmp_path / "run") / "pyproject.toml"
+    bundle.write_text(
+        bundle.read_text().replace(SERVER_APP, "evil_server:app").replace(CLIENT_APP, "evil_client:app")
+    )
+    overrides = experiment_overrides(demo_sites.root, tmp_path / "run")
+    deployment = LoopbackDeployment(tmp_path, overrides, ["site1"], insecure=True)
+    cfg = compose_config(*deployment.overrides)
+    with open(tmp_path / "superlink.log", "w") as out:
+        superlink = spawn(
+            superlink_command(cfg.deployment), env=flower_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for_port(f"127.0.0.1:{deployment.port}", superlink)
+        flwr_home = tmp_path / "flwr_home"
+        write_connection(flwr_home, f"127.0.0.1:{deployment.port}", None)
+        deployment.start_site("site1")
+        flwr(["run", str(app_dir)], flwr_home)
+        deadline = time.monotonic() + 600
+        while not result.is_file():
+            assert time.monotonic() < deadline, deployment.log("site1")[-4000:]
+            time.sleep(0.5)
+    finally:
+        deployment.close()
+        stop_tree(superlink)
+    assert not marker.exists()
+    [answer] = json.loads(result.read_text())
+    assert "experiment" in answer  # refused by the site's approval gate: no experiment named
+    assert "refused a train message: the message carries no experiment" in deployment.log("site1")

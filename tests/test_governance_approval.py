@@ -300,7 +300,7 @@ def test_deployed_site_passes_its_own_policy_to_its_supernode(sites_root):
         (("governance.require_approval=false",), "require-approval=false auto-approve=false"),
     ]:
         cfg = compose_config("+site=demo_site1", "deployment.insecure=true", *overrides)
-        command = supernode_command(cfg.deployment, node_config(site, cfg))
+        command = supernode_command(cfg.deployment, node_config(site, cfg), site.work.runtime_secret)
         flag = command[command.index("--node-config") + 1]
         assert flag == (
             f"work-dir='{site.work_dir.resolve()}' site-name='site1' {expected} "

@@ -20,6 +20,7 @@ THIRD_PARTY_LOGGERS = (
     "alembic",
     "sqlalchemy",
     "optuna",
+    "httpx",
 )
 NOISY_WARNINGS = (".*declarative_base.*", ".*LeafSpec.*", ".*DEPRECATED FEATURE.*")
 

@@ -102,6 +102,11 @@ class WorkDir:
         return self.private / "supernode_session"
 
     @property
+    def runtime_secret(self) -> Path:
+        """Signs the site's requests for its SuperNode's tasks (new at every site start)."""
+        return self.private / "runtime.secret"
+
+    @property
     def federation_finished(self) -> Path:
         """Written when the coordinator tells the site its federation is finished."""
         return self.private / "federation_finished"

@@ -4,8 +4,9 @@ Flower's CLI (``flwr run``, ``flwr supernode register``) reads its SuperLink con
 ``$FLWR_HOME/config.toml``; fedrad keeps that folder under ``deployment.state_dir`` so that
 nothing is written to the operator's home directory. ``flwr run`` submits an *app bundle*:
 a folder with one ``pyproject.toml`` naming fedrad's installed ServerApp and ClientApp. It
-carries no code, so every machine runs the fedrad it has installed, and runtime dependency
-installation stays off (the SuperLink is started with it disabled).
+carries no code, so the coordinator runs the fedrad it has installed, and runtime dependency
+installation stays off (the SuperLink is started with it disabled). Sites never read the
+bundle: each runs its own installed ClientApp (:mod:`pipeline.deployment.warm_runtime`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Flower processes that never outlive the fedrad command that started them.
 
 A SuperLink or SuperNode started here runs in its own process group and is killed by the kernel
-when the fedrad command dies (Linux ``PR_SET_PDEATHSIG``). Flower starts its SuperExec in a new
-session, and the SuperExec starts the ServerApp and ClientApp processes, so a process-group kill
-alone misses some of them: :func:`stop_tree` stops a process with all its descendants, and a
+when the fedrad command dies (Linux ``PR_SET_PDEATHSIG``). On the coordinator, Flower starts its
+SuperExec in a new session, and the SuperExec starts the ServerApp processes, so a process-group
+kill alone misses some of them: :func:`stop_tree` stops a process with all its descendants, and a
 fedrad command that called :func:`become_subreaper` inherits the descendants a crash orphaned
 and stops them with :func:`stop_children`.
 """

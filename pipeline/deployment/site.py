@@ -2,8 +2,9 @@
 
 The SuperNode dials out to the coordinator (no inbound port at the hospital), proves its
 identity with the site's private key, verifies the coordinator against the federation CA,
-and runs fedrad's ClientApp on its work folder (:class:`pipeline.contracts.messages.NodeConfig`)
-for every message it receives.
+and queues every message it receives; the site process itself answers them with fedrad's
+installed ClientApp on its work folder (:class:`pipeline.contracts.messages.NodeConfig`),
+the training stack loaded once (:mod:`pipeline.deployment.warm_runtime`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO, NoReturn
 
 from omegaconf import DictConfig
@@ -25,6 +27,9 @@ from pipeline.contracts.messages import NodeConfig
 from pipeline.deployment import flower_cli
 from pipeline.deployment.processes import become_subreaper, spawn, stop_children, stop_group, stop_tree
 from pipeline.deployment.transport import supernode_security_args
+from pipeline.deployment.warm_runtime import WarmRuntime, write_secret
+from pipeline.federation import site_task  # noqa: F401  (Lightning, MONAI, Opacus: imported once per site)
+from pipeline.federation.client_app import app
 from pipeline.governance.revocation import preprocess_consented
 
 log = logging.getLogger("fedrad.deployment")
@@ -61,8 +66,10 @@ def node_config(site: SitePaths, cfg: DictConfig) -> NodeConfig:
     )
 
 
-def supernode_command(dep: DictConfig, node: NodeConfig) -> list[str]:
-    """``flower-supernode`` for one site, with the site's own settings (:class:`NodeConfig`)."""
+def supernode_command(dep: DictConfig, node: NodeConfig, secret: Path) -> list[str]:
+    """``flower-supernode`` for one site, with the site's own settings (:class:`NodeConfig`);
+    it starts no ClientApp process: the site runs its messages itself (:mod:`.warm_runtime`),
+    asking for them with ``secret``."""
     command = [
         flower_cli.flower_tool("flower-supernode"),
         "--superlink",
@@ -72,6 +79,10 @@ def supernode_command(dep: DictConfig, node: NodeConfig) -> list[str]:
         node.flag(),
         "--port",
         str(dep.supernode_port),
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret),
     ]
     if dep.max_wait_s is not None:
         command += ["--max-wait-time", str(dep.max_wait_s)]
@@ -93,13 +104,12 @@ GAVE_UP = re.compile(r"Server error '5\d\d|Giving up reconnection")
 LOOPBACK = "127.0.0.1,::1"
 
 
-def supernode_env() -> dict[str, str]:
-    """The SuperNode's environment: an outbound proxy (``HTTPS_PROXY``) carries its connection
-    to the coordinator, never the loopback connections between its own processes."""
-    env = flower_cli.flower_env()
+def keep_loopback_off_the_proxy() -> None:
+    """An outbound proxy (``HTTPS_PROXY``) carries the site's connection to the coordinator,
+    never the loopback calls between the site and its own SuperNode (``NO_PROXY``, for this
+    process and the SuperNode it starts)."""
     for key in ("NO_PROXY", "no_proxy"):
-        env[key] = ",".join(filter(None, [env.get(key, ""), LOOPBACK]))
-    return env
+        os.environ[key] = ",".join(filter(None, [os.environ.get(key, ""), LOOPBACK]))
 
 
 class SuperNodeSession:
@@ -156,7 +166,7 @@ class SuperNodeSession:
         since = time.time()
         process = spawn(
             self.command,
-            env=supernode_env(),
+            env=flower_cli.flower_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -225,6 +235,12 @@ def serve(site: SitePaths, command: list[str], dep: DictConfig) -> int:
         time.sleep(delay)
 
 
+def warm_runtime(dep: DictConfig, secret: Path) -> WarmRuntime:
+    """The site's ClientApp runtime (the training stack, imported with this module, stays
+    loaded for the life of the site)."""
+    return WarmRuntime(f"127.0.0.1:{int(dep.supernode_port)}", secret, app)
+
+
 def _clear_crashed_session(site: SitePaths, delay_s: float) -> None:
     """After a crash: stop what is left of the dead session's Flower processes, then stay away
     until the coordinator has dropped that session (see :func:`serve`)."""
@@ -250,10 +266,13 @@ def run_site(cfg: DictConfig) -> NoReturn:
     site = configured_site(cfg)
     dep = cfg.deployment
     node = node_config(site, cfg)
-    command = supernode_command(dep, node)
     preprocess_consented(site, cfg.preprocess)  # logs the site's summary
     become_subreaper()
     _clear_crashed_session(site, float(dep.rejoin_delay_s))
+    keep_loopback_off_the_proxy()
+    secret = write_secret(site.work.runtime_secret)
+    command = supernode_command(dep, node, secret)
+    runtime = warm_runtime(dep, secret)
     log.info("site %s connecting to the coordinator at %s", site.name, dep.superlink)
     if node.auto_approve:
         log.warning(
@@ -264,8 +283,10 @@ def run_site(cfg: DictConfig) -> NoReturn:
     marker = site.work.session_marker  # removed on any exit but a kill
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
+        runtime.start()
         code = serve(site, command, dep)
     finally:
         marker.unlink(missing_ok=True)
         stop_children()
+        runtime.stop()
     sys.exit(code)

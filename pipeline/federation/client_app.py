@@ -18,9 +18,10 @@ message holds scalar metrics, the head of the site's ledger
 images with and without pneumonia the model calls pneumonia at each threshold of a fixed grid
 (:mod:`pipeline.evaluation.threshold`), from which the coordinator chooses the model's threshold.
 
-Deployed, every message runs in a fresh process that imports this module: the training stack
-(Lightning, MONAI, Opacus) is imported only by the handlers that train or evaluate, not by the
-three SecAgg+ stages that only exchange keys, shares and masks.
+Deployed, a site runs this app for every message inside its own long-lived process
+(:mod:`pipeline.deployment.warm_runtime`), never a ClientApp named by the coordinator. The
+training stack (Lightning, MONAI, Opacus) is imported by the handlers that train or evaluate,
+not by the three SecAgg+ stages that only exchange keys, shares and masks.
 """
 
 from __future__ import annotations

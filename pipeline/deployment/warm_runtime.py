@@ -1,0 +1,236 @@
+"""A warm site: the site's own ClientApp runs every message inside the long-lived site process.
+
+Flower 1.41's SuperNode, by default, has its SuperExec start a fresh ``flwr-clientapp``
+process for every message, which pays Python's start-up, the import of the training stack and
+(on a GPU) a new CUDA context each time, and imports whatever ClientApp the run's app bundle
+names. Started with ``--isolation process``, the SuperNode starts no executor: it queues each
+message as a *task* on its Runtime API (loopback only) until an executor acquires it. The site
+process is that executor (:class:`WarmRuntime`): one thread acquires the site's tasks one at a
+time and runs each with fedrad's installed ClientApp (:data:`pipeline.federation.client_app.app`,
+the same approval gate, SecAgg+ masking, ledger, revocation and replay store as before), so
+the training stack and any CUDA context stay loaded for the life of the site.
+
+What the coordinator cannot do through this path: make the site run code. The app bundle a
+run carries names a ClientApp; this runtime never reads it. Acquiring a task is signed with a
+secret that only the site's user can read (Flower's SuperExec authentication, the secret in the
+site's private folder), so no other local user can take the site's tasks or answer in its name.
+Each task runs in a fresh :mod:`contextvars` context, so nothing set while one message ran
+(such as the SecAgg+ masking neighbours) is seen by the next.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import gc
+import logging
+import os
+import secrets
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from pipeline.governance.budget import PrivacyBudgetExhausted
+
+log = logging.getLogger("fedrad.deployment")
+
+ACQUIRE = "/flwr.proto.Runtime/AcquireTask"  # the Runtime API call signed with the secret
+POLL_S = 0.2  # how often an idle site asks its SuperNode for a task (a loopback call)
+# Transient failures of a call on loopback (a busy SuperNode) are retried for this long.
+RETRY_FOR_S = 60.0
+# What the site logs as each message starts (tests and operators look for it).
+TASK_STARTED = "message received"
+TASK_ANSWERED = "message answered"
+# What the site's own policy refuses (approval, allow-list, replay, budget): a warning, no traceback.
+REFUSALS = (PermissionError, PrivacyBudgetExhausted)
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh random secret for signing task requests, readable only by the site's user."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(secrets.token_bytes(32))
+    tmp.replace(path)
+    return path
+
+
+def _transient(exc: Exception) -> bool:
+    """A failure worth trying again: the connection, or a SuperNode answering 502/503/504."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code in (502, 503, 504)
+    return isinstance(exc, httpx.TransportError)
+
+
+def _retry() -> RetryInvoker:
+    """Retries for one task's calls: transient failures only, for :data:`RETRY_FOR_S` at most.
+
+    (Flower's own invoker interrupts the whole process on a 401, which would stop the site.)
+    """
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=5),
+        recoverable_exceptions=httpx.HTTPError,
+        max_tries=None,
+        max_time=RETRY_FOR_S,
+        should_giveup=lambda exc: not _transient(exc),
+    )
+
+
+def _heartbeat(client: RuntimeHttpClient) -> bool:
+    """One task heartbeat; False (tried again sooner) when the SuperNode did not take it."""
+    try:
+        return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+    except httpx.HTTPError:
+        return False
+
+
+def _since(iso_time: str) -> float | None:
+    """Seconds since the ISO 8601 time ``iso_time`` (None when it does not parse)."""
+    try:
+        return (datetime.now(UTC) - datetime.fromisoformat(iso_time)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def run_task(address: str, token: str, app: ClientApp, queued_at: str = "") -> None:
+    """Run the task ``token`` names with ``app``: pull its message and context from the
+    SuperNode, handle it, push the reply and the updated context.
+
+    Logs, once answered, how long the message took from the moment the SuperNode queued it
+    (``queued_at``) and how much of that the ClientApp spent handling it; the rest is this
+    path's fixed cost per message.
+    """
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,  # loopback, inside the site's machine
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor("flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=_retry(),
+    )
+    heartbeat = HeartbeatSender(lambda: _heartbeat(client))
+    heartbeat.start()
+    message: Message | None = None
+    context: Context | None = None
+    reply: Message | None = None
+    status, details = SubStatus.FAILED, "the site's ClientApp failed"
+    handling_s = 0.0
+    try:
+        message, context, _run, _fab = pull_task_input(client)  # the bundle (_fab) is never used
+        log.info("%s %s (run %d)", message.metadata.message_type, TASK_STARTED, message.metadata.run_id)
+        received, state = message, context
+        started = time.monotonic()
+        reply = contextvars.Context().run(lambda: app(message=received, context=state))
+        handling_s = time.monotonic() - started
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as exc:  # one bad message never stops the site: it gets an error reply
+        kind = message.metadata.message_type if message is not None else "task"
+        if isinstance(exc, REFUSALS):  # the site's policy said no: one line with the reason
+            log.warning("the site refused a %s message: %s", kind, exc)
+        else:
+            log.error("the site's ClientApp failed on a %s message: %s", kind, exc, exc_info=exc)
+        details = f"{type(exc).__name__}: {exc}"
+        if message is not None:
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details)
+            reply = Message(error, reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client, context, status, details)
+        except httpx.HTTPError as exc:
+            log.warning("the site could not hand its reply to its SuperNode: %s", exc)
+            status = SubStatus.FAILED
+        total_s = _since(queued_at)
+        if status == SubStatus.COMPLETED and message is not None and total_s is not None:
+            log.info(
+                "%s %s %.2f s after it arrived (%.2f s handling it)",
+                message.metadata.message_type,
+                TASK_ANSWERED,
+                total_s,
+                handling_s,
+            )
+        heartbeat.stop()
+        client.close()
+        gc.collect()  # the message's arrays go now, not at some later round
+
+
+class WarmRuntime:
+    """The site's executor: a daemon thread that runs the SuperNode's tasks with ``app``,
+    across SuperNode restarts, until :meth:`stop`."""
+
+    def __init__(self, address: str, secret_file: Path, app: ClientApp) -> None:
+        self.address = address
+        self.app = app
+        self._refusal = ""  # the last refusal logged (each new one is logged once)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fedrad-clientapp", daemon=True)
+        self._client = RuntimeHttpClient.from_server_address(
+            server_address=address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor("SuperExec"),
+                SuperExecAuthHttpInterceptor(
+                    master_secret=secret_file.read_bytes(), protected_methods={ACQUIRE}
+                ),
+            ],
+        )
+
+    def start(self) -> WarmRuntime:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop acquiring tasks; a task already running finishes (up to ``timeout``)."""
+        self._stop.set()
+        self._thread.join(timeout)
+        self._client.close()
+
+    def _acquire(self) -> tuple[str, str] | None:
+        """A task's token and when it was queued, or None when the SuperNode has none (or is
+        not up yet)."""
+        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+        try:
+            response = self._client.AcquireTask(request)
+        except httpx.TransportError:
+            return None  # the SuperNode is (re)starting
+        except httpx.HTTPStatusError as exc:
+            refusal = f"{exc.response.status_code} {exc.response.reason_phrase}"
+            if refusal != self._refusal:
+                log.warning(
+                    "the site's SuperNode refused its request for a task: %s (%s)", refusal, exc.request.url
+                )
+            self._refusal = refusal
+            return None
+        self._refusal = ""
+        if not (response.HasField("task") and response.token):
+            return None
+        return response.token, response.task.pending_at
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            task = self._acquire()
+            if task is None:
+                self._stop.wait(POLL_S)
+                continue
+            token, queued_at = task
+            run_task(self.address, token, self.app, queued_at)
