@@ -103,21 +103,22 @@ def _heartbeat(client: RuntimeHttpClient) -> bool:
         return False
 
 
-def _since(iso_time: str) -> float | None:
-    """Seconds since the ISO 8601 time ``iso_time`` (None when it does not parse)."""
+def _since(iso_time: str) -> float:
+    """Seconds since the ISO 8601 time ``iso_time`` (0 when it does not parse)."""
     try:
-        return (datetime.now(UTC) - datetime.fromisoformat(iso_time)).total_seconds()
+        return max(0.0, (datetime.now(UTC) - datetime.fromisoformat(iso_time)).total_seconds())
     except (TypeError, ValueError):
-        return None
+        return 0.0
 
 
-def run_task(address: str, token: str, app: ClientApp, queued_at: str = "") -> None:
+def run_task(address: str, token: str, app: ClientApp, queued_s: float = 0.0) -> None:
     """Run the task ``token`` names with ``app``: pull its message and context from the
     SuperNode, handle it, push the reply and the updated context.
 
-    Logs, once answered, how long the message took from the moment the SuperNode queued it
-    (``queued_at``) and how much of that the ClientApp spent handling it; the rest is this
-    path's fixed cost per message.
+    Logs, once answered, where the message's time went: ``queued_s`` waiting for the site to
+    take it, arriving (the SuperNode still downloading it from the coordinator, then the
+    hand-over), handling it (the ClientApp), and handing the reply back. Queued and handing
+    back are this path's fixed cost per message.
     """
     client = RuntimeHttpClient.from_server_address(
         server_address=address,
@@ -132,14 +133,14 @@ def run_task(address: str, token: str, app: ClientApp, queued_at: str = "") -> N
     context: Context | None = None
     reply: Message | None = None
     status, details = SubStatus.FAILED, "the site's ClientApp failed"
-    handling_s = 0.0
+    clock = [time.monotonic()]  # taken, arrived, handled, handed back
     try:
         message, context, _run, _fab = pull_task_input(client)  # the bundle (_fab) is never used
+        clock.append(time.monotonic())
         log.info("%s %s (run %d)", message.metadata.message_type, TASK_STARTED, message.metadata.run_id)
         received, state = message, context
-        started = time.monotonic()
         reply = contextvars.Context().run(lambda: app(message=received, context=state))
-        handling_s = time.monotonic() - started
+        clock.append(time.monotonic())
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # one bad message never stops the site: it gets an error reply
         kind = message.metadata.message_type if message is not None else "task"
@@ -159,14 +160,17 @@ def run_task(address: str, token: str, app: ClientApp, queued_at: str = "") -> N
         except httpx.HTTPError as exc:
             log.warning("the site could not hand its reply to its SuperNode: %s", exc)
             status = SubStatus.FAILED
-        total_s = _since(queued_at)
-        if status == SubStatus.COMPLETED and message is not None and total_s is not None:
+        clock.append(time.monotonic())
+        if status == SubStatus.COMPLETED and message is not None:
+            arriving, handling, handing_back = (later - earlier for earlier, later in zip(clock, clock[1:]))
             log.info(
-                "%s %s %.2f s after it arrived (%.2f s handling it)",
+                "%s %s: %.2f s queued, %.2f s arriving, %.2f s handling it, %.2f s handing it back",
                 message.metadata.message_type,
                 TASK_ANSWERED,
-                total_s,
-                handling_s,
+                queued_s,
+                arriving,
+                handling,
+                handing_back,
             )
         heartbeat.stop()
         client.close()
@@ -205,8 +209,8 @@ class WarmRuntime:
         self._thread.join(timeout)
         self._client.close()
 
-    def _acquire(self) -> tuple[str, str] | None:
-        """A task's token and when it was queued, or None when the SuperNode has none (or is
+    def _acquire(self) -> tuple[str, float] | None:
+        """A task's token and how long it was queued, or None when the SuperNode has none (or is
         not up yet)."""
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
         try:
@@ -224,7 +228,7 @@ class WarmRuntime:
         self._refusal = ""
         if not (response.HasField("task") and response.token):
             return None
-        return response.token, response.task.pending_at
+        return response.token, _since(response.task.pending_at)
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -232,5 +236,5 @@ class WarmRuntime:
             if task is None:
                 self._stop.wait(POLL_S)
                 continue
-            token, queued_at = task
-            run_task(self.address, token, self.app, queued_at)
+            token, queued_s = task
+            run_task(self.address, token, self.app, queued_s)

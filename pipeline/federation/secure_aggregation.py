@@ -75,6 +75,7 @@ from pipeline.contracts.messages import (
     STAMP,
 )
 from pipeline.federation.allocator import keep_large_blocks
+from pipeline.federation.grids import DelegatingGrid
 from pipeline.federation.releases import MASKING_NEIGHBOURS, ReleaseStore
 from pipeline.federation.site_gate import received_experiment
 from pipeline.federation.strategy import RecordingFedAvg, TooFewSites
@@ -277,11 +278,11 @@ def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return (np.rint(array) if np.issubdtype(dtype, np.integer) else array).astype(dtype)
 
 
-class ExperimentStampingGrid(Grid):
+class ExperimentStampingGrid(DelegatingGrid):
     """A grid that adds the experiment record to every message it sends, delegating the rest."""
 
     def __init__(self, grid: Grid, stamp: ConfigRecord) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.stamp = stamp
 
     def _stamped(self, messages: Iterable[Message]) -> list[Message]:
@@ -290,27 +291,8 @@ class ExperimentStampingGrid(Grid):
             message.content.config_records[STAMP] = ConfigRecord(dict(self.stamp))
         return messages
 
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):
-        return self.grid.get_nodes()
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(self._stamped(messages))
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.contracts.experiment import experiment_yaml
 from pipeline.contracts.layout import RunLayout
 from pipeline.contracts.messages import CONFIG, CONFIG_KEY, FINISHED, OUTPUT_DIR_KEY, ROUND_KEY, RUN_ID_KEY
+from pipeline.federation.grids import PromptGrid
 from pipeline.federation.resume import (
     fedrad_run_id,
     recorded_rounds,
@@ -189,5 +190,6 @@ def main(grid: Grid, context: Context) -> None:
     config_path = Path(str(context.run_config[CONFIG_KEY]))
     cfg = cast(DictConfig, OmegaConf.load(config_path))  # the resolved experiment: a mapping
     output_dir = Path(str(context.run_config.get(OUTPUT_DIR_KEY, "outputs/federation")))
+    grid = PromptGrid(grid)  # replies collected as they arrive, not every 3 s
     run_federation(grid, cfg, output_dir, context)
     announce_finished(grid, cfg, output_dir)

@@ -14,12 +14,14 @@ three demo sites three ways, one after the other in one run:
 
 A round's wall time is ``wall_s`` of ``rounds.jsonl``; round 1 is excluded (start-up).
 A deployed site runs its messages in its own long-lived process
-(:mod:`pipeline.deployment.warm_runtime`) and logs, for each, the seconds from the moment its
-SuperNode queued it to the moment the reply was handed back, and the seconds its ClientApp spent
-handling it: the difference is the fixed cost per message on the site's side, whose median
-over the training and evaluation messages of rounds 2 onwards is ``message_overhead_s``. What
-remains of the gap to simulation is Flower's polling (a SuperNode asks the SuperLink for
-messages every 3 s when idle; the ServerApp polls for replies) and sites sharing the cores. For
+(:mod:`pipeline.deployment.warm_runtime`) and logs where each message's time went: queued
+(until the site takes it), arriving (its SuperNode still downloading it from the coordinator,
+then the hand-over), handling it (the ClientApp's compute) and handing the reply back. The
+fixed cost per message on the site's side is queued + handing back; its median over the
+training and evaluation messages of rounds 2 onwards is ``message_overhead_s``, and the median
+arriving time is ``message_arriving_s``. What remains of the gap to simulation is the transfer
+of the model between processes, Flower's polling (a SuperNode asks the SuperLink for messages
+every 3 s when idle) and sites sharing the cores. For
 comparison, ``clientapp_startup_s`` is what a fresh ClientApp process per message (Flower's
 default executor) pays before it can start: Python start-up and the training stack's imports.
 TLS is the difference between the two deployments; serialisation is the measured protobuf round
@@ -100,8 +102,8 @@ def simulation_times(args: argparse.Namespace, sites: list[SitePaths], work: Pat
 
 # What a site logs as it answers a message (pipeline.deployment.warm_runtime.run_task).
 ANSWERED = re.compile(
-    rf"(train|evaluate) {TASK_ANSWERED} (?P<total>[\d.]+) s after it arrived "
-    r"\((?P<handling>[\d.]+) s handling it\)"
+    rf"(train|evaluate) {TASK_ANSWERED}: (?P<queued>[\d.]+) s queued, (?P<arriving>[\d.]+) s arriving, "
+    r"(?P<handling>[\d.]+) s handling it, (?P<back>[\d.]+) s handing it back"
 )
 
 
@@ -115,12 +117,11 @@ def deployment_times(
         work / name, overrides(args, sites_root, work / name / "run"), SITES, insecure=insecure
     )
     deployment.run()
-    overheads = []
+    messages: list[dict[str, float]] = []
     for site in SITES:
         answered = ANSWERED.finditer(deployment.log(site))
-        times = [float(m["total"]) - float(m["handling"]) for m in answered]
-        overheads += times[2:]
-    return round_wall_times(work / name / "run")[1:], overheads
+        messages += [{k: float(v) for k, v in m.groupdict().items()} for m in answered][2:]
+    return round_wall_times(work / name / "run")[1:], messages
 
 
 def startup_s(modules: str, repeats: int = 3) -> float:
@@ -166,10 +167,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         simulation = statistics.median(simulation_times(args, sites, work))
-        tls_rounds, overheads = deployment_times(args, sites_root, work, insecure=False)
+        tls_rounds, messages = deployment_times(args, sites_root, work, insecure=False)
         plain_rounds, _ = deployment_times(args, sites_root, work, insecure=True)
     tls, plain = statistics.median(tls_rounds), statistics.median(plain_rounds)
-    overhead = statistics.median(overheads)
+    overhead = statistics.median(m["queued"] + m["back"] for m in messages)
+    arriving = statistics.median(m["arriving"] for m in messages)
     torch.set_num_threads(1)
     startup = startup_s("pipeline.federation.client_app, pipeline.federation.site_task")
     serialise = serialisation_s(cfg)
@@ -186,8 +188,9 @@ def main() -> None:
     ):
         print(f"{name:<26}{value:>10.2f}")
     print(
-        f"fixed cost per training/evaluation message at a site (queued to answered, less its "
-        f"handling): median {overhead:.2f} s over {len(overheads)} messages"
+        f"fixed cost per training/evaluation message at a site (queued + handing the reply back): "
+        f"median {overhead:.2f} s over {len(messages)} messages; arriving (the SuperNode "
+        f"downloading it from the coordinator): median {arriving:.2f} s"
     )
     print(f"(a fresh ClientApp process per message would first pay {startup:.2f} s of start-up and imports)")
     print(
@@ -197,6 +200,7 @@ def main() -> None:
     result = {
         "deployment_vs_simulation": round(tls / simulation, 3),
         "message_overhead_s": round(overhead, 3),
+        "message_arriving_s": round(arriving, 3),
         "round_s_simulation": simulation,
         "round_s_deployment": tls,
         "round_s_deployment_insecure": plain,
