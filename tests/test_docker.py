@@ -64,7 +64,9 @@ def image(daemon) -> dict:
 
 
 def compose(project: str, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FEDRAD_IMAGE=IMAGE, FEDRAD_EXPERIMENT=EXPERIMENT)
+    # Under the vfs storage driver every container starts as a full copy of the image: compose's
+    # default 60 s answer timeout is too short for that.
+    env = dict(os.environ, FEDRAD_IMAGE=IMAGE, FEDRAD_EXPERIMENT=EXPERIMENT, COMPOSE_HTTP_TIMEOUT="900")
     command = ["docker-compose", "-p", project, "-f", str(REPO / "docker" / "compose.yaml"), *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 

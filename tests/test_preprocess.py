@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -17,6 +18,7 @@ import pipeline.ingestion.preprocess as preprocess_module
 from pipeline.contracts.cache import SPLITS, SiteCache
 from pipeline.contracts.files import csv_bytes, neutralise_cell, restore_cell
 from pipeline.contracts.labels import LabelsError
+from pipeline.contracts.layout import WorkDir
 from pipeline.governance.revocation import preprocess_consented
 from pipeline.ingestion.splits import assign_splits
 from pipeline.support.demo_sites import load_sample, plan_sites, prepare_demo_sites
@@ -437,3 +439,12 @@ def test_a_whole_site_can_be_one_split_and_val_can_be_empty():
     assert "val" not in without_val.values() and "test" in without_val.values()
     with pytest.raises(ValueError, match="sum of at most 1"):
         assign_splits(labels, 0.5, 0.6, seed=0)
+
+
+def test_a_work_folder_anywhere_carries_the_site_files_name(small_site, tmp_path):
+    """A hospital's work folder need not sit in a folder named after the site: the name its
+    site file gives is recorded at preprocessing and used in its lines and replies."""
+    site = dataclasses.replace(small_site, name="hospital_a", work_dir=tmp_path / "var" / "fedrad")
+    preprocess_consented(site, preprocess_config())
+    assert WorkDir(site.work_dir).site_name == "hospital_a"
+    assert WorkDir.of_cache(site.cache(SMALL_SIZE)).site_name == "hospital_a"

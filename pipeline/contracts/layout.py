@@ -50,9 +50,19 @@ class WorkDir:
         return sorted(p for p in found if p.is_dir() and CACHE_FOLDER.fullmatch(p.name))
 
     @property
+    def name_file(self) -> Path:
+        """The site's name as its site file gives it (written when the site preprocesses)."""
+        return self.private / "site_name"
+
+    @property
     def site_name(self) -> str:
-        """The name of the site folder this work folder sits in (``<site>/fedrad``)."""
-        return self.root.resolve().parent.name
+        """The site's name (:attr:`name_file`); for a work folder without one, the name of the
+        site folder it sits in (``<site>/fedrad``)."""
+        try:
+            recorded = self.name_file.read_text(encoding="utf-8").strip()
+        except OSError:
+            recorded = ""
+        return recorded or self.root.resolve().parent.name
 
     @classmethod
     def of_cache(cls, cache_dir: Path) -> "WorkDir":

@@ -130,8 +130,9 @@ def flwr(args: list[str], flwr_home: Path, timeout: float = 120, attempts: int =
 
 
 def register_command(flwr_home: Path, public_key: Path, site: str) -> str:
-    """The shell line a coordinator operator runs once per site to admit its SuperNode."""
-    return f"FLWR_HOME={flwr_home} flwr supernode register {public_key} --name {site}"
+    """The shell line a coordinator operator runs once per site to admit its SuperNode (with
+    the ``flwr`` of this environment, whether or not it is activated)."""
+    return f"FLWR_HOME={flwr_home} {flower_tool('flwr')} supernode register {public_key} --name {site}"
 
 
 def register_site(flwr_home: Path, public_key: Path, site: str) -> None:

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.contracts.cache import ARRAYS_DIR, MANIFEST_NAME, SPLITS, SUBGROUP_COLUMNS
-from pipeline.contracts.files import write_csv
+from pipeline.contracts.files import atomic_write, write_csv
 from pipeline.contracts.labels import CLASS_NAMES, label_index, read_labels
 from pipeline.contracts.layout import SitePaths
 from pipeline.ingestion.acceptance import AcceptanceRules, rejection_reason
@@ -340,6 +340,7 @@ def preprocess_site(
     labels = Labels.read(paths.labels_csv)
     files, records = _inventory(paths.input_dir, labels, bool(cfg.get("follow_external_links", False)))
     ensure_secret(paths.secret_file)  # only once the site's labels and images are there
+    atomic_write(paths.work.name_file, paths.name.encode())  # the name its lines and replies use
     secret = load_secret(paths.secret_file)
     cache_dir = paths.cache(settings.image_size)
     _process(paths, files, records, labels, settings, secret, int(cfg.get("workers", 1)))
