@@ -172,7 +172,8 @@ def run_task(address: str, token: str, app: ClientApp, queued_s: float = 0.0) ->
                 handling,
                 handing_back,
             )
-        heartbeat.stop()
+        if heartbeat.is_running:
+            heartbeat.stop()
         client.close()
         gc.collect()  # the message's arrays go now, not at some later round
 
@@ -237,4 +238,7 @@ class WarmRuntime:
                 self._stop.wait(POLL_S)
                 continue
             token, queued_s = task
-            run_task(self.address, token, self.app, queued_s)
+            try:
+                run_task(self.address, token, self.app, queued_s)
+            except Exception as exc:  # the runtime outlives any task: the next one is taken
+                log.error("the site could not run a task: %s", exc, exc_info=exc)
