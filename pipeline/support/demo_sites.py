@@ -27,7 +27,17 @@ from pipeline.contracts.labels import CLASS_NAMES
 from pipeline.contracts.layout import SitePaths
 from pipeline.ingestion.pseudonym import ensure_secret
 
-DEMO_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "demo" / "kermany"
+SAMPLE_IN_CHECKOUT = Path("data") / "demo" / "kermany"
+
+
+def _demo_sample() -> Path:
+    """The embedded demo sample: in the checkout this module lies in, else under the working
+    directory (fedrad installed as a package and run from its checkout, as in the docker image)."""
+    beside = Path(__file__).resolve().parents[2] / SAMPLE_IN_CHECKOUT
+    return beside if beside.is_dir() else Path.cwd() / SAMPLE_IN_CHECKOUT
+
+
+DEMO_SAMPLE = _demo_sample()
 SOP_CLASS = {
     "CR": UID("1.2.840.10008.5.1.4.1.1.1"),  # Computed Radiography Image Storage
     "DX": UID("1.2.840.10008.5.1.4.1.1.1.1"),  # Digital X-Ray Image Storage - For Presentation
