@@ -395,3 +395,26 @@ def test_a_coordinator_cannot_make_a_site_run_its_code(demo_sites, tmp_path):
     [answer] = json.loads(result.read_text())
     assert "experiment" in answer  # refused by the site's approval gate: no experiment named
     assert "refused a train message: the message carries no experiment" in deployment.log("site1")
+
+
+def test_a_supernode_whose_send_died_in_tls_is_restarted(tmp_path, monkeypatch):
+    """A coordinator killed while a site sends its reply: Flower gives up at the first try on
+    what it takes for a TLS error and its SuperNode stops pulling without exiting (lines as
+    seen in the chaos test); the site restarts it."""
+    from pipeline.contracts.layout import WorkDir
+    from pipeline.deployment import site
+
+    stopped: list[str] = []
+    monkeypatch.setattr(site, "stop_tree", stopped.append)
+    session = site.SuperNodeSession([], WorkDir(tmp_path), exit_when_finished=False, stuck_after_s=180)
+    session._echo("supernode", io.StringIO("INFO :      Sending: train message (ID: c675058f)\n"))
+    assert not session.broken
+    died = (
+        "ERROR :     SSL/TLS handshake error detected.\n"
+        "ERROR :     Failed to send message c675058f: [SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred\n"
+    )
+    session._echo("supernode", io.StringIO(died))
+    deadline = time.monotonic() + 5
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert session.broken and stopped == ["supernode"]

@@ -97,10 +97,11 @@ REPLY_SENT = "Sent successfully"  # what it prints once a reply has reached the 
 RETRYING = "Connection attempt failed"
 GOT_THROUGH = re.compile(r"Connection successful|SuperNode ID|Receiving:|Sent successfully")
 # What it prints when it gives up on the coordinator while running on: an HTTP 5xx that Flower
-# does not retry, or a connection closed during the TLS handshake (a relay or proxy whose
-# upstream is down), which Flower takes for a TLS error and stops retrying. The SuperNode then
-# stops pulling messages without exiting: the site restarts it.
-GAVE_UP = re.compile(r"Server error '5\d\d|Giving up reconnection")
+# does not retry, or a connection closed during the TLS handshake or mid-request (a relay or
+# proxy whose upstream is down, a coordinator killed while the site sends its reply), which
+# Flower takes for a TLS error and stops retrying, at the first try as well as after several.
+# The SuperNode then stops pulling messages without exiting: the site restarts it.
+GAVE_UP = re.compile(r"Server error '5\d\d|Giving up reconnection|SSL/TLS handshake error detected")
 LOOPBACK = "127.0.0.1,::1"
 
 
