@@ -18,6 +18,7 @@ from pipeline.contracts.layout import SitePaths
 from pipeline.contracts.messages import CONFIG_KEY, NodeConfig
 from pipeline.federation.client_app import app as client_app
 from pipeline.federation.server_app import run_federation
+from pipeline.federation.simulation import why_no_model
 from pipeline.federation.site_task import train_site
 from pipeline.governance import review as review_module
 from pipeline.governance.approval import (
@@ -86,6 +87,18 @@ def test_unapproved_job_does_not_train(sites_root, caplog):
             train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial_state(cfg), server_round=1)
     assert f"site site1 refuses to train: this site has not approved job {job_hash}" in caplog.text
     assert trained_rounds(site.work_dir) == []
+
+
+def test_a_federation_no_site_approved_says_why_and_how_to_approve(sites_root, tmp_path):
+    """Custom sites without a preset: every site refuses, and the run says so plainly (not a
+    missing model.pt)."""
+    cfg = strict_config(sites_root)
+    run_federation(LoopbackGrid(partitions=3), cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "model.pt").exists()
+    message = why_no_model(tmp_path / "run", cfg)
+    assert "no round had federation.min_sites=2 sites that trained" in message
+    assert "Every site refused the job because its data owner has not approved it" in message
+    assert "review_job.py" in message and "governance.auto_approve_simulated_sites=true" in message
 
 
 def test_rejected_job_does_not_train(sites_root):

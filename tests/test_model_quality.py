@@ -1,6 +1,6 @@
 """The training recipe: class balancing, best-round selection, server optimisers (also under
-SecAgg+), FedProx, the learning-rate schedule and public pretraining, on the demo sites' real
-chest X-rays."""
+SecAgg+), FedProx, frozen layers, the learning-rate schedule and public pretraining, on the demo
+sites' real chest X-rays."""
 
 from __future__ import annotations
 
@@ -167,6 +167,18 @@ def test_fedprox_keeps_the_update_near_the_global_model(sites_root):
         return float(sum((update[k].float() - start[k].float()).norm() ** 2 for k in start) ** 0.5)
 
     assert distance("federation.proximal_mu=100.0", run="prox") < 0.8 * distance(run="plain")
+
+
+def test_frozen_layers_stay_as_received(sites_root):
+    """model.freeze: a site's update leaves the named parameters exactly as the global model."""
+    site = SitePaths.under(sites_root, "site1")
+    cfg = federation(sites_root, 1, "model.freeze=[features]")
+    start = build_classifier(cfg, seed=0).net.state_dict()
+    update, _ = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), start, 1, "frozen")
+    weights = [k for k in start if k.endswith((".weight", ".bias"))]
+    frozen = [k for k in weights if k.startswith("features")]
+    assert frozen and all(torch.equal(update[k], start[k]) for k in frozen)
+    assert any(not torch.equal(update[k], start[k]) for k in weights if k.startswith("classifier"))
 
 
 def test_cosine_schedule_runs_from_the_base_rate_to_the_final_factor():

@@ -75,6 +75,19 @@ def test_non_strict_loading_skips_a_different_head(tmp_path):
     assert torch.equal(target.features[0].weight, source.features[0].weight)
 
 
+def test_rgb_weights_load_into_the_one_channel_network(tmp_path):
+    """ImageNet-style weights: the first convolution's three input channels are summed, so the
+    gray network answers a gray image as the RGB network answers it repeated on R, G and B."""
+    source = SmallCNN(in_channels=3).eval()
+    torch.save(source.state_dict(), tmp_path / "rgb.pt")
+    target = SmallCNN().eval()
+    assert load_weights(target, tmp_path / "rgb.pt") == []
+    assert torch.equal(target.features[0].weight, source.features[0].weight.sum(dim=1, keepdim=True))
+    gray = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(gray), source(gray.repeat(1, 3, 1, 1)), atol=1e-5, rtol=1e-5)
+
+
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.weights_path"):
         load_weights(SmallCNN(), tmp_path / "absent.pt")
