@@ -18,7 +18,7 @@ import pipeline.ingestion.preprocess as preprocess_module
 from pipeline.contracts.cache import SPLITS, SiteCache
 from pipeline.contracts.files import csv_bytes, neutralise_cell, restore_cell
 from pipeline.contracts.labels import LabelsError
-from pipeline.contracts.layout import WorkDir
+from pipeline.contracts.layout import WorkDir, configured_sites
 from pipeline.governance.revocation import preprocess_consented
 from pipeline.ingestion.splits import assign_splits
 from pipeline.support.demo_sites import load_sample, plan_sites, prepare_demo_sites
@@ -430,6 +430,23 @@ def test_any_error_while_processing_rejects_only_that_file(small_site, monkeypat
     report = pd.read_csv(small_site.work_dir / "report.csv", keep_default_na=False).set_index("file")
     assert report.at["img_0004.dcm", "reason"] == "processing failed (MemoryError: no room)"
     assert summary.status == {"accepted": len(report) - 1, "rejected": 1}
+
+
+def test_the_sites_input_folder_is_the_configured_one(small_site):
+    """data.input_subdir: a site's images need not sit in a dicom/ folder."""
+    scans = small_site.input_dir.parent / "scans"
+    small_site.input_dir.rename(scans)
+    cfg = compose_config(
+        f"data.sites_root={scans.parent.parent}",
+        f"data.sites=[{small_site.name}]",
+        "data.input_subdir=scans",
+        f"data.image_size={SMALL_SIZE}",
+        "preprocess.workers=1",
+    )
+    [site] = configured_sites(cfg)
+    assert site.input_dir == scans and site.work_dir == small_site.work_dir
+    summary = preprocess_consented(site, cfg.preprocess)
+    assert summary.files > 0 and summary.processed == summary.files
 
 
 def test_a_whole_site_can_be_one_split_and_val_can_be_empty():
