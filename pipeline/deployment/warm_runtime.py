@@ -35,9 +35,21 @@ from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.common.serde import context_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+    SendTaskHeartbeatRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -45,8 +57,10 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from pipeline.contracts.transfer import PROMPT_PULLS
 from pipeline.governance.budget import PrivacyBudgetExhausted
 
 log = logging.getLogger("fedrad.deployment")
@@ -111,6 +125,30 @@ def _since(iso_time: str) -> float:
         return 0.0
 
 
+def pull_message(client: RuntimeHttpClient) -> tuple[Message, Context]:
+    """The task's message and context from the SuperNode (what Flower's ``pull_task_input``
+    does, less the app bundle, which is never used, and asking again sooner for the parts
+    still arriving: :mod:`pipeline.contracts.transfer`)."""
+    task = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = task.task_id
+    TaskIdentity.run_id = task.run.run_id
+    TaskIdentity.node_id = task.context.node_id
+    context = context_from_proto(task.context)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode handed over a task without a message")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        **PROMPT_PULLS,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its id
+    return message, context
+
+
 def run_task(address: str, token: str, app: ClientApp, queued_s: float = 0.0) -> None:
     """Run the task ``token`` names with ``app``: pull its message and context from the
     SuperNode, handle it, push the reply and the updated context.
@@ -135,7 +173,7 @@ def run_task(address: str, token: str, app: ClientApp, queued_s: float = 0.0) ->
     status, details = SubStatus.FAILED, "the site's ClientApp failed"
     clock = [time.monotonic()]  # taken, arrived, handled, handed back
     try:
-        message, context, _run, _fab = pull_task_input(client)  # the bundle (_fab) is never used
+        message, context = pull_message(client)
         clock.append(time.monotonic())
         log.info("%s %s (run %d)", message.metadata.message_type, TASK_STARTED, message.metadata.run_id)
         received, state = message, context

@@ -4,7 +4,8 @@
 Flower 1.41's deployment grid asks the SuperLink for replies every 3 s, so a stage whose
 replies are ready waits 1.5 s on average, at every stage of every round (five stages a round
 under SecAgg+). :class:`PromptGrid` asks every :data:`REPLY_POLL_S` (a cheap call on the
-SuperLink's own API).
+SuperLink's own API), and pulls a reply's parts that are still arriving promptly
+(:mod:`pipeline.contracts.transfer`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_utils import pull_objects
+from flwr.superlink.grid import http_grid
+
+from pipeline.contracts.transfer import PROMPT_PULLS
 
 REPLY_POLL_S = 0.25
 
@@ -52,8 +57,18 @@ class DelegatingGrid(Grid):
         return self.grid.send_and_receive(messages, timeout=timeout)
 
 
+def _prompt_pull_objects(object_ids: list[str], pull_object_fn, **_flower_defaults) -> dict[str, bytes]:
+    return pull_objects(object_ids, pull_object_fn, **PROMPT_PULLS)
+
+
 class PromptGrid(DelegatingGrid):
-    """Sends like Flower's grid and collects the replies every :data:`REPLY_POLL_S`."""
+    """Sends like Flower's grid and collects the replies every :data:`REPLY_POLL_S`, their
+    parts asked for again as promptly as :data:`PROMPT_PULLS` says (Flower 1.41's deployment
+    grid has no setting for it: its module's ``pull_objects`` is replaced in this process)."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        http_grid.pull_objects = _prompt_pull_objects
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
