@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -239,6 +240,9 @@ def test_site_behind_a_proxy_joins_sites_are_named_and_stop_when_finished(deploy
     coordinator = deployment.log("coordinator")
     assert "round 2  site site1  train" in coordinator
     assert coordinator.count("round 2  site site1  train") == 1  # every line printed once
+    # Flower's own SuperLink lines name each site too, not only its node id
+    assert set(re.findall(r"Activated node_id=\d+ \((\w+)\)", coordinator)) == set(SITES)
+    assert not re.search(r"node_id=\d+(?! \(site)", coordinator), coordinator[-4000:]
     for site in SITES:
         assert deployment.processes[site].wait(timeout=300) == 0, deployment.log(site)[-3000:]
         log = deployment.log(site)

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.deployment import flower_cli
 from pipeline.deployment.certificates import CoordinatorCerts
 from pipeline.deployment.processes import become_subreaper, spawn, stop_children, stop_tree
+from pipeline.deployment.superlink_log import NamedNodeLog
 from pipeline.deployment.transport import superlink_security_args
 from pipeline.federation.resume import rounds_left
 
@@ -106,10 +107,22 @@ def write_experiment(cfg: DictConfig, output_dir: Path) -> Path:
 
 
 def start_superlink(dep: DictConfig) -> subprocess.Popen:
-    """Start the SuperLink (its own process group, killed with this process) once it listens."""
+    """Start the SuperLink (its own process group, killed with this process) once it listens;
+    its output echoed with the sites' registered names (:mod:`pipeline.deployment.superlink_log`)."""
     write_cli_connection(dep)
-    env = flower_cli.flower_env(CoordinatorState.under(dep.state_dir).flwr_home)
-    process = spawn(superlink_command(dep), env=env)
+    state = CoordinatorState.under(dep.state_dir)
+    env = flower_cli.flower_env(state.flwr_home)
+    process = spawn(
+        superlink_command(dep),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    assert process.stdout is not None  # stdout=subprocess.PIPE
+    named = NamedNodeLog(state.database)
+    threading.Thread(target=named.echo, args=(process.stdout,), daemon=True).start()
     try:
         wait_for_port(local_address(dep), process)
     except Exception:
