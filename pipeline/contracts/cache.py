@@ -39,7 +39,8 @@ class SplitArrays:
 
 
 class SiteCache:
-    """Read access to one site's preprocessed cache folder."""
+    """One site's preprocessed cache folder: where its files are (preprocessing writes them there)
+    and reading them."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -48,8 +49,17 @@ class SiteCache:
     def manifest_path(self) -> Path:
         return self.root / MANIFEST_NAME
 
+    @property
+    def arrays_dir(self) -> Path:
+        """The folder of the image arrays, one ``<image_key>.npy`` each."""
+        return self.root / ARRAYS_DIR
+
     def array_path(self, image_key: str) -> Path:
-        return self.root / ARRAYS_DIR / f"{image_key}.npy"
+        return self.arrays_dir / f"{image_key}.npy"
+
+    def array_files(self) -> list[Path]:
+        """Every image array file in the cache, listed or not in the manifest."""
+        return sorted(self.arrays_dir.glob("*.npy"))
 
     def manifest(self) -> pd.DataFrame:
         """Load the manifest, checking that it exists and has the required columns."""

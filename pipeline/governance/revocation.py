@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.contracts.cache import ARRAYS_DIR, MANIFEST_NAME
+from pipeline.contracts.cache import SiteCache
 from pipeline.contracts.files import atomic_write
 from pipeline.contracts.layout import SitePaths, WorkDir, configured_sites
 from pipeline.governance.rounds import round_key, round_lock, trained_patients
@@ -85,7 +85,7 @@ def _known_patient(site: SitePaths, key: str) -> bool:
 def _drop_from_manifest(cache_dir: Path, key: str) -> list[str]:
     """Rewrite the manifest without the patient's rows (other lines byte for byte);
     returns the image keys of the rows removed."""
-    path = cache_dir / MANIFEST_NAME
+    path = SiteCache(cache_dir).manifest_path
     lines = path.read_text().splitlines(keepends=True)
     header = next(csv.reader(lines[:1]))
     key_col, image_col = header.index("patient_key"), header.index("image_key")
@@ -141,7 +141,7 @@ def revoke_patient(site: SitePaths, patient_id: str) -> Revocation:
         for cache in site.work.caches():  # every image size the site has preprocessed
             dropped = _drop_from_manifest(cache, key)
             for image in dropped:
-                (cache / ARRAYS_DIR / f"{image}.npy").unlink(missing_ok=True)
+                SiteCache(cache).array_path(image).unlink(missing_ok=True)
             images.update(dropped)
         if key not in revoked_patients(site.work_dir):
             site.private_dir.mkdir(parents=True, exist_ok=True)

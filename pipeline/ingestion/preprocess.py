@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.contracts.cache import ARRAYS_DIR, MANIFEST_NAME, SPLITS, SUBGROUP_COLUMNS
+from pipeline.contracts.cache import SPLITS, SUBGROUP_COLUMNS, SiteCache
 from pipeline.contracts.files import atomic_write, write_csv
 from pipeline.contracts.labels import CLASS_NAMES, label_index, read_labels
 from pipeline.contracts.layout import SitePaths
@@ -211,7 +211,7 @@ def process_file(
     task: tuple[str, dict[str, Any] | None],
     *,
     input_dir: Path,
-    arrays_dir: Path,
+    cache: SiteCache,
     settings: Settings,
     secret: bytes,
 ) -> FileRecord:
@@ -240,7 +240,7 @@ def process_file(
         )
     sha = hashlib.sha256(data).hexdigest()
     key = image_key(secret, sha)
-    if previous is not None and _reusable(previous, sha, settings, arrays_dir / f"{key}.npy"):
+    if previous is not None and _reusable(previous, sha, settings, cache.array_path(key)):
         if previous["duplicate_of"]:  # processed and accepted; duplicates are decided afresh
             return FileRecord(
                 **{**previous, "status": "accepted", "reason": "", "duplicate_of": "", "reused": True}
@@ -266,7 +266,7 @@ def process_file(
         message = " ".join(str(error).split())[:160]
         record.reason = f"processing failed ({type(error).__name__}: {message})"
         return record
-    _write_array(arrays_dir / f"{key}.npy", image)
+    _write_array(cache.array_path(key), image)
     record.status, record.image_key = "accepted", key
     return record
 
@@ -387,8 +387,8 @@ def _process(
 ) -> None:
     """Triage every file, then process the rest (or reuse what an earlier run did), journalling
     each finished file so that an interrupted run resumes where it stopped."""
-    arrays_dir = paths.cache(settings.image_size) / ARRAYS_DIR
-    arrays_dir.mkdir(parents=True, exist_ok=True)
+    cache = SiteCache(paths.cache(settings.image_size))
+    cache.arrays_dir.mkdir(parents=True, exist_ok=True)
     paths.private_dir.mkdir(parents=True, exist_ok=True)
     journal_path = paths.work.preprocess_journal
     previous = previous_records(paths.work.source_index, journal_path)
@@ -403,9 +403,7 @@ def _process(
             records[rel] = triaged
     if workers > 1:  # largest first, so that no big file is left to one worker at the end
         tasks.sort(key=lambda task: -file_size(paths.input_dir / task[0]))
-    worker = partial(
-        process_file, input_dir=paths.input_dir, arrays_dir=arrays_dir, settings=settings, secret=secret
-    )
+    worker = partial(process_file, input_dir=paths.input_dir, cache=cache, settings=settings, secret=secret)
     with open(journal_path, "a") as journal:
         for record in run_tasks(tasks, worker, workers, paths.name):
             records[record.file] = record
@@ -470,9 +468,10 @@ def _write_manifest(
         ],
         columns=list(MANIFEST_COLUMNS),
     ).sort_values("image_key")
-    write_csv(cache_dir / MANIFEST_NAME, manifest)
+    cache = SiteCache(cache_dir)
+    write_csv(cache.manifest_path, manifest)
     keep = set(manifest["image_key"])
-    for stale in (cache_dir / ARRAYS_DIR).glob("*.npy"):
+    for stale in cache.array_files():
         if stale.stem not in keep:
             stale.unlink()
     return manifest
