@@ -142,6 +142,10 @@ class WorkDir:
     def approvals(self) -> Path:
         return self.root / "approvals"
 
+    def approval(self, job_hash: str) -> Path:
+        """The data owner's latest signed decision on one job."""
+        return self.approvals / f"{job_hash}.json"
+
 
 @dataclass(frozen=True)
 class SitePaths:
@@ -182,6 +186,18 @@ class SitePaths:
             labels_csv=root / "labels.csv",
             work_dir=root / WORK_FOLDER,
             secret_file=root / "site_secret.key",
+        )
+
+    @classmethod
+    def public_set(cls, input_dir: str | Path, labels_csv: str | Path, root: str | Path) -> "SitePaths":
+        """Public images the coordinator holds (pretraining), laid out as a site named ``public``
+        whose work folder and secret are under ``root``."""
+        return cls(
+            name="public",
+            input_dir=Path(input_dir),
+            labels_csv=Path(labels_csv),
+            work_dir=Path(root) / WORK_FOLDER,
+            secret_file=Path(root) / "public_secret.key",
         )
 
     @classmethod

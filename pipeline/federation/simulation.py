@@ -129,7 +129,7 @@ def final_summary(metrics: dict, run: RunLayout) -> str:
     lines = [f"released model ({chosen}) on the sites' test patients:"]
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
     lines.append(f"  (classes: {metrics['decision_rule']})")
-    lines.append(f"outputs in {run.root}: model.pt, metrics.json, rounds.jsonl")
+    lines.append(f"outputs in {run.root}: {', '.join(p.name for p in (run.model, run.metrics, run.rounds))}")
     return "\n".join(lines)
 
 

@@ -116,7 +116,7 @@ class LedgerDecision:
 def decision_path(work_dir: Path, job_hash: str) -> Path:
     if not JOB_HASH.fullmatch(str(job_hash)):
         raise ValueError(f"{job_hash!r} is not a job hash (64 lowercase hex digits)")
-    return WorkDir(Path(work_dir)).approvals / f"{job_hash}.json"
+    return WorkDir(Path(work_dir)).approval(job_hash)
 
 
 def sign_decision(

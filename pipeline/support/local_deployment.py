@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 import yaml
 
+from pipeline.contracts.layout import SitePaths
 from pipeline.deployment.certificates import SiteKeys, make_federation_certs
 from pipeline.deployment.coordinator import CoordinatorState
 from pipeline.deployment.flower_cli import flower_env, register_site
@@ -100,12 +101,13 @@ class LoopbackDeployment:
         path = self.work_dir / "site_files" / "site" / f"{site}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = SiteKeys.under(self.certs_dir, site)
+        paths = SitePaths.under("${data.sites_root}", site)  # the demo layout, under data.sites_root
         settings: dict[str, Any] = {
             "name": site,
-            "input_dir": f"${{data.sites_root}}/{site}/dicom",
-            "labels_csv": f"${{data.sites_root}}/{site}/labels.csv",
-            "work_dir": f"${{data.sites_root}}/{site}/fedrad",
-            "secret_file": f"${{data.sites_root}}/{site}/site_secret.key",
+            "input_dir": paths.input_dir.as_posix(),
+            "labels_csv": paths.labels_csv.as_posix(),
+            "work_dir": paths.work_dir.as_posix(),
+            "secret_file": paths.secret_file.as_posix(),
             "coordinator": f"127.0.0.1:{self.port}",
             "root_certificate": str(self.certs_dir / "ca.crt"),
             "private_key": str(keys.private_key),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.contracts.layout import WORK_FOLDER, SitePaths
+from pipeline.contracts.layout import SitePaths
 from pipeline.ingestion.preprocess import preprocess_site
 from pipeline.training.checkpoints import save_checkpoint
 from pipeline.training.datamodule import CacheDataModule
@@ -35,14 +35,7 @@ def public_site(pretrain: DictConfig) -> SitePaths:
             f"set pretrain.{missing[0]}: the public images to pretrain on and their "
             "labels.csv (file,label[,patient_id])"
         )
-    work_dir = Path(pretrain.work_dir)
-    return SitePaths(
-        name="public",
-        input_dir=Path(pretrain.input_dir),
-        labels_csv=Path(pretrain.labels_csv),
-        work_dir=work_dir / WORK_FOLDER,
-        secret_file=work_dir / "public_secret.key",
-    )
+    return SitePaths.public_set(pretrain.input_dir, pretrain.labels_csv, pretrain.work_dir)
 
 
 def pretrain(cfg: DictConfig) -> tuple[Path, dict[str, float]]:
