@@ -33,6 +33,11 @@ PARTITION_ID = "partition-id"  # set by Flower's simulation engine for each simu
 SITE = "site"  # a site's reply: the config record with its own name (SITE_NAME)
 SITE_NAME = "name"
 FINISHED = "query.finished"  # the coordinator's last message of a run: the federation is finished
+# SecAgg+ training messages use Flower's legacy layout (pipeline.federation.secure_aggregation):
+# its records of the fit instruction, and the names of its unnamed arrays in the fit config.
+LEGACY_FIT_CONFIG = "fitins.config"
+LEGACY_FIT_ARRAYS = "fitins.parameters"
+ARRAY_NAMES = "array-names"
 
 
 @dataclass(frozen=True)

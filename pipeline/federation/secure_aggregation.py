@@ -64,9 +64,12 @@ from omegaconf import DictConfig
 from pipeline.contracts.experiment import InvalidExperiment, experiment_from_yaml
 from pipeline.contracts.layout import WorkDir
 from pipeline.contracts.messages import (
+    ARRAY_NAMES,
     ARRAYS,
     CONFIG,
     CONFIG_KEY,
+    LEGACY_FIT_ARRAYS,
+    LEGACY_FIT_CONFIG,
     METRICS,
     NUM_EXAMPLES,
     ROUND_KEY,
@@ -83,7 +86,6 @@ from pipeline.privacy.secagg import MODULUS_RANGE, SecAggSettings, num_sites
 
 log = logging.getLogger("fedrad.federation")
 
-ARRAY_NAMES = "array-names"  # legacy parameters are unnamed: the names travel in the config
 Checkpointer = Callable[[int, ArrayRecord], None]
 
 
@@ -164,9 +166,9 @@ def _check_unmasking(msg: Message, ctxt: Context) -> None:
 
 def _training_content(content: RecordDict) -> RecordDict:
     """The ordinary ``arrays`` + ``config`` content of a legacy ``fitins`` message."""
-    config = dict(content.config_records["fitins.config"])
+    config = dict(content.config_records[LEGACY_FIT_CONFIG])
     names = cast(list[str], config.pop(ARRAY_NAMES))
-    legacy = content.array_records["fitins.parameters"]
+    legacy = content.array_records[LEGACY_FIT_ARRAYS]
     arrays = {name: Array(bytes_to_ndarray(array.data)) for name, array in zip(names, legacy.values())}
     return RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: ConfigRecord(config)})
 

@@ -94,9 +94,10 @@ def site_cache_dir(node_config: dict, cfg: DictConfig) -> Path:
     if site is not None:
         return WorkDir(site.work_dir).cache(size)
     if PARTITION_ID not in node_config:
+        key = NodeConfig.KEYS["work_dir"]
         raise KeyError(
-            "this SuperNode has no 'work-dir' in its node config: start it with scripts/site.py, "
-            "or --node-config \"work-dir='/path/to/site/fedrad'\""
+            f"this SuperNode has no '{key}' in its node config: start it with scripts/site.py, "
+            f"or --node-config \"{key}='/path/to/site/fedrad'\""
         )
     index = int(node_config[PARTITION_ID])
     names = list(cfg.data.sites)
