@@ -5,12 +5,14 @@ The Hydra entry points take ``key=value`` overrides; Hydra's generated help is a
 whole configuration. :func:`answer_help` prints the script's own docstring instead (what it
 does, for whom, its required options, an example) and how to see the full configuration, and
 exits, so ``--help`` answers in well under a second. ``--hydra-help`` still shows Hydra's own.
+The argparse entry points (the benchmarks, the demo tools) call :func:`answer_argparse_help`
+before their heavy imports for the same reason.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +35,14 @@ def answer_help(doc: str | None, argv: list[str] | None = None) -> None:
     print()
     print(FULL_CONFIG.format(script=script))
     raise SystemExit(0)
+
+
+def answer_argparse_help(parse_args: Callable[[], object], argv: list[str] | None = None) -> None:
+    """Run an argparse entry point's parser at once when ``-h``/``--help`` is asked (argparse
+    prints the help and exits), so that the script answers before it imports its heavy modules."""
+    argv = sys.argv if argv is None else argv
+    if {"-h", "--help"} & set(argv[1:]):
+        parse_args()
 
 
 # Errors whose message names the file, key or value at fault: a user sees that one line.

@@ -1,5 +1,7 @@
 """Generate docs/reference/configuration.md: one table of every config group and key in conf/.
 
+For contributors, after changing a file in conf/; no options are required.
+
     python scripts/config_table.py            # (re)write docs/reference/configuration.md
     python scripts/config_table.py --check    # exit status 1 if the committed file is stale
 
@@ -194,7 +196,9 @@ def render(conf: Path = CONF) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--check",
         action="store_true",

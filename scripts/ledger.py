@@ -1,4 +1,4 @@
-"""List or verify a site's tamper-evident ledger.
+r"""List or verify a site's tamper-evident ledger.
 
 For a site's data owner or auditor. Required: +site=<your site file>; action=verify heads=<coordinator's ledger_heads.jsonl> to check against the coordinator.
 

@@ -1,4 +1,4 @@
-"""Create the federation's key material and print how to register each site.
+r"""Create the federation's key material and print how to register each site.
 
 For the coordinator's operator, once per federation. Required: nothing for the demo; deployment.hostnames=[<coordinator host>] for real machines.
 

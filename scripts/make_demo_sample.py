@@ -1,5 +1,7 @@
 """Select the embedded demo sample (data/demo/kermany) from the shared Kermany copy.
 
+For maintainers rebuilding the embedded sample; needs a copy of the Kermany images (``--source``).
+
     python scripts/make_demo_sample.py --source ../shared/data/kermany --per-class 72
 
 Whole patients only (a patient's images are never split between sample and rest), the

@@ -1,6 +1,8 @@
 """Write the module tree of pipeline/ (one line per module: its docstring's first sentence) into
 docs/architecture.md, between the markers of its "Module tree" section.
 
+For contributors, after adding, moving or redocumenting a module; no options are required.
+
     python scripts/module_tree.py            # (re)write the tree in docs/architecture.md
     python scripts/module_tree.py --check    # exit status 1 if the committed tree is stale
 

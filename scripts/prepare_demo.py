@@ -1,5 +1,7 @@
 """Build the simulated hospitals of the demo from the embedded sample (data/demo/kermany).
 
+For anyone trying fedrad on one machine (``make demo`` runs it); no options are required.
+
     python scripts/prepare_demo.py                          # 3 sites under outputs/demo_sites
     python scripts/prepare_demo.py --sites 4 --root /tmp/x  # other count / place
 

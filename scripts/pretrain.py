@@ -1,4 +1,4 @@
-"""Pretrain the model on a public data set the coordinator holds, to start a federation warm.
+r"""Pretrain the model on a public data set the coordinator holds, to start a federation warm.
 
 For ML engineers at the coordinator. Required: pretrain.input_dir=<public images> and pretrain.labels_csv=<their labels.csv>.
 

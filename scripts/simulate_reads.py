@@ -1,5 +1,7 @@
 """Write SIMULATED radiologist reads of the demo sites (not real reads) for the report demo.
 
+For maintainers of the demo, after the demo sites change; no options are required.
+
     python scripts/simulate_reads.py                     # writes data/demo/reads_sample.csv
     python scripts/simulate_reads.py --output reads.csv
 
@@ -76,9 +78,11 @@ def simulate_reads(seed: int = 0) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
-        "--output", type=Path, default=SAMPLE_READS, help=f"CSV to write (default: {SAMPLE_READS})"
+        "--output", type=Path, default=SAMPLE_READS, help=f"CSV to write (default: {SAMPLE_READS.relative_to(REPO)})"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated reads (default: 0)")
     args = parser.parse_args(argv)

@@ -10,6 +10,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HYDRA_SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py") if "@hydra.main" in p.read_text())
+# The argparse entry points: the demo and documentation tools, evaluate.py and the benchmarks.
+ARGPARSE_SCRIPTS = sorted(
+    p.relative_to(REPO).as_posix()
+    for p in [*(REPO / "scripts").glob("*.py"), *(REPO / "scripts" / "bench").glob("*.py")]
+    if "@hydra.main" not in p.read_text()
+)
 PROBE = """
 import runpy, sys
 sys.argv = [{script!r}, "--help"]
@@ -50,3 +56,19 @@ def test_argparse_entry_point_answers_help_before_the_training_stack():
     )
     assert done.returncode == 0 and "TORCH_IMPORTED=False" in done.stdout, done.stderr[-2000:]
     assert "--reads" in done.stdout
+
+
+@pytest.mark.parametrize("path", ARGPARSE_SCRIPTS)
+def test_every_argparse_entry_point_says_what_for_whom_and_how_before_torch(path):
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(script=path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout
+    assert "TORCH_IMPORTED=False" in text
+    assert "\nFor " in text  # who it is for
+    assert f"python {path}" in text  # an example

@@ -1,6 +1,9 @@
 """A round's wall time in deployment (SuperLink + SuperNodes) against simulation, and where
 the difference goes.
 
+For developers checking or re-measuring a figure of docs/benchmarks.md (each recorded there
+with its date, commit and command); no options are required.
+
     python scripts/bench/deployment.py                       # demo experiment, 3 sites, 64 px
     python scripts/bench/deployment.py --rounds 4 --model small_cnn
 
@@ -45,34 +48,44 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common import serde
-from flwr.proto.message_pb2 import Message as ProtoMessage
-from hydra import compose, initialize_config_dir
-
-from pipeline.contracts.experiment import experiment_yaml
-from pipeline.contracts.layout import SitePaths
-from pipeline.contracts.messages import CONFIG_KEY
-from pipeline.deployment.warm_runtime import TASK_ANSWERED
-from pipeline.federation.resume import round_wall_times
-from pipeline.federation.simulation import simulate
-from pipeline.governance.revocation import preprocess_consented
-from pipeline.support.demo_sites import prepare_demo_sites
-from pipeline.support.flower_grid import LoopbackGrid
-from pipeline.support.local_deployment import LoopbackDeployment
-from pipeline.training.loop import build_classifier
-
-REPO = Path(__file__).resolve().parents[2]
-SITES = ["site1", "site2", "site3"]
+from pipeline.cli import answer_argparse_help
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]),
+        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="resnet18")
     return parser.parse_args()
+
+
+if __name__ == "__main__":
+    answer_argparse_help(parse_args)  # before torch and the pipeline are imported
+
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
+from flwr.common import serde  # noqa: E402
+from flwr.proto.message_pb2 import Message as ProtoMessage  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from pipeline.contracts.experiment import experiment_yaml  # noqa: E402
+from pipeline.contracts.layout import SitePaths  # noqa: E402
+from pipeline.contracts.messages import ARRAYS, CONFIG, CONFIG_KEY  # noqa: E402
+from pipeline.deployment.warm_runtime import TASK_ANSWERED  # noqa: E402
+from pipeline.federation.resume import round_wall_times  # noqa: E402
+from pipeline.federation.simulation import simulate  # noqa: E402
+from pipeline.governance.revocation import preprocess_consented  # noqa: E402
+from pipeline.support.demo_sites import prepare_demo_sites  # noqa: E402
+from pipeline.support.flower_grid import LoopbackGrid  # noqa: E402
+from pipeline.support.local_deployment import LoopbackDeployment  # noqa: E402
+from pipeline.training.loop import build_classifier  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SITES = ["site1", "site2", "site3"]
 
 
 def overrides(args: argparse.Namespace, sites_root: Path, output_dir: Path) -> list[str]:
@@ -94,8 +107,10 @@ def compose_config(items: list[str]):
         return compose("config", overrides=items)
 
 
-def simulation_times(args: argparse.Namespace, sites: list[SitePaths], work: Path) -> list[float]:
-    cfg = compose_config(overrides(args, sites[0].work_dir.parents[1], work / "simulation"))
+def simulation_times(
+    args: argparse.Namespace, sites_root: Path, sites: list[SitePaths], work: Path
+) -> list[float]:
+    cfg = compose_config(overrides(args, sites_root, work / "simulation"))
     simulate(cfg, sites, work / "simulation")
     return round_wall_times(work / "simulation")[1:]
 
@@ -139,9 +154,7 @@ def serialisation_s(cfg) -> float:
     LoopbackGrid(partitions=1)  # sets Flower's task identity, as a runtime would
     state = build_classifier(cfg, seed=0).net.state_dict()
     message = Message(
-        RecordDict(
-            {"arrays": ArrayRecord(state), "config": ConfigRecord({CONFIG_KEY: experiment_yaml(cfg)})}
-        ),
+        RecordDict({ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord({CONFIG_KEY: experiment_yaml(cfg)})}),
         dst_node_id=1,
         message_type="train",
     )
@@ -166,7 +179,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        simulation = statistics.median(simulation_times(args, sites, work))
+        simulation = statistics.median(simulation_times(args, sites_root, sites, work))
         tls_rounds, messages = deployment_times(args, sites_root, work, insecure=False)
         plain_rounds, _ = deployment_times(args, sites_root, work, insecure=True)
     tls, plain = statistics.median(tls_rounds), statistics.median(plain_rounds)

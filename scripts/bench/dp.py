@@ -1,5 +1,8 @@
 """Time a DP-SGD training step against the same model's non-private step.
 
+For developers checking or re-measuring a figure of docs/benchmarks.md (each recorded there
+with its date, commit and command); no options are required.
+
     python scripts/bench/dp.py                               # GroupNorm ResNet-18, 224 px, batch 32
     python scripts/bench/dp.py --image-size 64 --opacus-modes ""
 
@@ -22,34 +25,47 @@ import statistics
 import time
 from collections.abc import Callable
 
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from opacus import PrivacyEngine
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
-from train_loop import REPO, load_images
-
-from pipeline.privacy.dp import PrivateTraining, RoundPlan
-from pipeline.privacy.randomness import SecureRandom
-
-Step = Callable[[], None]
-DEMO_IMAGES = REPO / "data" / "demo" / "kermany"
+from pipeline.cli import answer_argparse_help
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]),
+        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's own thread count")
     parser.add_argument(
         "--opacus-modes",
         default="hooks,ghost",
         help="comma-separated Opacus grad_sample_mode values to time as well",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.threads is None:
+        args.threads = torch.get_num_threads()  # imported below, before main() parses
+    return args
+
+
+if __name__ == "__main__":
+    answer_argparse_help(parse_args)  # before torch and the pipeline are imported
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from opacus import PrivacyEngine  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from train_loop import REPO, load_images  # noqa: E402
+
+from pipeline.privacy.dp import PrivateTraining, RoundPlan  # noqa: E402
+from pipeline.privacy.randomness import SecureRandom  # noqa: E402
+
+Step = Callable[[], None]
+DEMO_IMAGES = REPO / "data" / "demo" / "kermany"
 
 
 def build_net(model_cfg) -> nn.Module:

@@ -1,6 +1,9 @@
 """Training throughput on a GPU in the study's setting, and one federated round of three sites
 sharing it.
 
+For developers checking or re-measuring a figure of docs/benchmarks.md (each recorded there
+with its date, commit and command); no options are required.
+
     python scripts/bench/gpu.py                  # on a GPU: a few minutes
     python scripts/bench/gpu.py --steps 50 --batch-size 64
 
@@ -33,17 +36,15 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-from dp import build_net, plain_step, private_step
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from train_loop import IMAGE_DIRS, REPO, load_images, synchronize
-
-from pipeline.contracts.cache import SiteCache
+from pipeline.cli import answer_argparse_help
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]),
+        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
@@ -55,6 +56,18 @@ def parse_args() -> argparse.Namespace:
         print("no GPU visible to torch: running a tiny CPU version (not GPU figures)", flush=True)
         args.image_size, args.batch_size, args.steps, args.warmup, args.round_image_size = 64, 8, 3, 1, 32
     return args
+
+
+if __name__ == "__main__":
+    answer_argparse_help(parse_args)  # before torch and the pipeline are imported
+
+import torch  # noqa: E402
+from dp import build_net, plain_step, private_step  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from train_loop import IMAGE_DIRS, REPO, load_images, synchronize  # noqa: E402
+
+from pipeline.contracts.cache import SiteCache  # noqa: E402
 
 
 def config(overrides: list[str]):

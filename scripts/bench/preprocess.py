@@ -1,5 +1,8 @@
 """Time the site preprocessing against a bare pydicom loop, and with two worker processes.
 
+For developers checking or re-measuring a figure of docs/benchmarks.md (each recorded there
+with its date, commit and command); no options are required.
+
     python scripts/bench/preprocess.py                  # both file sets below
     python scripts/bench/preprocess.py --repeats 5 --copies 16 --image-size 128
 
@@ -47,16 +50,35 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import pydicom
-from pydicom.uid import generate_uid
+from pipeline.cli import answer_argparse_help
 
-from pipeline.contracts.files import write_csv
-from pipeline.contracts.layout import SitePaths
-from pipeline.governance.revocation import preprocess_consented
-from pipeline.support.demo_sites import prepare_demo_sites
-from transforms.image import resize_square
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]),
+        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (median)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--copies", type=int, default=8, help="copies of each real DICOM file")
+    parser.add_argument("--thumbnail-copies", type=int, default=3, help="copies of each demo DICOM file")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    answer_argparse_help(parse_args)  # before torch and the pipeline are imported
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pydicom  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from pipeline.contracts.files import write_csv  # noqa: E402
+from pipeline.contracts.layout import SitePaths  # noqa: E402
+from pipeline.governance.revocation import preprocess_consented  # noqa: E402
+from pipeline.support.demo_sites import prepare_demo_sites  # noqa: E402
+from transforms.image import resize_square  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DICOM_FILES = (
@@ -66,15 +88,6 @@ DICOM_FILES = (
     "RG3_J2KI.dcm",
     "RG3_J2KR.dcm",
 )
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (median)")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--copies", type=int, default=8, help="copies of each real DICOM file")
-    parser.add_argument("--thumbnail-copies", type=int, default=3, help="copies of each demo DICOM file")
-    return parser.parse_args()
 
 
 def distinct_copy(source: Path, target: Path, copy: int) -> None:

@@ -1,5 +1,8 @@
 """How a federation's cost grows with its number of sites: 3, 10, 25 and 50 simulated sites.
 
+For developers checking or re-measuring a figure of docs/benchmarks.md (each recorded there
+with its date, commit and command); no options are required.
+
     python scripts/bench/scale.py                        # 3, 10, 25, 50 sites, plain and SecAgg+
     python scripts/bench/scale.py --sizes 3,10 --rounds 2 --no-dropout
 
@@ -46,14 +49,37 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
-import psutil
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from pipeline.cli import answer_argparse_help
 
-from pipeline.contracts.labels import CLASS_NAMES
-from pipeline.contracts.layout import SitePaths
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]),
+        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--sizes", default="3,10,25,50", help="comma-separated numbers of sites")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=30, help="images per site")
+    parser.add_argument("--modes", default="plain,secagg", help="plain, secagg or both")
+    parser.add_argument("--no-dropout", action="store_true", help="skip the SecAgg+ dropout round")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    answer_argparse_help(parse_args)  # before torch and the pipeline are imported
+
+import pandas as pd  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline.contracts.labels import CLASS_NAMES  # noqa: E402
+from pipeline.contracts.layout import SitePaths  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KERMANY = REPO.parent / "shared" / "data" / "kermany"
@@ -64,19 +90,6 @@ IMAGE_SIZE = 32
 DROPOUTS = 5
 # label_3class values of the shared Kermany manifest -> fedrad's label names
 KERMANY_LABELS = {"NORMAL": "normal", "PNEUMONIA_bacteria": "bacterial", "PNEUMONIA_virus": "viral"}
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="3,10,25,50", help="comma-separated numbers of sites")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--images", type=int, default=30, help="images per site")
-    parser.add_argument("--modes", default="plain,secagg", help="plain, secagg or both")
-    parser.add_argument("--no-dropout", action="store_true", help="skip the SecAgg+ dropout round")
-    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args()
 
 
 # --- sites ------------------------------------------------------------------------------------

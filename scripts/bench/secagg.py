@@ -1,5 +1,8 @@
 """Round wall time and bytes each site sends, with and without SecAgg+.
 
+For developers checking or re-measuring a figure of docs/benchmarks.md (each recorded there
+with its date, commit and command); no options are required.
+
     python scripts/bench/secagg.py                    # ResNet-18 (group norm), 3 demo sites, 224 px
     python scripts/bench/secagg.py --rounds 4 --image-size 64
 
@@ -32,30 +35,40 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import torch
-from hydra import compose, initialize_config_dir
-
-from pipeline.contracts.layout import SitePaths
-from pipeline.federation.resume import round_wall_times
-from pipeline.federation.server_app import run_federation
-from pipeline.federation.simulation import simulate
-from pipeline.governance.revocation import preprocess_consented
-from pipeline.support.demo_sites import prepare_demo_sites
-from pipeline.support.flower_grid import LoopbackGrid
-from pipeline.support.local_deployment import LoopbackDeployment
-
-REPO = Path(__file__).resolve().parents[2]
-SITES = ["site1", "site2", "site3"]
+from pipeline.cli import answer_argparse_help
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]),
+        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--model", default="resnet18_groupnorm")
     parser.add_argument("--no-deployment", action="store_true", help="simulation only")
     return parser.parse_args()
+
+
+if __name__ == "__main__":
+    answer_argparse_help(parse_args)  # before torch and the pipeline are imported
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from pipeline.contracts.layout import SitePaths  # noqa: E402
+from pipeline.federation.resume import round_wall_times  # noqa: E402
+from pipeline.federation.server_app import run_federation  # noqa: E402
+from pipeline.federation.simulation import simulate  # noqa: E402
+from pipeline.governance.revocation import preprocess_consented  # noqa: E402
+from pipeline.support.demo_sites import prepare_demo_sites  # noqa: E402
+from pipeline.support.flower_grid import LoopbackGrid  # noqa: E402
+from pipeline.support.local_deployment import LoopbackDeployment  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SITES = ["site1", "site2", "site3"]
 
 
 def overrides(args: argparse.Namespace, secure: bool) -> list[str]:

@@ -1,5 +1,8 @@
 """Time a training step of the Lightning path against a bare PyTorch loop.
 
+For developers checking or re-measuring a figure of docs/benchmarks.md (each recorded there
+with its date, commit and command); no options are required.
+
     python scripts/bench/train_loop.py                      # ResNet-18, 64 px, batch 32
     python scripts/bench/train_loop.py --image-size 128 --model resnet18_groupnorm
 
@@ -23,22 +26,53 @@ import statistics
 import time
 from pathlib import Path
 
-import hydra
-import numpy as np
-import pandas as pd
-import pytorch_lightning as pl
-import torch
-from hydra import compose, initialize_config_dir
-from PIL import Image
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
-
-from pipeline.contracts.labels import label_index
-from pipeline.training.loop import build_classifier, build_trainer
-from transforms.image import resize_square
+from pipeline.cli import answer_argparse_help
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_DIRS = (REPO.parent / "shared" / "data" / "kermany", REPO / "data" / "demo" / "kermany")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]),
+        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=next((d for d in IMAGE_DIRS if d.is_dir()), None),
+        help="PNG folder with manifest.csv (default: the shared Kermany copy, else data/demo/kermany)",
+    )
+    parser.add_argument("--model", default="resnet18", help="conf/model entry (default: resnet18)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=15, help="timed blocks per loop")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.images is None or not (args.images / "manifest.csv").is_file():
+        parser.error("no image folder with manifest.csv: pass --images data/demo/kermany")
+    return args
+
+
+if __name__ == "__main__":
+    answer_argparse_help(parse_args)  # before torch and the pipeline are imported
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from pipeline.contracts.labels import label_index  # noqa: E402
+from pipeline.training.loop import build_classifier, build_trainer  # noqa: E402
+from transforms.image import resize_square  # noqa: E402
+
 # label_3class values of the full Kermany copy (the demo sample has a "label" column instead)
 KERMANY_LABELS = {"NORMAL": "normal", "PNEUMONIA_bacteria": "bacterial", "PNEUMONIA_virus": "viral"}
 
@@ -103,26 +137,6 @@ class InterleavedBench(pl.Callback):
             self.optimizer.step()
         synchronize(self.device)
         return time.perf_counter() - start
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--images",
-        type=Path,
-        default=next((d for d in IMAGE_DIRS if d.is_dir()), None),
-        help="PNG folder with manifest.csv (default: the shared Kermany copy, else data/demo/kermany)",
-    )
-    parser.add_argument("--model", default="resnet18", help="conf/model entry (default: resnet18)")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=15, help="timed blocks per loop")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.images is None or not (args.images / "manifest.csv").is_file():
-        parser.error("no image folder with manifest.csv: pass --images data/demo/kermany")
-    return args
 
 
 def main() -> None:

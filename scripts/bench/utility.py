@@ -1,5 +1,8 @@
 """Clinical utility on held-out patients: centralised vs FedAvg + SecAgg+ vs FedAvg + SecAgg+ + DP-SGD.
 
+For developers checking or re-measuring a figure of docs/benchmarks.md (each recorded there
+with its date, commit and command); no options are required.
+
     python scripts/bench/utility.py                       # 3 seeds per arm, defaults below (~11 min, 2 cores)
     python scripts/bench/utility.py --quick               # smoke run: 1 seed, 2 rounds, 32 px (~2 min)
     python scripts/bench/utility.py --seeds 5 --rounds 12 --work outputs/bench/utility
@@ -61,37 +64,17 @@ import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import pandas as pd
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from pipeline.cli import answer_argparse_help
 
-from pipeline.contracts.cache import SiteCache
-from pipeline.contracts.labels import CLASS_NAMES, label_index
-from pipeline.contracts.layout import RunLayout, SitePaths
-from pipeline.evaluation.scoring import evaluate_checkpoint
-from pipeline.federation.server_app import run_federation
-from pipeline.governance.revocation import preprocess_consented
-from pipeline.ingestion.splits import patient_labels
-from pipeline.privacy.dp import DPSettings, plan_round
-from pipeline.support.flower_grid import LoopbackGrid
-from pipeline.training.checkpoints import save_checkpoint
-from pipeline.training.datamodule import CacheDataModule
-from pipeline.training.loop import build_classifier, build_trainer, train
-from pipeline.training.pretraining import pretrain
-
-REPO = Path(__file__).resolve().parents[2]
-KERMANY = REPO.parent / "shared" / "data" / "kermany"
-# label_3class values of the Kermany manifest -> fedrad's label names
-KERMANY_LABELS = {"NORMAL": "normal", "PNEUMONIA_bacteria": "bacterial", "PNEUMONIA_virus": "viral"}
-SITES = ["site1", "site2", "site3"]  # site k is heavy in class k - 1 (normal, bacterial, viral)
-INPUT_SUBDIR = "images"
 ARMS = ("central", "fed_secagg", "fed_dp")
-MARKER = ".fedrad_utility_bench"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="\n\n".join(__doc__.split("\n\n")[:3]),
+        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per arm (0, 1, ...)")
     parser.add_argument(
         "--rounds", type=int, default=8, help="federated rounds (central: rounds x local epochs)"
@@ -141,6 +124,37 @@ def parse_args() -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown arm(s) {unknown}: choose from {', '.join(ARMS)}")
     return args
+
+
+if __name__ == "__main__":
+    answer_argparse_help(parse_args)  # before torch and the pipeline are imported
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from pipeline.contracts.cache import SiteCache  # noqa: E402
+from pipeline.contracts.labels import CLASS_NAMES, label_index  # noqa: E402
+from pipeline.contracts.layout import RunLayout, SitePaths  # noqa: E402
+from pipeline.evaluation.scoring import evaluate_checkpoint  # noqa: E402
+from pipeline.federation.server_app import run_federation  # noqa: E402
+from pipeline.governance.revocation import preprocess_consented  # noqa: E402
+from pipeline.ingestion.splits import patient_labels  # noqa: E402
+from pipeline.privacy.dp import DPSettings, plan_round  # noqa: E402
+from pipeline.support.flower_grid import LoopbackGrid  # noqa: E402
+from pipeline.training.checkpoints import save_checkpoint  # noqa: E402
+from pipeline.training.datamodule import CacheDataModule  # noqa: E402
+from pipeline.training.loop import build_classifier, build_trainer, train  # noqa: E402
+from pipeline.training.pretraining import pretrain  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+KERMANY = REPO.parent / "shared" / "data" / "kermany"
+# label_3class values of the Kermany manifest -> fedrad's label names
+KERMANY_LABELS = {"NORMAL": "normal", "PNEUMONIA_bacteria": "bacterial", "PNEUMONIA_virus": "viral"}
+SITES = ["site1", "site2", "site3"]  # site k is heavy in class k - 1 (normal, bacterial, viral)
+INPUT_SUBDIR = "images"
+MARKER = ".fedrad_utility_bench"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,12 +350,13 @@ def run_federated(cfg: DictConfig, out: Path) -> tuple[Path, dict]:
     """FedAvg under SecAgg+ (and DP-SGD when configured) over the sites on an in-process grid."""
     run = out / "run"
     run_federation(LoopbackGrid(partitions=len(SITES)), cfg, run)
-    rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    layout = RunLayout(run)
+    rounds = [json.loads(line) for line in layout.rounds.read_text().splitlines() if line.strip()]
     epsilons = [site.get("epsilon") for r in rounds for site in (r.get("train_per_site") or {}).values()]
     epsilons = [float(e) for e in epsilons if e is not None]
-    selection = json.loads((run / "selection.json").read_text()) if (run / "selection.json").is_file() else {}
+    selection = json.loads(layout.selection.read_text()) if layout.selection.is_file() else {}
     failures = [f for r in rounds for f in r.get("failures") or []]
-    if not RunLayout(run).model.is_file():
+    if not layout.model.is_file():
         raise RuntimeError(f"the federation in {run} released no model: {failures or rounds[-1:]}")
     info = {
         "rounds_done": len(rounds),
