@@ -1,13 +1,15 @@
-"""Write the module tree of pipeline/ (one line per module: its docstring's first sentence) into
-docs/architecture.md, between the markers of its "Module tree" section.
+"""Write the module tree of pipeline/, models/ and transforms/ (one line per module: its
+docstring's first sentence) into docs/architecture.md, between the markers of its "Module tree"
+section.
 
 For contributors, after adding, moving or redocumenting a module; no options are required.
 
     python scripts/module_tree.py            # (re)write the tree in docs/architecture.md
     python scripts/module_tree.py --check    # exit status 1 if the committed tree is stale
 
-Packages are listed in the order of the import layers in pyproject.toml ([tool.importlinter]),
-top to bottom; tests/test_docs.py fails while the page is stale.
+The packages of pipeline/ are listed in the order of the import layers in pyproject.toml
+([tool.importlinter]), top to bottom, then the libraries models/ and transforms/ (the other root
+packages there); tests/test_docs.py fails while the page is stale.
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ WIDTH = 90  # characters of a module's summary
 
 
 def layers() -> list[str]:
-    """The packages of the layers contract, top layer first."""
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    contracts = config["tool"]["importlinter"]["contracts"]
-    return next(c["layers"] for c in contracts if c["type"] == "layers")
+    """The packages of the layers contract, top layer first, then the other root packages."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layered = next(c["layers"] for c in config["contracts"] if c["type"] == "layers")
+    roots = {layer.split(".")[0] for layer in layered}
+    return layered + [p for p in config["root_packages"] if p not in roots]
 
 
 def summary(path: Path) -> str:
     """The first sentence of a module's docstring, on one line."""
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-    text = " ".join(doc.split()).replace("e.g.", "e\0g\0").replace("i.e.", "i\0e\0")
+    text = " ".join(doc.split())
+    for abbreviation in ("e.g.", "i.e.", "et al."):  # not the end of a sentence
+        text = text.replace(abbreviation, abbreviation.replace(".", "\0"))
     match = re.match(r"(.+?)\.(\s|$)", text)
     sentence = (match.group(1) if match else text).replace("\0", ".")
     if len(sentence) > WIDTH and ": " in sentence:
