@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.contracts.console import ConsoleFormatter
 from pipeline.contracts.experiment import experiment_yaml
 from pipeline.contracts.layout import RunLayout
 from pipeline.contracts.messages import CONFIG, CONFIG_KEY, FINISHED, OUTPUT_DIR_KEY, ROUND_KEY, RUN_ID_KEY
@@ -174,11 +175,12 @@ app = ServerApp()
 
 
 def _log_to_console() -> None:
-    """A deployed ServerApp streams its console to ``flwr run``: show fedrad's progress there."""
+    """A deployed ServerApp streams its console to ``flwr run``: show fedrad's progress there,
+    in the console format of every entry point (:class:`ConsoleFormatter`)."""
     fedrad = logging.getLogger("fedrad")
     if not fedrad.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        handler.setFormatter(ConsoleFormatter())
         fedrad.addHandler(handler)
         fedrad.setLevel(logging.INFO)
 
