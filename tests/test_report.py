@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from markupsafe import escape
 from omegaconf import OmegaConf
 from scipy.stats import binomtest
 
@@ -27,6 +28,7 @@ from pipeline.evaluation.audit.release import ReleasePolicy, release_model
 from pipeline.evaluation.clinical import ReportOptions, build_report
 from pipeline.evaluation.clinical.analysis import PNEUMONIA_TASK
 from pipeline.evaluation.clinical.cases import Cases, load_cases
+from pipeline.evaluation.clinical.page import cell
 from pipeline.evaluation.clinical.statistics import SCORE
 from pipeline.evaluation.clinical.subgroups import subgroups
 from pipeline.evaluation.model_card import render as render_card
@@ -190,6 +192,17 @@ def test_report_numbers_of_the_demo_model(report, report_dir, demo_run, demo_sit
         assert (report_dir / name).read_bytes().startswith(b"\x89PNG")
 
 
+def test_table_cells_write_an_interval_with_a_negative_bound_with_to():
+    """A model-minus-reader difference of -0.147 (-0.306 to -0.047): "-0.306–-0.047" would read
+    as a subtraction."""
+    difference = {"value": -0.147, "ci_low": -0.306, "ci_high": -0.047, "method": "BCa bootstrap"}
+    assert cell(difference) == '-0.147<br><span class="ci">-0.306 to -0.047</span>'
+    assert cell(difference | {"ci_high": 0.2}) == '-0.147<br><span class="ci">-0.306 to 0.200</span>'
+    positive = {"value": 0.853, "ci_low": 0.672, "ci_high": 0.956}
+    assert cell(positive) == '0.853<br><span class="ci">0.672–0.956</span>'
+    assert cell({"value": None, "ci_low": None, "ci_high": None}) == "–"
+
+
 @pytest.mark.slow
 def test_every_interval_has_width_and_says_how_it_was_made(report):
     estimates = list(values(report))
@@ -223,7 +236,8 @@ def test_summary_gives_each_pneumonia_type_and_the_main_confusions(report, repor
     assert model["main_confusions"][0].startswith(f"{-count} of {matrix[row].sum()}")
     page = (report_dir / "report.html").read_text()
     summary = page[page.index('id="summary"') : page.index('id="reads-warnings"')]
-    assert "Viral pneumonias called viral" in summary and model["main_confusions"][0] in summary
+    assert "Bacterial pneumonias called bacterial" in summary and "; viral pneumonias called viral" in summary
+    assert model["main_confusions"][0] in summary
     assert "Accuracy is three-class accuracy" in page
 
 
@@ -241,7 +255,7 @@ def test_provenance_intended_use_and_the_banners(report, report_dir, demo_run):
 
 
 @pytest.mark.slow
-def test_calibration_bins_hold_enough_images_with_intervals(report):
+def test_calibration_bins_hold_enough_images_with_intervals(report, report_dir):
     calibration = report["model"]["calibration"]
     assert sum(b["n_images"] for b in calibration["bins"]) == report["model"]["n_images"]
     for b in calibration["bins"]:
@@ -249,6 +263,19 @@ def test_calibration_bins_hold_enough_images_with_intervals(report):
         assert b["observed"]["ci_low"] < b["observed"]["ci_high"]
         assert b["lowest"] <= b["mean_predicted"] <= b["highest"]
     assert sum(calibration["histogram"]) == report["model"]["n_images"]
+    page = (report_dir / "report.html").read_text()
+    table = re.sub(r">\s+<", "><", page[page.index('id="calibration-table"') :])
+    table = table[: table.index("</table>")]
+    assert table.count("<tr>") == 1 + len(calibration["bins"])  # the header, then one row per bin
+    for b in calibration["bins"]:
+        row = f"<td>{b['n_images']}</td><td>{b['mean_predicted']:.3f}</td><td>{b['observed']['count']}</td>"
+        assert row in table
+    # The threshold is explained where the plot draws it, and the summary points to the explanation.
+    caption = page[page.index('alt="Calibration curve"') : page.index('id="calibration-table"')]
+    explained = escape(report["threshold"]["explanation"])
+    assert f"The dotted line is the operating threshold: {explained}" in caption
+    summary = page[page.index('id="summary"') : page.index('id="summary-types"')]
+    assert 'why this value: <a href="#threshold">' in summary
 
 
 @pytest.mark.slow
@@ -512,11 +539,13 @@ def test_model_card_of_the_released_model(released, demo_run, demo_sites):
         performance["split"] == "test"
         and performance["sensitivity"]["ci_low"] < performance["sensitivity"]["ci_high"]
     )
+    assert performance["threshold_explanation"].startswith(f"{performance['threshold']:.3f} is the threshold")
     assert any(line.startswith("A demonstration model") for line in card["limitations"])
     assert any(line.startswith("Tested on") for line in card["limitations"])
     page = (released / "released" / "model_card.html").read_text()
     for section in ("intended-use", "training-data", "privacy", "audit-table", "performance", "limitations"):
         assert f'id="{section}"' in page
+    assert escape(performance["threshold_explanation"]) in page
     assert "DP-SGD</dt><dd>off: no formal guarantee" in page
     private = card | {
         "privacy": {

@@ -57,6 +57,7 @@ def clinical_performance(report: dict[str, Any]) -> dict[str, Any]:
         "n_images": model["n_images"],
         "n_patients": model["n_patients"],
         "threshold": report["threshold"]["value"],
+        "threshold_explanation": report["threshold"]["explanation"],
         "sensitivity": metrics["sensitivity"],
         "specificity": metrics["specificity"],
         "roc_auc": metrics["roc_auc"],

@@ -13,6 +13,9 @@ from pipeline.contracts.labels import CLASS_NAMES
 from pipeline.evaluation.clinical.analysis import PNEUMONIA_TASK
 
 DPI = 110
+# The calibration plot writes a bin's image count over its point when the previous count is at
+# least this far to the left (in probability; the plot is about 440 px wide).
+MIN_LABEL_GAP = 0.03
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -110,7 +113,8 @@ def roc(report: dict[str, Any]) -> bytes:
 def calibration(report: dict[str, Any]) -> bytes:
     """Observed pneumonia fraction per bin of images (each bin at least ``min_images_per_bin``)
     against the mean predicted probability, with the exact 95% interval and the bin's image
-    count; the operating threshold as a vertical line; the images' probabilities below."""
+    count (where it does not print over its neighbour's); the operating threshold as a vertical
+    line; the images' probabilities below."""
     data = report["model"]["calibration"]
     threshold = report["threshold"]["value"]
     fig = Figure(figsize=(5.5, 5.4))
@@ -122,10 +126,13 @@ def calibration(report: dict[str, Any]) -> bytes:
     low = np.array([b["observed"]["ci_low"] for b in bins])
     high = np.array([b["observed"]["ci_high"] for b in bins])
     top.errorbar(x, y, yerr=[y - low, high - y], fmt="o", capsize=3, label="model (95% interval)")
+    labelled = -1.0
     for b, px, top_of_bar in zip(bins, x, high):
-        top.text(
-            px, top_of_bar + 0.02, f"n={b['n_images']}", rotation=90, ha="center", va="bottom", fontsize=7
-        )
+        if px - labelled >= MIN_LABEL_GAP:  # closer counts would overprint: the page's table has them
+            top.text(
+                px, top_of_bar + 0.02, f"n={b['n_images']}", rotation=90, ha="center", va="bottom", fontsize=7
+            )
+            labelled = px
     top.axvline(threshold, c="C3", lw=1, ls=":", label=f"operating threshold {threshold:.3f}")
     top.set(
         title=f"Calibration (Brier score {data['brier_score']:.3f})",

@@ -40,14 +40,16 @@ def estimate(value: Value, digits: int = 3) -> str:
 
 
 def cell(value: Value) -> Markup:
-    """A table cell's content: the value, with its 95% CI on a second line."""
+    """A table cell's content: the value, with its 95% CI on a second line (``0.672–0.956``;
+    ``-0.306 to -0.047`` when a bound is negative, where a dash would read as a minus)."""
     if not _defined(value):
         return Markup("–")
     assert value is not None
     if value["ci_low"] is None:
         return Markup(number(value["value"]))
-    return Markup('{}<br><span class="ci">{}–{}</span>').format(
-        number(value["value"]), number(value["ci_low"]), number(value["ci_high"])
+    between = " to " if value["ci_low"] < 0 else "–"
+    return Markup('{}<br><span class="ci">{}{}{}</span>').format(
+        number(value["value"]), number(value["ci_low"]), between, number(value["ci_high"])
     )
 
 
