@@ -37,7 +37,15 @@ class Component:
 _ADAM = {"lr": float, "weight_decay": float, "eps": float, "amsgrad": bool, "betas": list}
 NETWORKS: dict[str, Component] = {
     "models.resnet.resnet18": Component(
-        resnet18, {"in_channels": int, "num_classes": int, "norm": str, "groups": int, "inplace": bool}
+        resnet18,
+        {
+            "in_channels": int,
+            "num_classes": int,
+            "norm": str,
+            "groups": int,
+            "inplace": bool,
+            "weight_standardisation": bool,
+        },
     ),
     "models.densenet.densenet121": Component(
         densenet121, {"in_channels": int, "num_classes": int, "dropout_prob": float}

@@ -7,6 +7,8 @@ Built on :class:`monai.networks.nets.ResNet` with two fixes:
   layer, so ``norm="group"`` really leaves no batch norm behind (what DP-SGD needs).
 * MONAI's block adds the shortcut in place and uses in-place ReLU, which per-sample
   gradient hooks (Opacus) cannot follow. ``inplace=False`` builds the out-of-place variant.
+
+``weight_standardisation=True`` makes every convolution a :class:`models.weight_standardisation.WSConv2d`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Literal
 import torch
 from monai.networks.layers.utils import get_act_layer
 from monai.networks.nets.resnet import ResNet, ResNetBlock
+
+from models.weight_standardisation import standardise_convolutions
 
 Norm = Literal["batch", "group"]
 
@@ -62,13 +66,15 @@ def resnet18(
     norm: Norm = "batch",
     groups: int = 32,
     inplace: bool = True,
+    weight_standardisation: bool = False,
 ) -> XrayResNet:
     """ResNet-18 with the standard 7x7 stride-2 stem and 1x1 projection shortcuts.
 
     ``groups`` is the number of group-norm groups (used when ``norm="group"``);
-    ``inplace=False`` gives the variant that Opacus can wrap.
+    ``inplace=False`` gives the variant that Opacus can wrap; ``weight_standardisation``
+    standardises every convolution's weight (with ``norm="group"``: De et al.'s DP-SGD network).
     """
-    return XrayResNet(
+    net = XrayResNet(
         block=ResNetBlock if inplace else OutOfPlaceBlock,
         layers=[2, 2, 2, 2],
         block_inplanes=[64, 128, 256, 512],
@@ -82,3 +88,4 @@ def resnet18(
         norm=_norm_spec(norm, groups),
         act=("relu", {"inplace": inplace}),
     )
+    return standardise_convolutions(net) if weight_standardisation else net
