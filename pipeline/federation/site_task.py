@@ -179,8 +179,9 @@ def _train(
         )
         ledger = PrivacyLedger(trained.work_dir, settings.accountant)
         ledger.check_budget(server_round, plan, settings.epsilon_budget)
-        classifier.private = PrivateTraining(plan, settings.max_grad_norm, settings.accountant, source)
-        metrics = train(classifier, PoissonDataModule(datamodule, source), trainer)
+        views = settings.augmentation_multiplicity
+        classifier.private = PrivateTraining(plan, settings.max_grad_norm, settings.accountant, source, views)
+        metrics = train(classifier, PoissonDataModule(datamodule, source, views), trainer)
         privacy = ledger.charge(classifier.private.accountant.history, plan.delta)
         privacy["noise_source"] = source.name
         metrics |= {"epsilon": privacy["epsilon"], "delta": plan.delta}

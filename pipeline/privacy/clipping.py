@@ -16,6 +16,17 @@ only (no weight gradients), then per layer picks the cheaper exact way to the pe
 
 The result, ``sum_i c_i g_i`` in ``p.grad``, is what Opacus's
 ``DPOptimizerFastGradientClipping`` expects: it adds the Gaussian noise and scales.
+
+Augmentation multiplicity (De et al. 2022): with ``views=K`` the batch holds K augmented views
+of every sampled example, each example's views consecutive. An example's gradient ``g_i`` is
+then the *mean* of its views' gradients, clipped once: its views are one example (their
+positions concatenated for the ghost norm and linear layers, their per-sample gradients summed
+elsewhere), so the noise and the privacy accounting stay per example.
+
+Weight-standardised convolutions (:class:`models.weight_standardisation.WSConv2d`) take the
+materialised path: the per-sample gradient with respect to the standardised kernel ``w_hat``
+is mapped, per output channel, to the raw weight by the standardisation's Jacobian,
+``(g - mean(g) - w_hat * mean(g * w_hat)) / sqrt(var(w) + eps)``.
 """
 
 from __future__ import annotations
@@ -26,7 +37,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+from models.weight_standardisation import WSConv2d
+
+# Exact types: a subclass may compute something else in its forward (WSConv2d is handled).
+SUPPORTED = (nn.Conv2d, WSConv2d, nn.Linear, nn.GroupNorm)
 Record = tuple[nn.Module, torch.Tensor, torch.Tensor]
 
 
@@ -37,7 +51,7 @@ def unsupported_layers(net: nn.Module) -> list[str]:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
-        if not isinstance(module, SUPPORTED):
+        if type(module) not in SUPPORTED:
             names.append(f"{name} ({type(module).__name__})")
         elif isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)):
             names.append(f"{name} (Conv2d with groups or string padding)")
@@ -46,15 +60,22 @@ def unsupported_layers(net: nn.Module) -> list[str]:
 
 class PerSampleClipper:
     """Records each supported layer's input and output during training forwards, and turns a
-    batch loss into clipped, summed per-sample gradients in ``p.grad``."""
+    batch loss into clipped, summed per-sample gradients in ``p.grad``.
 
-    def __init__(self, net: nn.Module, max_grad_norm: float) -> None:
+    ``views``: consecutive rows of a batch that are views of one example (augmentation
+    multiplicity); 1: every row is an example.
+    """
+
+    def __init__(self, net: nn.Module, max_grad_norm: float, views: int = 1) -> None:
         unsupported = unsupported_layers(net)
         if unsupported:
             raise ValueError(
-                "per-sample clipping supports Conv2d, Linear and GroupNorm layers only; "
+                "per-sample clipping supports Conv2d, WSConv2d, Linear and GroupNorm layers only; "
                 f"this model also trains {', '.join(unsupported)}: use model=resnet18_groupnorm"
             )
+        if views < 1:
+            raise ValueError(f"privacy.augmentation_multiplicity must be at least 1, got {views}")
+        self.views = views
         self.max_grad_norm = float(max_grad_norm)
         self.records: list[Record] = []
         self.handles = [
@@ -76,21 +97,25 @@ class PerSampleClipper:
     def backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Write ``sum_i min(1, C / |g_i|) g_i`` into every parameter's ``.grad``.
 
-        ``loss`` is the batch *mean*; returns the per-sample gradient norms ``|g_i|``.
+        ``loss`` is the batch *mean* (over all views); returns the per-example gradient norms
+        ``|g_i|``, ``g_i`` the mean of example ``i``'s views' gradients.
         """
         records, self.records = self.records, []
         if not records:
             raise RuntimeError("no training forward pass was recorded before backward()")
-        batch = records[0][1].shape[0]
+        rows = records[0][1].shape[0]
+        if rows % self.views:
+            raise ValueError(f"a batch of {rows} rows is not {self.views} views of each example")
         outputs = [output for _, _, output in records]
-        output_grads = torch.autograd.grad(loss * batch, outputs)
+        # Scaled by the number of examples, each view's output gradient is 1/views of its own.
+        output_grads = torch.autograd.grad(loss * (rows // self.views), outputs)
         if len({id(module) for module, _, _ in records}) < len(records):
             raise ValueError("a layer ran twice in one forward pass: per-sample norms need one call")
         # Under mixed precision (autocast), norms and clipping still run in the parameters' own
         # precision: a bf16 norm could understate an example's gradient and overshoot the bound.
         with torch.autocast(loss.device.type, enabled=False):
             layers = [
-                _layer(module, inputs.to(_dtype(module)), grad.to(_dtype(module)))
+                _layer(module, inputs.to(_dtype(module)), grad.to(_dtype(module)), self.views)
                 for (module, inputs, _), grad in zip(records, output_grads)
             ]
             norms = torch.stack([layer.squared_norms() for layer in layers]).sum(0).sqrt()
@@ -102,12 +127,12 @@ class PerSampleClipper:
 
 
 class _Conv2dLayer:
-    def __init__(self, module: nn.Conv2d, inputs: torch.Tensor, grad: torch.Tensor) -> None:
-        self.module, self.inputs, self.grad = module, inputs, grad
-        positions = grad.shape[2] * grad.shape[3]
+    def __init__(self, module: nn.Conv2d, inputs: torch.Tensor, grad: torch.Tensor, views: int) -> None:
+        self.module, self.inputs, self.grad, self.views = module, inputs, grad, views
+        positions = views * grad.shape[2] * grad.shape[3]  # an example's positions, all views
         fan_in, fan_out = module.weight[0].numel(), module.out_channels
         # Ghost norm costs ~positions^2 (fan_in + fan_out); materialising ~fan_in * fan_out.
-        self.ghost = positions * (fan_in + fan_out) < fan_in * fan_out
+        self.ghost = positions * (fan_in + fan_out) < fan_in * fan_out and not isinstance(module, WSConv2d)
         self.per_sample: torch.Tensor | None = None if self.ghost else self._per_sample_weight_grads()
 
     def _backward_weight(self, grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, groups: int):
@@ -127,49 +152,56 @@ class _Conv2dLayer:
         )[1]
 
     def _per_sample_weight_grads(self) -> torch.Tensor:
-        n, weight = self.inputs.shape[0], self.module.weight
+        """Per-example weight gradients, ``(examples, weight.numel())``: one grouped convolution
+        backward, one group per example and its views as the batch (so they are summed)."""
+        examples, weight = self.inputs.shape[0] // self.views, self.module.weight.detach()
         grads = self._backward_weight(
-            self.grad.reshape(1, -1, *self.grad.shape[2:]),
-            self.inputs.reshape(1, -1, *self.inputs.shape[2:]),
-            weight.detach().repeat(n, 1, 1, 1),
-            groups=n,
-        )
-        return grads.view(n, -1)
+            _views_as_batch(self.grad, self.views),
+            _views_as_batch(self.inputs, self.views),
+            weight.repeat(examples, 1, 1, 1),
+            groups=examples,
+        ).view(examples, -1)
+        if isinstance(self.module, WSConv2d):
+            grads = _through_standardisation(grads.view(examples, weight.shape[0], -1), self.module)
+        return grads.view(examples, -1)
 
     def squared_norms(self) -> torch.Tensor:
-        n = self.grad.shape[0]
+        views = self.views
         if self.per_sample is None:  # ghost norm
             m = self.module
             padding = cast(tuple[int, ...], m.padding)  # string padding is refused (unsupported_layers)
-            unfolded = F.unfold(self.inputs, m.kernel_size, m.dilation, padding, m.stride)
-            outputs = self.grad.reshape(n, self.grad.shape[1], -1)
+            unfolded = _concat_positions(
+                F.unfold(self.inputs, m.kernel_size, m.dilation, padding, m.stride), views
+            )
+            outputs = _concat_positions(self.grad.reshape(*self.grad.shape[:2], -1), views)
             gram_in = unfolded.transpose(1, 2) @ unfolded
             gram_out = outputs.transpose(1, 2) @ outputs
             norms = (gram_in * gram_out).sum((1, 2))
         else:
             norms = self.per_sample.pow(2).sum(1)
         if self.module.bias is not None:
-            norms = norms + self.grad.sum((2, 3)).pow(2).sum(1)
+            norms = norms + _sum_views(self.grad.sum((2, 3)), views).pow(2).sum(1)
         return norms
 
     def clipped_sums(self, factors: torch.Tensor):
         weight = self.module.weight
         if self.per_sample is None:  # ghost norm
-            scaled = self.grad * factors.view(-1, 1, 1, 1)
+            scaled = self.grad * factors.repeat_interleave(self.views).view(-1, 1, 1, 1)
             yield weight, self._backward_weight(scaled, self.inputs, weight.detach(), groups=1)
         else:
             yield weight, (factors @ self.per_sample).view_as(weight)
         if self.module.bias is not None:
-            yield self.module.bias, factors @ self.grad.sum((2, 3))
+            yield self.module.bias, factors @ _sum_views(self.grad.sum((2, 3)), self.views)
 
 
 class _LinearLayer:
-    def __init__(self, module: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+    def __init__(self, module: nn.Linear, inputs: torch.Tensor, grad: torch.Tensor, views: int) -> None:
         self.module = module
-        n = inputs.shape[0]
-        self.inputs = inputs.reshape(n, -1, inputs.shape[-1])
-        self.grad = grad.reshape(n, -1, grad.shape[-1])
-        self.per_sample = torch.einsum("nto,ntp->nop", self.grad, self.inputs).reshape(n, -1)
+        examples = inputs.shape[0] // views
+        # An example's views are consecutive rows: their positions, concatenated.
+        self.inputs = inputs.reshape(examples, -1, inputs.shape[-1])
+        self.grad = grad.reshape(examples, -1, grad.shape[-1])
+        self.per_sample = torch.einsum("nto,ntp->nop", self.grad, self.inputs).reshape(examples, -1)
         self.bias_grads = self.grad.sum(1)
 
     def squared_norms(self) -> torch.Tensor:
@@ -183,12 +215,12 @@ class _LinearLayer:
 
 
 class _GroupNormLayer:
-    def __init__(self, module: nn.GroupNorm, inputs: torch.Tensor, grad: torch.Tensor) -> None:
+    def __init__(self, module: nn.GroupNorm, inputs: torch.Tensor, grad: torch.Tensor, views: int) -> None:
         self.module = module
         normalised = F.group_norm(inputs, module.num_groups, eps=module.eps)
         dims = tuple(range(2, grad.dim()))
-        self.weight_grads = (grad * normalised).sum(dims)
-        self.bias_grads = grad.sum(dims)
+        self.weight_grads = _sum_views((grad * normalised).sum(dims), views)
+        self.bias_grads = _sum_views(grad.sum(dims), views)
 
     def squared_norms(self) -> torch.Tensor:
         return self.weight_grads.pow(2).sum(1) + self.bias_grads.pow(2).sum(1)
@@ -198,14 +230,47 @@ class _GroupNormLayer:
         yield self.module.bias, factors @ self.bias_grads
 
 
+def _sum_views(per_view: torch.Tensor, views: int) -> torch.Tensor:
+    """Per-example sums of per-view rows (each example's ``views`` rows consecutive)."""
+    return per_view if views == 1 else per_view.view(-1, views, *per_view.shape[1:]).sum(1)
+
+
+def _views_as_batch(rows: torch.Tensor, views: int) -> torch.Tensor:
+    """``(examples x views, C, H, W)`` as ``(views, examples x C, H, W)``: every example's
+    channels side by side (a convolution group each), its views along the batch."""
+    stacked = rows.reshape(-1, views, *rows.shape[1:]).transpose(0, 1)
+    return stacked.reshape(views, -1, *rows.shape[2:])
+
+
+def _concat_positions(per_view: torch.Tensor, views: int) -> torch.Tensor:
+    """``(examples x views, D, P)`` as ``(examples, D, views x P)``: an example's views' positions."""
+    if views == 1:
+        return per_view
+    examples, features, positions = per_view.shape[0] // views, per_view.shape[1], per_view.shape[2]
+    return per_view.view(examples, views, features, positions).transpose(1, 2).reshape(examples, features, -1)
+
+
+def _through_standardisation(grads: torch.Tensor, module: WSConv2d) -> torch.Tensor:
+    """Per-sample gradients ``(n, out_channels, fan_in)`` with respect to the standardised
+    kernel ``w_hat``, mapped to the raw weight: per output channel,
+    ``(g - mean(g) - w_hat * mean(g * w_hat)) / sqrt(var(w) + eps)``."""
+    weight = module.weight.detach().flatten(1)
+    var, mean = torch.var_mean(weight, dim=1, keepdim=True, unbiased=False)
+    std = torch.sqrt(var + module.eps)
+    standardised = (weight - mean) / std
+    centred = grads - grads.mean(2, keepdim=True)
+    return (centred - standardised * (grads * standardised).mean(2, keepdim=True)) / std
+
+
 def _dtype(module: nn.Module) -> torch.dtype:
     """The precision of a recorded layer's parameters."""
     return next(module.parameters()).dtype
 
 
-def _layer(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor):
+def _layer(module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor, views: int):
     if isinstance(module, nn.Conv2d):
-        return _Conv2dLayer(module, inputs, grad)
+        return _Conv2dLayer(module, inputs, grad, views)
     if isinstance(module, nn.Linear):
-        return _LinearLayer(module, inputs, grad)
-    return _GroupNormLayer(cast(nn.GroupNorm, module), inputs, grad)  # only SUPPORTED layers are recorded
+        return _LinearLayer(module, inputs, grad, views)
+    # Only SUPPORTED layers are recorded.
+    return _GroupNormLayer(cast(nn.GroupNorm, module), inputs, grad, views)

@@ -8,16 +8,24 @@ per-sample clipping by :class:`pipeline.privacy.clipping.PerSampleClipper`.
 ``backward`` hook calls :meth:`PrivateTraining.backward` (per-sample clipping). The data
 module is wrapped by :class:`PoissonDataModule` (Opacus's ``DPLightningDataModule``).
 
+Augmentation multiplicity (``privacy.augmentation_multiplicity`` K > 1, De et al. 2022): the
+data module returns each Poisson-sampled example K times in a row, each time augmented afresh,
+and the clipper clips the mean of an example's K view gradients. Sampling, noise and
+accounting are those of the examples (expected batch size unchanged); a step costs about K
+times the compute.
+
 Noise and Poisson sampling come from the round's :data:`pipeline.privacy.randomness.RandomSource`
 (a fresh cryptographically secure stream at the site), never from a seed in the job's config.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 import torch
 from omegaconf import DictConfig
@@ -35,6 +43,7 @@ from pipeline.privacy.clipping import PerSampleClipper
 from pipeline.privacy.randomness import RandomSource, SecurePoissonSampler
 
 ACCOUNTANTS = ("rdp", "prv")
+log = logging.getLogger("fedrad.privacy")
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class DPSettings:
     max_grad_norm: float
     delta: float | None
     accountant: str
+    augmentation_multiplicity: int = 1
 
     @classmethod
     def from_config(cls, privacy: DictConfig) -> "DPSettings":
@@ -62,6 +72,7 @@ class DPSettings:
             max_grad_norm=float(privacy.max_grad_norm),
             delta=_optional_float(privacy.delta),
             accountant=accountant,
+            augmentation_multiplicity=int(privacy.get("augmentation_multiplicity", 1)),
         )
 
     def delta_for(self, num_examples: int) -> float:
@@ -182,11 +193,22 @@ class SourcedNoiseOptimizer(DPOptimizerFastGradientClipping):
 
 
 class PrivateTraining:
-    """DP-SGD state of one site's round: clipping, noise, sampling randomness and the accountant."""
+    """DP-SGD state of one site's round: clipping, noise, sampling randomness and the accountant.
 
-    def __init__(self, plan: RoundPlan, max_grad_norm: float, accountant: str, source: RandomSource) -> None:
+    ``augmentation_multiplicity``: views of each example in a batch (see :class:`PoissonDataModule`).
+    """
+
+    def __init__(
+        self,
+        plan: RoundPlan,
+        max_grad_norm: float,
+        accountant: str,
+        source: RandomSource,
+        augmentation_multiplicity: int = 1,
+    ) -> None:
         self.plan = plan
         self.max_grad_norm = max_grad_norm
+        self.augmentation_multiplicity = augmentation_multiplicity
         self.accountant: IAccountant = create_accountant(accountant)
         self.source = source
         self.clipper: PerSampleClipper | None = None
@@ -196,7 +218,7 @@ class PrivateTraining:
         check_dp_compatible(net)
         if self.clipper is not None:
             self.clipper.remove()
-        self.clipper = PerSampleClipper(net, self.max_grad_norm)
+        self.clipper = PerSampleClipper(net, self.max_grad_norm, views=self.augmentation_multiplicity)
         private = SourcedNoiseOptimizer(
             optimizer,
             source=self.source,
@@ -218,11 +240,16 @@ class PrivateTraining:
 class PoissonDataModule(DPLightningDataModule):
     """Opacus's Lightning data module (Poisson-sampled training batches, each example in a
     batch with probability 1 / number of batches) with coins from ``source``; it still reports
-    the wrapped module's training-set size."""
+    the wrapped module's training-set size.
 
-    def __init__(self, datamodule, source: RandomSource) -> None:
+    With ``augmentation_multiplicity`` K > 1 a batch of B sampled examples holds B x K rows:
+    each example K times in a row, each row through the dataset's (random) training transform.
+    """
+
+    def __init__(self, datamodule, source: RandomSource, augmentation_multiplicity: int = 1) -> None:
         super().__init__(datamodule)
         self.source = source
+        self.augmentation_multiplicity = augmentation_multiplicity
 
     def train_dataloader(self) -> DataLoader:
         loader = self.datamodule.train_dataloader()
@@ -230,6 +257,13 @@ class PoissonDataModule(DPLightningDataModule):
         sampler = SecurePoissonSampler(
             num_samples=len(dataset), sample_rate=1 / len(loader), source=self.source
         )
+        views = self.augmentation_multiplicity
+        if views > 1 and getattr(dataset, "transform", None) is None:
+            log.warning(
+                "privacy.augmentation_multiplicity=%d without training augmentation (data.augment): "
+                "the views are identical, a step costs more for the same gradient",
+                views,
+            )
         sample = dataset[0]
         collate = wrap_collate_with_empty(
             collate_fn=loader.collate_fn,
@@ -240,7 +274,7 @@ class PoissonDataModule(DPLightningDataModule):
         )
         return DataLoader(
             dataset,
-            batch_sampler=sampler,
+            batch_sampler=sampler if views == 1 else RepeatedViews(sampler, views),
             collate_fn=collate,
             num_workers=loader.num_workers,
             worker_init_fn=loader.worker_init_fn,
@@ -251,3 +285,18 @@ class PoissonDataModule(DPLightningDataModule):
     @property
     def num_train_examples(self) -> int:
         return self.datamodule.num_train_examples
+
+
+class RepeatedViews:
+    """A batch sampler that lists each index of ``batches``' batches ``views`` times in a row."""
+
+    def __init__(self, batches: Iterable[list[int]], views: int) -> None:
+        self.batches = batches
+        self.views = views
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield [index for index in batch for _ in range(self.views)]
+
+    def __len__(self) -> int:
+        return len(cast(Sized, self.batches))
