@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pipeline.contracts.labels import CLASS_NAMES
 from pipeline.training.checkpoints import load_checkpoint, load_model, save_checkpoint
 from pipeline.training.datamodule import CacheDataModule
 from pipeline.training.loop import build_classifier, build_trainer, evaluate, predict_probabilities, train
+from pipeline.training.progress import TrainingProgress
 from tests.conftest import DEMO_IMAGE_SIZE, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,3 +140,39 @@ def test_local_baseline_end_to_end(demo_sites, tmp_path):
     all_tests = sum(len(SiteCache(s.cache(DEMO_IMAGE_SIZE)).load_split("test").labels) for s in demo_sites.sites)
     assert metrics["n_images"] == all_tests > 0
     assert (tmp_path / "roc.png").is_file() and (tmp_path / "logs" / "csv" / "metrics.csv").is_file()
+
+
+
+PROGRESS_SCRIPT = """
+from pipeline.training.datamodule import CacheDataModule
+from pipeline.training.loop import build_classifier, build_trainer, train
+from pipeline.training.progress import TrainingProgress
+from tests.conftest import compose_config
+cfg = compose_config("model=small_cnn", "data.image_size={size}", "data.sites_root={root}")
+datamodule = CacheDataModule.from_config(cfg.data, [{cache!r}], seed=0)
+trainer = build_trainer(cfg, max_epochs=1, lean=True, callbacks=[TrainingProgress("site1 round 1", 0.0)])
+train(build_classifier(cfg, seed=0), datamodule, trainer)
+"""
+
+
+def test_a_long_local_training_shows_its_progress_where_no_logging_is_set_up(demo_sites, cache_dirs):
+    """As in a simulated site's worker process: progress lines every every_s seconds and one at
+    the end, in fedrad's console format."""
+    script = PROGRESS_SCRIPT.format(size=DEMO_IMAGE_SIZE, root=demo_sites.root, cache=str(cache_dirs[0]))
+    output = run_script("-c", script).stderr
+    lines = [line for line in output.splitlines() if "site1 round 1" in line]
+    assert any("epoch 1/1  batch " in line and "loss " in line for line in lines), output[-2000:]
+    assert lines[-1].split(" ", 1)[1].startswith("site1 round 1  trained 1 epoch(s)"), lines
+
+
+def test_a_short_local_training_prints_no_progress(caplog):
+    class Trainer:
+        current_epoch, global_step, max_epochs, num_training_batches = 1, 3, 1, 3
+        callback_metrics: dict = {}
+
+    progress = TrainingProgress("site1 round 1", every_s=3600)
+    with caplog.at_level(logging.INFO, logger="fedrad.training"):
+        progress.on_train_start(Trainer(), None)
+        progress.on_train_batch_end(Trainer(), None, None, None, 0)
+        progress.on_train_end(Trainer(), None)
+    assert not caplog.records

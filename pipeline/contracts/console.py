@@ -58,3 +58,16 @@ def quiet_third_party(verbose: bool = False) -> None:
         flower.addFilter(_DropDeprecationBanners())
     for message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+
+
+def reach_the_console(logger: logging.Logger) -> None:
+    """Print ``logger``'s INFO lines in fedrad's console format where logging is not set up to
+    show them (a simulated site's Ray worker, whose output reaches the console with
+    ``verbose=true``); an entry point's own logging set-up is left alone."""
+    if logger.isEnabledFor(logging.INFO):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(ConsoleFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # a library's root handler would print each line a second time

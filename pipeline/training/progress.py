@@ -1,6 +1,6 @@
 """Progress inside a long local training: one log line at most every ``every_s`` seconds
-(epoch, batch, loss, elapsed time) and one when training ends, instead of a progress bar that
-shares a line with the log."""
+(epoch, batch, loss, elapsed time) and one when such a training ends, instead of a progress
+bar that shares a line with the log. A training shorter than ``every_s`` prints nothing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 import pytorch_lightning as pl
+
+from pipeline.contracts.console import reach_the_console
 
 log = logging.getLogger("fedrad.training")
 
@@ -23,6 +25,7 @@ class TrainingProgress(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started = self.last = time.monotonic()
+        reach_the_console(log)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -45,6 +48,8 @@ class TrainingProgress(pl.Callback):
         )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.last == self.started:  # no progress line: a short training needs no end line
+            return
         log.info(
             "%s  trained %d epoch(s), %d steps in %.0f s",
             self.label,
