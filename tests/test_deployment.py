@@ -242,7 +242,7 @@ def test_site_behind_a_proxy_joins_sites_are_named_and_stop_when_finished(deploy
     assert coordinator.count("round 2  site site1  train") == 1  # every line printed once
     # Flower's own SuperLink lines name each site too, not only its node id
     assert set(re.findall(r"Activated node_id=\d+ \((\w+)\)", coordinator)) == set(SITES)
-    assert not re.search(r"node_id=\d+(?! \(site)", coordinator), coordinator[-4000:]
+    assert not re.search(r"node_id=\d+\b(?! \(site)", coordinator), coordinator[-4000:]
     for site in SITES:
         assert deployment.processes[site].wait(timeout=300) == 0, deployment.log(site)[-3000:]
         log = deployment.log(site)
@@ -295,6 +295,13 @@ def test_compose_file_runs_project_entry_points():
         assert done.returncode == 0, done.stderr
 
 
+class HungSuperNode:
+    """A SuperNode process that gave up but does not exit by itself."""
+
+    def wait(self, timeout: float) -> int:
+        raise subprocess.TimeoutExpired("flower-supernode", timeout)
+
+
 def test_a_supernode_stuck_retrying_the_coordinator_is_restarted(tmp_path, monkeypatch):
     """Flower retries a coordinator that refuses a restarted session forever (seen after a
     SuperLink restart): a site stops its SuperNode once it has retried for stuck_after_s without
@@ -302,24 +309,25 @@ def test_a_supernode_stuck_retrying_the_coordinator_is_restarted(tmp_path, monke
     from pipeline.contracts.layout import WorkDir
     from pipeline.deployment import site
 
-    stopped: list[str] = []
+    stopped: list[HungSuperNode] = []
     monkeypatch.setattr(site, "stop_tree", stopped.append)
+    monkeypatch.setattr(site, "GAVE_UP_GRACE_S", 0.1)
+    supernode = HungSuperNode()
     session = site.SuperNodeSession([], WorkDir(tmp_path), exit_when_finished=False, stuck_after_s=0.5)
     retry = "WARNING :   Connection attempt failed, retrying in 2.0 seconds\n"
-    session._echo("supernode", io.StringIO(retry))
+    session._echo(supernode, io.StringIO(retry))
     time.sleep(0.6)
-    session._echo(
-        "supernode", io.StringIO("INFO :      Connection successful after 3.1 seconds and 2 tries.\n")
-    )
-    session._echo("supernode", io.StringIO(retry))
+    got_through = "INFO :      Connection successful after 3.1 seconds and 2 tries.\n"
+    session._echo(supernode, io.StringIO(got_through))
+    session._echo(supernode, io.StringIO(retry))
     time.sleep(0.2)
     assert not session.broken and stopped == []  # it got through in between
     time.sleep(0.5)
-    session._echo("supernode", io.StringIO(retry))
+    session._echo(supernode, io.StringIO(retry))
     deadline = time.monotonic() + 5
     while not stopped and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert session.broken and stopped == ["supernode"]
+    assert session.broken and stopped == [supernode]
 
 
 def test_a_superlink_gone_during_a_listing_is_an_error_to_recover_from(monkeypatch, tmp_path):
@@ -408,17 +416,19 @@ def test_a_supernode_whose_send_died_in_tls_is_restarted(tmp_path, monkeypatch):
     from pipeline.contracts.layout import WorkDir
     from pipeline.deployment import site
 
-    stopped: list[str] = []
+    stopped: list[HungSuperNode] = []
     monkeypatch.setattr(site, "stop_tree", stopped.append)
+    monkeypatch.setattr(site, "GAVE_UP_GRACE_S", 0.1)
+    supernode = HungSuperNode()
     session = site.SuperNodeSession([], WorkDir(tmp_path), exit_when_finished=False, stuck_after_s=180)
-    session._echo("supernode", io.StringIO("INFO :      Sending: train message (ID: c675058f)\n"))
+    session._echo(supernode, io.StringIO("INFO :      Sending: train message (ID: c675058f)\n"))
     assert not session.broken
     died = (
         "ERROR :     SSL/TLS handshake error detected.\n"
         "ERROR :     Failed to send message c675058f: [SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred\n"
     )
-    session._echo("supernode", io.StringIO(died))
+    session._echo(supernode, io.StringIO(died))
     deadline = time.monotonic() + 5
     while not stopped and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert session.broken and stopped == ["supernode"]
+    assert session.broken and stopped == [supernode]

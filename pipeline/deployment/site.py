@@ -102,6 +102,7 @@ GOT_THROUGH = re.compile(r"Connection successful|SuperNode ID|Receiving:|Sent su
 # Flower takes for a TLS error and stops retrying, at the first try as well as after several.
 # The SuperNode then stops pulling messages without exiting: the site restarts it.
 GAVE_UP = re.compile(r"Server error '5\d\d|Giving up reconnection|SSL/TLS handshake error detected")
+GAVE_UP_GRACE_S = 3.0
 LOOPBACK = "127.0.0.1,::1"
 
 
@@ -146,7 +147,17 @@ class SuperNodeSession:
             stuck = since is not None and time.monotonic() - since > self.stuck_after_s
             if (GAVE_UP.search(line) or stuck) and not self.broken:
                 self.broken = True
-                threading.Thread(target=stop_tree, args=(process,), daemon=True).start()
+                threading.Thread(target=self._stop_gave_up, args=(process,), daemon=True).start()
+
+    @staticmethod
+    def _stop_gave_up(process: subprocess.Popen) -> None:
+        """Stop a SuperNode that gave up once it has printed why (a TLS failure's certificate
+        error follows the line that gave up) or exited by itself, at most GAVE_UP_GRACE_S."""
+        try:
+            process.wait(timeout=GAVE_UP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        stop_tree(process)
 
     def _watch_finished(self, process: subprocess.Popen, since: float) -> None:
         """Stop the SuperNode once the ClientApp records a finished federation and the
