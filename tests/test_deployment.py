@@ -432,3 +432,31 @@ def test_a_supernode_whose_send_died_in_tls_is_restarted(tmp_path, monkeypatch):
     while not stopped and time.monotonic() < deadline:
         time.sleep(0.05)
     assert session.broken and stopped == [supernode]
+
+
+def test_the_coordinator_shows_the_superlinks_warnings_and_site_lines_named_without_colour(tmp_path):
+    """Flower's per-call INFO lines stay off the console unless verbose; a traceback goes with
+    its error line; node ids carry the registered name (int64 in the database, as Flower stores them)."""
+    import sqlite3
+
+    from pipeline.deployment.superlink_log import NamedNodeLog
+
+    database = tmp_path / "superlink.db"
+    with sqlite3.connect(database) as db:
+        db.execute("CREATE TABLE node (node_id INTEGER, name TEXT)")
+        db.execute("INSERT INTO node VALUES (?, ?)", (-2, "site1"))  # uint64 2**64 - 2
+    lines = [
+        "\x1b[92mINFO \x1b[0m:      [ServerAppIo.PullMessages]\n",
+        f"\x1b[92mINFO \x1b[0m:      [Fleet.ActivateNode] Activated node_id={2**64 - 2}\n",
+        "\x1b[91mERROR \x1b[0m:     Unexpected failure\n",
+        "Traceback (most recent call last):\n",
+        "\x1b[92mINFO \x1b[0m:      [Fleet.PushMessages]\n",
+    ]
+    quiet, verbose = io.StringIO(), io.StringIO()
+    NamedNodeLog(database).echo(lines, quiet)
+    NamedNodeLog(database, verbose=True).echo(lines, verbose)
+    assert quiet.getvalue() == (
+        f"INFO :      [Fleet.ActivateNode] Activated node_id={2**64 - 2} (site1)\n"
+        "ERROR :     Unexpected failure\nTraceback (most recent call last):\n"
+    )
+    assert len(verbose.getvalue().splitlines()) == 5 and "\x1b" not in verbose.getvalue()

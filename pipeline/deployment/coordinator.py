@@ -106,7 +106,7 @@ def write_experiment(cfg: DictConfig, output_dir: Path) -> Path:
     return path
 
 
-def start_superlink(dep: DictConfig) -> subprocess.Popen:
+def start_superlink(dep: DictConfig, verbose: bool = False) -> subprocess.Popen:
     """Start the SuperLink (its own process group, killed with this process) once it listens;
     its output echoed with the sites' registered names (:mod:`pipeline.deployment.superlink_log`)."""
     write_cli_connection(dep)
@@ -121,7 +121,7 @@ def start_superlink(dep: DictConfig) -> subprocess.Popen:
         bufsize=1,
     )
     assert process.stdout is not None  # stdout=subprocess.PIPE
-    named = NamedNodeLog(state.database)
+    named = NamedNodeLog(state.database, verbose)
     threading.Thread(target=named.echo, args=(process.stdout,), daemon=True).start()
     try:
         wait_for_port(local_address(dep), process)
@@ -253,7 +253,7 @@ def run_coordinator(cfg: DictConfig) -> Outcome:
         while outcome.attempts < int(dep.max_attempts):
             outcome.attempts += 1
             if superlink is None:
-                superlink = start_superlink(dep)
+                superlink = start_superlink(dep, bool(cfg.get("verbose", False)))
                 log.info("SuperLink on %s; submitting %s (outputs in %s)", dep.port, experiment, output_dir)
             try:
                 outcome.status, failure = _attempt(cfg, state, superlink)
