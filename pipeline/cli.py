@@ -11,6 +11,7 @@ before their heavy imports for the same reason.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,16 @@ def answer_argparse_help(parse_args: Callable[[], object], argv: list[str] | Non
     argv = sys.argv if argv is None else argv
     if {"-h", "--help"} & set(argv[1:]):
         parse_args()
+
+
+def benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark script's parser: its docstring's first three paragraphs as the help, and
+    where to read the rest."""
+    return argparse.ArgumentParser(
+        description="\n\n".join((doc or "").split("\n\n")[:3]),
+        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 # Errors whose message names the file, key or value at fault: a user sees that one line.

@@ -27,16 +27,21 @@ print("TORCH_IMPORTED=" + str("torch" in sys.modules))
 """
 
 
-@pytest.mark.parametrize("script", HYDRA_SCRIPTS)
-def test_help_is_the_scripts_own_and_imports_no_torch(script):
-    path = f"scripts/{script}"
-    done = subprocess.run(
+def help_of(path: str) -> subprocess.CompletedProcess:
+    """``python <path> --help`` in a probe that also says whether torch was imported."""
+    return subprocess.run(
         [sys.executable, "-c", PROBE.format(script=path)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("script", HYDRA_SCRIPTS)
+def test_help_is_the_scripts_own_and_imports_no_torch(script):
+    path = f"scripts/{script}"
+    done = help_of(path)
     assert done.returncode == 0, done.stderr[-2000:]
     text = done.stdout
     assert "TORCH_IMPORTED=False" in text
@@ -47,26 +52,14 @@ def test_help_is_the_scripts_own_and_imports_no_torch(script):
 
 
 def test_argparse_entry_point_answers_help_before_the_training_stack():
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE.format(script="scripts/evaluate.py")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = help_of("scripts/evaluate.py")
     assert done.returncode == 0 and "TORCH_IMPORTED=False" in done.stdout, done.stderr[-2000:]
     assert "--reads" in done.stdout
 
 
 @pytest.mark.parametrize("path", ARGPARSE_SCRIPTS)
 def test_every_argparse_entry_point_says_what_for_whom_and_how_before_torch(path):
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE.format(script=path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = help_of(path)
     assert done.returncode == 0, done.stderr[-2000:]
     text = done.stdout
     assert "TORCH_IMPORTED=False" in text

@@ -25,15 +25,11 @@ import statistics
 import time
 from collections.abc import Callable
 
-from pipeline.cli import answer_argparse_help
+from pipeline.cli import answer_argparse_help, benchmark_parser
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="\n\n".join(__doc__.split("\n\n")[:3]),
-        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)

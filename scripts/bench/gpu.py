@@ -36,15 +36,11 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from pipeline.cli import answer_argparse_help
+from pipeline.cli import answer_argparse_help, benchmark_parser
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="\n\n".join(__doc__.split("\n\n")[:3]),
-        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")

@@ -50,15 +50,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.cli import answer_argparse_help
+from pipeline.cli import answer_argparse_help, benchmark_parser
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="\n\n".join(__doc__.split("\n\n")[:3]),
-        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (median)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--copies", type=int, default=8, help="copies of each real DICOM file")

@@ -49,15 +49,11 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.cli import answer_argparse_help
+from pipeline.cli import answer_argparse_help, benchmark_parser
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="\n\n".join(__doc__.split("\n\n")[:3]),
-        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--sizes", default="3,10,25,50", help="comma-separated numbers of sites")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=30, help="images per site")

@@ -26,18 +26,14 @@ import statistics
 import time
 from pathlib import Path
 
-from pipeline.cli import answer_argparse_help
+from pipeline.cli import answer_argparse_help, benchmark_parser
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_DIRS = (REPO.parent / "shared" / "data" / "kermany", REPO / "data" / "demo" / "kermany")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="\n\n".join(__doc__.split("\n\n")[:3]),
-        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument(
         "--images",
         type=Path,

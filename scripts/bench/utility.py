@@ -64,17 +64,13 @@ import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from pipeline.cli import answer_argparse_help
+from pipeline.cli import answer_argparse_help, benchmark_parser
 
 ARMS = ("central", "fed_secagg", "fed_dp")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="\n\n".join(__doc__.split("\n\n")[:3]),
-        epilog="What is measured and how: the docstring of this file. Recorded figures: docs/benchmarks.md.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per arm (0, 1, ...)")
     parser.add_argument(
         "--rounds", type=int, default=8, help="federated rounds (central: rounds x local epochs)"
