@@ -216,8 +216,9 @@ def test_weight_standardisation_jacobian_closed_form_matches_autograd():
 
 @pytest.mark.parametrize("views", [1, 2])
 def test_weight_standardised_resnet_per_sample_clipping_matches_autograd(views):
-    """Every convolution of the group-norm ResNet-18 weight-standardised (all on the
-    materialised path, so 16 px will do), 3 real X-rays, with and without multiplicity."""
+    """Every convolution of the group-norm ResNet-18 weight-standardised, 3 real X-rays at
+    16 px (the stem on the materialised path, the 19 others on the ghost norm), with and
+    without multiplicity."""
     torch.manual_seed(0)
     net = resnet18(norm="group", groups=8, inplace=False, weight_standardisation=True).double()
     assert sum(isinstance(m, WSConv2d) for m in net.modules()) == 20  # 17 3x3/7x7 + 3 projections
@@ -245,8 +246,12 @@ class _ScaledConv(nn.Conv2d):
     [
         (nn.Sequential(WSConv2d(4, 4, 3, groups=2), nn.Flatten()), r"0 \(Conv2d with groups"),
         (nn.Sequential(_ScaledConv(1, 4, 3), nn.Flatten()), r"0 \(_ScaledConv\)"),
+        (
+            nn.Sequential(WSConv2d(1, 4, 3, padding=1, padding_mode="reflect")),
+            r"0 \(Conv2d with .*padding_mode",
+        ),
     ],
-    ids=["grouped_ws_conv", "conv_subclass"],
+    ids=["grouped_ws_conv", "conv_subclass", "reflect_padded_ws_conv"],
 )
 def test_layers_the_clipper_cannot_follow_are_refused_in_one_line(net, message):
     with pytest.raises(ValueError, match=message) as refused:

@@ -23,10 +23,13 @@ then the *mean* of its views' gradients, clipped once: its views are one example
 positions concatenated for the ghost norm and linear layers, their per-sample gradients summed
 elsewhere), so the noise and the privacy accounting stay per example.
 
-Weight-standardised convolutions (:class:`models.weight_standardisation.WSConv2d`) take the
-materialised path: the per-sample gradient with respect to the standardised kernel ``w_hat``
-is mapped, per output channel, to the raw weight by the standardisation's Jacobian,
-``(g - mean(g) - w_hat * mean(g * w_hat)) / sqrt(var(w) + eps)``.
+Weight-standardised convolutions (:class:`models.weight_standardisation.WSConv2d`): a gradient
+``g`` with respect to the standardised kernel ``w_hat`` maps, per output channel, to the raw
+weight by the standardisation's Jacobian, ``J g = (g - mean(g) - w_hat * mean(g * w_hat)) /
+sigma`` with ``sigma = sqrt(var(w) + eps)``. The materialised path applies it to each
+per-sample gradient; the ghost norm uses ``|J g|^2``, which is ``|g|^2 / sigma^2`` less the
+parts of ``g`` along the constant and ``w_hat`` directions (see
+:meth:`_Conv2dLayer._standardised_ghost_norms`), and the clipped sum is ``J`` of the ordinary one.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ def unsupported_layers(net: nn.Module) -> list[str]:
             continue
         if type(module) not in SUPPORTED:
             names.append(f"{name} ({type(module).__name__})")
-        elif isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)):
-            names.append(f"{name} (Conv2d with groups or string padding)")
+        elif isinstance(module, nn.Conv2d) and (
+            module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros"
+        ):
+            names.append(f"{name} (Conv2d with groups, string padding or padding_mode other than zeros)")
     return names
 
 
@@ -132,7 +137,7 @@ class _Conv2dLayer:
         positions = views * grad.shape[2] * grad.shape[3]  # an example's positions, all views
         fan_in, fan_out = module.weight[0].numel(), module.out_channels
         # Ghost norm costs ~positions^2 (fan_in + fan_out); materialising ~fan_in * fan_out.
-        self.ghost = positions * (fan_in + fan_out) < fan_in * fan_out and not isinstance(module, WSConv2d)
+        self.ghost = positions * (fan_in + fan_out) < fan_in * fan_out
         self.per_sample: torch.Tensor | None = None if self.ghost else self._per_sample_weight_grads()
 
     def _backward_weight(self, grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, groups: int):
@@ -170,24 +175,45 @@ class _Conv2dLayer:
         if self.per_sample is None:  # ghost norm
             m = self.module
             padding = cast(tuple[int, ...], m.padding)  # string padding is refused (unsupported_layers)
-            unfolded = _concat_positions(
-                F.unfold(self.inputs, m.kernel_size, m.dilation, padding, m.stride), views
-            )
-            outputs = _concat_positions(self.grad.reshape(*self.grad.shape[:2], -1), views)
-            gram_in = unfolded.transpose(1, 2) @ unfolded
-            gram_out = outputs.transpose(1, 2) @ outputs
-            norms = (gram_in * gram_out).sum((1, 2))
+            unfolded = F.unfold(self.inputs, m.kernel_size, m.dilation, padding, m.stride)
+            outputs = self.grad.reshape(*self.grad.shape[:2], -1)
+            if isinstance(m, WSConv2d):
+                norms = self._standardised_ghost_norms(m, unfolded, outputs)
+            else:
+                norms = _ghost_norms(unfolded, outputs, views)
         else:
             norms = self.per_sample.pow(2).sum(1)
         if self.module.bias is not None:
             norms = norms + _sum_views(self.grad.sum((2, 3)), views).pow(2).sum(1)
         return norms
 
+    def _standardised_ghost_norms(
+        self, module: WSConv2d, unfolded: torch.Tensor, outputs: torch.Tensor
+    ) -> torch.Tensor:
+        """``|J g_i|^2`` without materialising ``g_i``. ``J = (I - 1 1^T / N - w_hat w_hat^T / N)
+        / sigma`` per output channel (``N`` its fan-in) is symmetric, and ``1`` is orthogonal
+        to ``w_hat``, so ``|J g|^2 = (|g|^2 - (1.g)^2 / N - (2 - r) (w_hat.g)^2 / N) / sigma^2``
+        with ``r = |w_hat|^2 / N``: a ghost norm of the output gradients over ``sigma``, less
+        two projections that are sums over positions (of the output gradient times the
+        unfolded input's sum, and times the layer's response ``w_hat . input``)."""
+        standardised, std = _standardisation(module)
+        along_ones = _sum_views((outputs * unfolded.sum(1, keepdim=True)).sum(2), self.views)
+        kernel = standardised.view_as(module.weight)
+        responses = F.conv2d(self.inputs, kernel, None, module.stride, module.padding, module.dilation)
+        along_weight = _sum_views((outputs * responses.flatten(2)).sum(2), self.views)
+        fan_in, ratio = standardised.shape[1], standardised.pow(2).mean(1)
+        projected = (along_ones.pow(2) + (2 - ratio) * along_weight.pow(2)) / (fan_in * std.view(-1).pow(2))
+        ghost = _ghost_norms(unfolded, outputs / std.view(1, -1, 1), self.views)
+        return (ghost - projected.sum(1)).clamp(min=0)
+
     def clipped_sums(self, factors: torch.Tensor):
         weight = self.module.weight
         if self.per_sample is None:  # ghost norm
             scaled = self.grad * factors.repeat_interleave(self.views).view(-1, 1, 1, 1)
-            yield weight, self._backward_weight(scaled, self.inputs, weight.detach(), groups=1)
+            summed = self._backward_weight(scaled, self.inputs, weight.detach(), groups=1)
+            if isinstance(self.module, WSConv2d):
+                summed = _through_standardisation(summed.view(1, weight.shape[0], -1), self.module)
+            yield weight, summed.view_as(weight)
         else:
             yield weight, (factors @ self.per_sample).view_as(weight)
         if self.module.bias is not None:
@@ -250,14 +276,29 @@ def _concat_positions(per_view: torch.Tensor, views: int) -> torch.Tensor:
     return per_view.view(examples, views, features, positions).transpose(1, 2).reshape(examples, features, -1)
 
 
-def _through_standardisation(grads: torch.Tensor, module: WSConv2d) -> torch.Tensor:
-    """Per-sample gradients ``(n, out_channels, fan_in)`` with respect to the standardised
-    kernel ``w_hat``, mapped to the raw weight: per output channel,
-    ``(g - mean(g) - w_hat * mean(g * w_hat)) / sqrt(var(w) + eps)``."""
+def _ghost_norms(unfolded: torch.Tensor, outputs: torch.Tensor, views: int) -> torch.Tensor:
+    """``|g_i|^2 = <A_i^T A_i, B_i^T B_i>`` of each example's unfolded inputs ``A_i`` and
+    output gradients ``B_i`` (rows ``(examples x views, D, P)``, an example's views' positions
+    concatenated)."""
+    unfolded, outputs = _concat_positions(unfolded, views), _concat_positions(outputs, views)
+    gram_in = unfolded.transpose(1, 2) @ unfolded
+    gram_out = outputs.transpose(1, 2) @ outputs
+    return (gram_in * gram_out).sum((1, 2))
+
+
+def _standardisation(module: WSConv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standardised kernel ``w_hat``, ``(out_channels, fan_in)``, and ``sigma``, ``(out_channels, 1)``."""
     weight = module.weight.detach().flatten(1)
     var, mean = torch.var_mean(weight, dim=1, keepdim=True, unbiased=False)
     std = torch.sqrt(var + module.eps)
-    standardised = (weight - mean) / std
+    return (weight - mean) / std, std
+
+
+def _through_standardisation(grads: torch.Tensor, module: WSConv2d) -> torch.Tensor:
+    """Gradients ``(n, out_channels, fan_in)`` with respect to the standardised kernel
+    ``w_hat``, mapped to the raw weight: per output channel,
+    ``(g - mean(g) - w_hat * mean(g * w_hat)) / sqrt(var(w) + eps)``."""
+    standardised, std = _standardisation(module)
     centred = grads - grads.mean(2, keepdim=True)
     return (centred - standardised * (grads * standardised).mean(2, keepdim=True)) / std
 
