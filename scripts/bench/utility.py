@@ -34,7 +34,11 @@ training each (``--no-pretrain``: all from scratch):
 * ``fed_dp``: the same with DP-SGD at every site (``privacy=dp_sgd``), the site's noise
   calibrated so that the whole run spends at most ``--epsilon`` at delta = 1 / (10 N); the DP
   recipe (frozen backbone: only the head trains; batch size, clipping) is the benchmark's own
-  preset, ``conf/experiment/utility_dp.yaml``, overridable with ``--dp-override key=value``.
+  preset, ``conf/experiment/utility_dp.yaml``, overridable with ``--dp-override key=value``;
+  ``--augmentation-multiplicity K`` gives it K augmented views of every sampled image (about K
+  times the compute per step, the same epsilon), ``--weight-standardisation`` weight-standardised
+  convolutions (in every arm and the pretraining: the DP arm starts from the public model, which
+  must be the same network).
 
 Each arm is run for every seed (``--seeds``; fresh copies of the site caches for every
 federated run, so no privacy budget carries over) and its released model is scored on the
@@ -109,6 +113,18 @@ def parse_args() -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="Hydra override for the DP arm only (repeatable)",
+    )
+    parser.add_argument(
+        "--augmentation-multiplicity",
+        type=int,
+        default=1,
+        metavar="K",
+        help="DP arm: privacy.augmentation_multiplicity (K augmented views of each sampled image)",
+    )
+    parser.add_argument(
+        "--weight-standardisation",
+        action="store_true",
+        help="model.net.weight_standardisation=true in every arm and the pretraining (resnet18 models)",
     )
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 rounds x 1 epoch, 32 px")
@@ -274,6 +290,7 @@ def common_overrides(args: argparse.Namespace, sites_root: Path, seed: int) -> l
         "governance.auto_approve_simulated_sites=true",
         "trainer.enable_progress_bar=false",
         f"seed={seed}",
+        *(["model.net.weight_standardisation=true"] if args.weight_standardisation else []),
         *args.override,
     ]
 
@@ -291,6 +308,7 @@ def arm_config(
             f"experiment={args.dp_preset}",
             *overrides,
             f"privacy.target_epsilon={args.epsilon}",
+            f"privacy.augmentation_multiplicity={args.augmentation_multiplicity}",
             *args.dp_override,
         ]
     return compose_config(overrides)
@@ -484,7 +502,9 @@ def main() -> None:
         data = build_data(args, work, base)
         print(
             f"{args.model}, {args.image_size} px, {args.rounds} rounds x {args.local_epochs} local epochs, "
-            f"seeds 0..{args.seeds - 1}, DP preset {args.dp_preset} at epsilon {args.epsilon}",
+            f"seeds 0..{args.seeds - 1}, DP preset {args.dp_preset} at epsilon {args.epsilon}, "
+            f"DP augmentation multiplicity {args.augmentation_multiplicity}, "
+            f"weight standardisation {'on' if args.weight_standardisation else 'off'}",
             flush=True,
         )
         results = []
