@@ -28,8 +28,9 @@ lint: setup
 	$(VENV)/bin/mypy pipeline models transforms
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 
+# Two workers, each taking whole test files (a file's tests share their fixtures and ports).
 test: setup lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not deployment"
