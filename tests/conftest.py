@@ -57,6 +57,19 @@ def demo_sites(tmp_path_factory) -> DemoSites:
     return DemoSites(root=root, sites=sites)
 
 
+@pytest.fixture
+def private_site(demo_sites, tmp_path) -> SitePaths:
+    """A copy of demo site 1 under ``tmp_path`` (so that its privacy ledger is the test's own)."""
+    site = SitePaths.under(tmp_path, "site1")
+    shutil.copytree(demo_sites.sites[0].cache(DEMO_IMAGE_SIZE), site.cache(DEMO_IMAGE_SIZE))
+    return site
+
+
+def dp_config(root: Path, *overrides: str):
+    """The quick demo federation with DP-SGD over the sites under ``root``."""
+    return compose_config(*FAST_FEDERATION, f"data.sites_root={root}", "privacy=dp_sgd", *overrides)
+
+
 @pytest.fixture(scope="session")
 def planted_identifiers(demo_sites) -> list[str]:
     """Every invented identifying DICOM value of every demo site, sorted."""

@@ -4,7 +4,6 @@ against per-sample gradients from plain autograd (torch.func) on real demo X-ray
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,14 +23,13 @@ from models.small_cnn import SmallCNN
 from models.weight_standardisation import WSConv2d
 from pipeline.contracts.cache import SiteCache, SplitArrays
 from pipeline.contracts.labels import CLASS_NAMES
-from pipeline.contracts.layout import SitePaths
 from pipeline.federation.site_task import train_site
 from pipeline.privacy.clipping import PerSampleClipper, _through_standardisation
 from pipeline.privacy.dp import DPSettings, PoissonDataModule, check_dp_compatible, epsilon_of, plan_round
 from pipeline.privacy.randomness import SeededRandom
 from pipeline.training.datamodule import ImageDataset
 from pipeline.training.loop import build_classifier
-from tests.conftest import DEMO_IMAGE_SIZE, FAST_FEDERATION, compose_config
+from tests.conftest import DEMO_IMAGE_SIZE, compose_config, dp_config
 from transforms.image import build_augmentation, resize_square
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,12 +73,18 @@ def per_view_grads(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -
     return [grads[name] for name, _ in net.named_parameters()]
 
 
-def clipped_reference(per_example: list[torch.Tensor], clip: float):
-    """Norms of the per-example gradients and their clipped sums."""
+def views_and_reference(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, views: int):
+    """``views`` augmented rows of each image, the clipping bound (the median per-example norm)
+    and the reference: per-example gradients as the mean of their views' autograd gradients,
+    their norms and clipped sums."""
+    rows, row_labels = augmented_views(images, views).double(), labels.repeat_interleave(views)
+    per_view = per_view_grads(net, rows, row_labels)
+    per_example = [g.view(len(labels), views, *g.shape[1:]).mean(1) for g in per_view]
     norms = torch.cat([g.flatten(1) for g in per_example], 1).norm(dim=1)
+    clip = float(norms.median())
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
     sums = [(g * factors.view(-1, *[1] * (g.dim() - 1))).sum(0) for g in per_example]
-    return norms, sums
+    return rows, row_labels, clip, norms, sums
 
 
 @pytest.mark.parametrize("name", NETS)
@@ -91,12 +95,7 @@ def test_augmentation_multiplicity_clips_each_examples_mean_view_gradient(name):
     torch.manual_seed(0)
     net = NETS[name]().double()
     images, labels = demo_xrays(per_class=1)
-    rows, row_labels = augmented_views(images, views).double(), labels.repeat_interleave(views)
-    per_view = per_view_grads(net, rows, row_labels)
-    per_example = [g.view(len(labels), views, *g.shape[1:]).mean(1) for g in per_view]
-    norms = torch.cat([g.flatten(1) for g in per_example], 1).norm(dim=1)
-    clip = float(norms.median())
-    expected_norms, expected_sums = clipped_reference(per_example, clip)
+    rows, row_labels, clip, expected_norms, expected_sums = views_and_reference(net, images, labels, views)
 
     clipper = PerSampleClipper(net, clip, views=views)
     measured = clipper.backward(F.cross_entropy(net(rows), row_labels))
@@ -224,12 +223,7 @@ def test_weight_standardised_resnet_per_sample_clipping_matches_autograd(views):
     assert sum(isinstance(m, WSConv2d) for m in net.modules()) == 20  # 17 3x3/7x7 + 3 projections
     check_dp_compatible(net)
     images, labels = demo_xrays(per_class=1, size=16)
-    rows, row_labels = augmented_views(images, views).double(), labels.repeat_interleave(views)
-    per_view = per_view_grads(net, rows, row_labels)
-    per_example = [g.view(len(labels), views, *g.shape[1:]).mean(1) for g in per_view]
-    norms = torch.cat([g.flatten(1) for g in per_example], 1).norm(dim=1)
-    clip = float(norms.median())
-    expected_norms, expected_sums = clipped_reference(per_example, clip)
+    rows, row_labels, clip, expected_norms, expected_sums = views_and_reference(net, images, labels, views)
     measured = PerSampleClipper(net, clip, views=views).backward(F.cross_entropy(net(rows), row_labels))
     torch.testing.assert_close(measured, expected_norms, rtol=1e-7, atol=0)
     for param, expected in zip(net.parameters(), expected_sums):
@@ -280,18 +274,11 @@ def test_config_turns_each_lever_on():
     assert not any(isinstance(m, WSConv2d) for m in plain.modules())
 
 
-def test_a_site_round_with_multiplicity_spends_the_epsilon_of_its_examples(demo_sites, tmp_path):
+def test_a_site_round_with_multiplicity_spends_the_epsilon_of_its_examples(private_site, tmp_path):
     """A DP-SGD round at a demo site with K=2 views trains (Lightning, the Poisson loader, the
     clipper) and is charged exactly the epsilon of its examples' sampling."""
-    site = SitePaths.under(tmp_path, "site1")
-    shutil.copytree(demo_sites.sites[0].cache(DEMO_IMAGE_SIZE), site.cache(DEMO_IMAGE_SIZE))
-    cfg = compose_config(
-        *FAST_FEDERATION,
-        f"data.sites_root={tmp_path}",
-        "privacy=dp_sgd",
-        "privacy.noise_multiplier=1.0",
-        "privacy.augmentation_multiplicity=2",
-    )
+    site = private_site
+    cfg = dp_config(tmp_path, "privacy.noise_multiplier=1.0", "privacy.augmentation_multiplicity=2")
     n = int((SiteCache(site.cache(DEMO_IMAGE_SIZE)).manifest()["split"] == "train").sum())
     plan = plan_round(DPSettings.from_config(cfg.privacy), n, int(cfg.data.batch_size), 1, 1)
     initial = build_classifier(cfg, seed=0).net.state_dict()

@@ -48,7 +48,7 @@ from pipeline.ingestion.pseudonym import load_secret, patient_key
 from pipeline.training.checkpoints import load_checkpoint
 from pipeline.training.datamodule import CacheDataModule
 from pipeline.training.loop import build_classifier
-from tests.conftest import DEMO_IMAGE_SIZE, FAST_FEDERATION, compose_config
+from tests.conftest import DEMO_IMAGE_SIZE, FAST_FEDERATION, compose_config, dp_config
 
 pytestmark = pytest.mark.governance
 
@@ -549,16 +549,9 @@ def test_ledger_script_names_tampering_against_the_coordinator_heads(demo_run, d
     assert f"TAMPERED: entry {reported} was reported to the coordinator" in tampered.stdout
 
 
-def test_privacy_budget_is_read_from_the_signed_round_entries(demo_sites, tmp_path):
-    site = SitePaths.under(tmp_path, "site1")
-    shutil.copytree(demo_sites.sites[0].cache(DEMO_IMAGE_SIZE), site.cache(DEMO_IMAGE_SIZE))
-    cfg = compose_config(
-        *FAST_FEDERATION,
-        f"data.sites_root={tmp_path}",
-        "privacy=dp_sgd",
-        "privacy.noise_multiplier=1.0",
-        "data.augment.prob=0",
-    )
+def test_privacy_budget_is_read_from_the_signed_round_entries(private_site, tmp_path):
+    site = private_site
+    cfg = dp_config(tmp_path, "privacy.noise_multiplier=1.0", "data.augment.prob=0")
     initial = build_classifier(cfg, seed=0).net.state_dict()
     first = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial, 1, run_id="run-a")[1]["epsilon"]
     again = train_site(cfg, site.cache(DEMO_IMAGE_SIZE), initial, 1, run_id="run-a")[1]["epsilon"]  # same request

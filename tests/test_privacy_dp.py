@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -13,14 +11,13 @@ from torch.nn import functional as F
 from models.resnet import resnet18
 from models.small_cnn import SmallCNN
 from pipeline.contracts.cache import SiteCache
-from pipeline.contracts.layout import SitePaths
 from pipeline.federation.site_task import train_site
 from pipeline.governance.budget import PrivacyBudgetExhausted, PrivacyLedger
 from pipeline.privacy.clipping import PerSampleClipper
 from pipeline.privacy.dp import PrivateTraining, RoundPlan, check_dp_compatible
 from pipeline.privacy.randomness import SecureRandom
 from pipeline.training.loop import build_classifier
-from tests.conftest import FAST_FEDERATION, compose_config, DEMO_IMAGE_SIZE
+from tests.conftest import DEMO_IMAGE_SIZE, dp_config
 
 NETS = {
     "small_cnn": (lambda: SmallCNN(width=8), 16),
@@ -104,26 +101,8 @@ def test_batch_norm_model_is_refused_with_the_fix_named():
         check_dp_compatible(resnet18(norm="batch", inplace=True))
 
 
-@pytest.fixture
-def private_site(demo_sites, tmp_path):
-    """A copy of demo site 1 (so that its privacy ledger is this test's own)."""
-    site = SitePaths.under(tmp_path, "site1")
-    shutil.copytree(demo_sites.sites[0].cache(DEMO_IMAGE_SIZE), site.cache(DEMO_IMAGE_SIZE))
-    return site
-
-
-def dp_config(root, *overrides):
-    return compose_config(
-        *FAST_FEDERATION,
-        f"data.sites_root={root}",
-        "privacy=dp_sgd",
-        "data.augment.prob=0",
-        *overrides,
-    )
-
-
 def test_a_round_asked_again_is_replayed_and_a_new_run_draws_fresh_noise(private_site, tmp_path):
-    cfg = dp_config(tmp_path, "privacy.noise_multiplier=1.0")
+    cfg = dp_config(tmp_path, "data.augment.prob=0", "privacy.noise_multiplier=1.0")
     initial = build_classifier(cfg, seed=0).net.state_dict()
     first, charged = train_site(cfg, private_site.cache(DEMO_IMAGE_SIZE), initial, server_round=1, run_id="a")
     again, replayed = train_site(cfg, private_site.cache(DEMO_IMAGE_SIZE), initial, server_round=1, run_id="a")
@@ -139,6 +118,7 @@ def test_epsilon_ledger_refusal_and_restart(private_site, tmp_path, accountant):
     noise, rounds = 1.2, 2
     cfg = dp_config(
         tmp_path,
+        "data.augment.prob=0",
         f"privacy.noise_multiplier={noise}",
         f"privacy.accountant={accountant}",
         "data.batch_size=16",
