@@ -102,7 +102,7 @@ GOT_THROUGH = re.compile(r"Connection successful|SuperNode ID|Receiving:|Sent su
 # Flower takes for a TLS error and stops retrying, at the first try as well as after several.
 # The SuperNode then stops pulling messages without exiting: the site restarts it.
 GAVE_UP = re.compile(r"Server error '5\d\d|Giving up reconnection|SSL/TLS handshake error detected")
-GAVE_UP_GRACE_S = 3.0
+GAVE_UP_GRACE_S = 10.0  # a loaded machine may take seconds to print a traceback
 LOOPBACK = "127.0.0.1,::1"
 
 
