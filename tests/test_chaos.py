@@ -145,8 +145,8 @@ def inject(scenario: str, deployment: LoopbackDeployment, sites_root: Path, rela
         relay.restore()
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS)  # every scenario once, then again: a partial run covers all
 @pytest.mark.parametrize("repeat", range(REPEATS))
-@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_federation_survives(scenario, repeat, busy_machine, demo_sites, certs_dir, tmp_path):
     sites_root = tmp_path / "sites"
     shutil.copytree(demo_sites.root, sites_root)
