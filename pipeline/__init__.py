@@ -12,5 +12,5 @@ import-linter, see ``[tool.importlinter]`` in ``pyproject.toml``)::
     training      Lightning data module, classifier, loop, checkpoints, pretraining
     privacy       DP-SGD, clipping, noise, SecAgg+ settings
     ingestion     hostile-file-safe reading, acceptance, pseudonyms, splits, preprocessing
-    contracts     layouts, cache format, labels, experiment, message keys, files, console
+    contracts     layouts, cache format, labels, experiment, message keys and packing, files, console
 """

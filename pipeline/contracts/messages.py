@@ -38,6 +38,10 @@ FINISHED = "query.finished"  # the coordinator's last message of a run: the fede
 LEGACY_FIT_CONFIG = "fitins.config"
 LEGACY_FIT_ARRAYS = "fitins.parameters"
 ARRAY_NAMES = "array-names"
+# A deployed message's arrays packed into one (pipeline.contracts.packing): the record with the
+# one byte array, and the config record with its layout.
+PACKED = "fedrad-packed"
+PACKING = "fedrad-packing"
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from pipeline.contracts.packing import PackingError, packed, unpacked
 from pipeline.contracts.transfer import PROMPT_PULLS
 from pipeline.governance.budget import PrivacyBudgetExhausted
 
@@ -72,8 +73,9 @@ RETRY_FOR_S = 60.0
 # What the site logs as each message starts (tests and operators look for it).
 TASK_STARTED = "message received"
 TASK_ANSWERED = "message answered"
-# What the site's own policy refuses (approval, allow-list, replay, budget): a warning, no traceback.
-REFUSALS = (PermissionError, PrivacyBudgetExhausted)
+# What the site's own policy refuses (approval, allow-list, replay, budget) and a message whose
+# packing does not hold: a warning, no traceback.
+REFUSALS = (PermissionError, PrivacyBudgetExhausted, PackingError)
 
 
 def write_secret(path: Path) -> Path:
@@ -126,9 +128,9 @@ def _since(iso_time: str) -> float:
 
 
 def pull_message(client: RuntimeHttpClient) -> tuple[Message, Context]:
-    """The task's message and context from the SuperNode (what Flower's ``pull_task_input``
-    does, less the app bundle, which is never used, and asking again sooner for the parts
-    still arriving: :mod:`pipeline.contracts.transfer`)."""
+    """The task's message, unpacked (:mod:`pipeline.contracts.packing`), and context from the
+    SuperNode (what Flower's ``pull_task_input`` does, less the app bundle, which is never used,
+    and asking again sooner for the parts still arriving: :mod:`pipeline.contracts.transfer`)."""
     task = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = task.task_id
     TaskIdentity.run_id = task.run.run_id
@@ -146,7 +148,7 @@ def pull_message(client: RuntimeHttpClient) -> tuple[Message, Context]:
         **PROMPT_PULLS,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its id
-    return message, context
+    return unpacked(message), context
 
 
 def run_task(address: str, token: str, app: ClientApp, queued_s: float = 0.0) -> None:
@@ -193,7 +195,7 @@ def run_task(address: str, token: str, app: ClientApp, queued_s: float = 0.0) ->
     finally:
         try:
             if reply is not None and context is not None:
-                push_message(client, reply, context)
+                push_message(client, packed(reply), context)
             push_task_output(client, context, status, details)
         except httpx.HTTPError as exc:
             log.warning("the site could not hand its reply to its SuperNode: %s", exc)

@@ -5,7 +5,8 @@ Flower 1.41's deployment grid asks the SuperLink for replies every 3 s, so a sta
 replies are ready waits 1.5 s on average, at every stage of every round (five stages a round
 under SecAgg+). :class:`PromptGrid` asks every :data:`REPLY_POLL_S` (a cheap call on the
 SuperLink's own API), and pulls a reply's parts that are still arriving promptly
-(:mod:`pipeline.contracts.transfer`).
+(:mod:`pipeline.contracts.transfer`). It packs the arrays of every message it sends and unpacks
+every reply (:mod:`pipeline.contracts.packing`), as the sites do.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.superlink.grid import http_grid
 
+from pipeline.contracts.packing import packed, unpacked
 from pipeline.contracts.transfer import PROMPT_PULLS
 
 REPLY_POLL_S = 0.25
@@ -62,13 +64,20 @@ def _prompt_pull_objects(object_ids: list[str], pull_object_fn, **_flower_defaul
 
 
 class PromptGrid(DelegatingGrid):
-    """Sends like Flower's grid and collects the replies every :data:`REPLY_POLL_S`, their
-    parts asked for again as promptly as :data:`PROMPT_PULLS` says (Flower 1.41's deployment
-    grid has no setting for it: its module's ``pull_objects`` is replaced in this process)."""
+    """Sends like Flower's grid, its messages' arrays packed, and collects the replies every
+    :data:`REPLY_POLL_S`, unpacked, their parts asked for again as promptly as
+    :data:`PROMPT_PULLS` says (Flower 1.41's deployment grid has no setting for it: its module's
+    ``pull_objects`` is replaced in this process)."""
 
     def __init__(self, grid: Grid) -> None:
         super().__init__(grid)
         http_grid.pull_objects = _prompt_pull_objects
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages([packed(message) for message in messages])
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [unpacked(reply) for reply in self.grid.pull_messages(message_ids)]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
