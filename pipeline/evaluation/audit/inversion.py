@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from pipeline.privacy.dp import PrivateTraining, RoundPlan
-from pipeline.privacy.randomness import SecureRandom
+from pipeline.privacy.randomness import SeededRandom
 
 Gradient = list[torch.Tensor]
 
@@ -53,8 +53,13 @@ class InversionSettings:
     seed: int = 0
 
 
-def site_update(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, dp: DPUpdate | None) -> Gradient:
-    """The gradient one site sends for this batch (training mode), with DP-SGD when ``dp`` is set."""
+def site_update(
+    net: nn.Module, images: torch.Tensor, labels: torch.Tensor, dp: DPUpdate | None, seed: int
+) -> Gradient:
+    """The gradient one site sends for this batch (training mode), with DP-SGD when ``dp`` is set.
+
+    The noise has the site's distribution but is drawn from ``seed``, so that the audit gives the
+    same result every time it is run (a site's real updates draw theirs from a secret source)."""
     net.train()
     params = list(net.parameters())
     if dp is None:
@@ -62,7 +67,7 @@ def site_update(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, dp: 
     plan = RoundPlan(
         dp.noise_multiplier, sample_rate=1.0, steps=1, delta=0.0, expected_batch_size=len(labels)
     )
-    private = PrivateTraining(plan, dp.max_grad_norm, accountant="rdp", source=SecureRandom())
+    private = PrivateTraining(plan, dp.max_grad_norm, accountant="rdp", source=SeededRandom(seed))
     optimizer = private.optimizer(net, torch.optim.SGD(params, lr=1.0))
     try:
         optimizer.zero_grad()
@@ -162,8 +167,7 @@ def inversion_attack(
     settings: InversionSettings,
 ) -> tuple[dict, torch.Tensor]:
     """Attack the update of ``images``; returns the scores and the reconstructions."""
-    torch.manual_seed(settings.seed)  # the DP noise draw
-    update = site_update(net, images, labels, dp)
+    update = site_update(net, images, labels, dp, settings.seed)
     if len(labels) == 1:
         attack_labels, label_source = infer_label(net, update), "inferred from the update"
     else:
