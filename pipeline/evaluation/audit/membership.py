@@ -36,7 +36,7 @@ from torch import nn
 
 from pipeline.contracts.cache import SplitArrays, load_splits
 from pipeline.privacy.dp import DPSettings, PoissonDataModule, PrivateTraining, plan_round
-from pipeline.privacy.randomness import SecureRandom
+from pipeline.privacy.randomness import SeededRandom
 from pipeline.training.classifier import XrayClassifier
 from pipeline.training.datamodule import CacheDataModule
 from pipeline.training.loop import build_classifier, build_trainer, train
@@ -139,7 +139,9 @@ class ArraysDataModule(CacheDataModule):
 
 def train_like_run(config: DictConfig, split: SplitArrays, epochs: int, seed: int) -> XrayClassifier:
     """Train a model (a shadow) on ``split`` with the audited run's recipe (model, optimiser,
-    batch size, augmentation, and DP-SGD when the run used it), centrally for ``epochs``."""
+    batch size, augmentation, and DP-SGD when the run used it), centrally for ``epochs``. Its
+    DP-SGD noise and sampling are drawn from ``seed``, so an audit trains the same models every
+    time (a site's real rounds draw theirs from a secret source)."""
     classifier = build_classifier(config, seed=seed)
     datamodule = ArraysDataModule(
         split, batch_size=int(config.data.batch_size), augment=config.data.get("augment"), seed=seed
@@ -148,7 +150,7 @@ def train_like_run(config: DictConfig, split: SplitArrays, epochs: int, seed: in
     if config.get("privacy", {}).get("enabled"):
         settings = DPSettings.from_config(config.privacy)
         plan = plan_round(settings, len(split.labels), int(config.data.batch_size), epochs, num_rounds=1)
-        source = SecureRandom()
+        source = SeededRandom(seed)
         classifier.private = PrivateTraining(plan, settings.max_grad_norm, settings.accountant, source)
         train(classifier, PoissonDataModule(datamodule, source), trainer)
     else:
