@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,7 +163,9 @@ def test_a_long_local_training_shows_its_progress_where_no_logging_is_set_up(dem
     script = PROGRESS_SCRIPT.format(size=DEMO_IMAGE_SIZE, root=demo_sites.root, cache=str(cache_dirs[0]))
     output = run_script("-c", script).stderr
     lines = [line for line in output.splitlines() if "site1 round 1" in line]
-    assert any("epoch 1/1  batch " in line and "loss " in line for line in lines), output[-2000:]
+    losses = [re.search(r"epoch 1/1  batch \d+/\d+  loss (\S+)", line) for line in lines]
+    assert any(losses), output[-2000:]
+    assert all(math.isfinite(float(m.group(1))) for m in losses if m), lines  # the batch's own loss
     assert lines[-1].split(" ", 1)[1].startswith("site1 round 1  trained 1 epoch(s)"), lines
 
 

@@ -1,18 +1,27 @@
 """Progress inside a long local training: one log line at most every ``every_s`` seconds
-(epoch, batch, loss, elapsed time) and one when such a training ends, instead of a progress
+(epoch, batch, that batch's loss, elapsed time) and one when such a training ends, instead of a progress
 bar that shares a line with the log. A training shorter than ``every_s`` prints nothing."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 
 from pipeline.contracts.console import reach_the_console
 
 log = logging.getLogger("fedrad.training")
+
+
+def batch_loss(outputs: Any) -> str:
+    """The loss of the batch that just ended, as Lightning hands over its training step's output
+    (``-`` when the step returned none): the epoch's mean loss is known only at its end."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    return f"{float(loss):.4f}" if isinstance(loss, torch.Tensor) and loss.numel() == 1 else "-"
 
 
 class TrainingProgress(pl.Callback):
@@ -37,13 +46,13 @@ class TrainingProgress(pl.Callback):
         batches = trainer.num_training_batches
         total = f"/{batches}" if isinstance(batches, int) else ""
         log.info(
-            "%s  epoch %d/%d  batch %d%s  loss %.4f  %.0f s",
+            "%s  epoch %d/%d  batch %d%s  loss %s  %.0f s",
             self.label,
             trainer.current_epoch + 1,
             trainer.max_epochs,
             batch_idx + 1,
             total,
-            float(trainer.callback_metrics.get("train/loss", float("nan"))),
+            batch_loss(outputs),
             now - self.started,
         )
 
