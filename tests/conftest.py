@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.contracts.layout import SitePaths
@@ -40,6 +41,18 @@ def compose_config(*overrides: str):
     """The project configuration with Hydra overrides, outside any Hydra app."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
+
+
+TORCH_THREADS = torch.get_num_threads()  # this process's default
+
+
+@pytest.fixture(autouse=True)
+def default_torch_threads():
+    """Every test (and the module fixtures of the next) starts from torch's default thread count:
+    a test or a site's training that pins it must not change what later tests compute (a
+    float sum over another number of threads can change a trained model, and a test's verdict)."""
+    yield
+    torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")
