@@ -126,8 +126,13 @@ def test_the_coordinator_packs_what_it_sends_and_unpacks_replies():
 
     inner = Recorder(None)  # type: ignore[arg-type]
     grid = PromptGrid(inner)
-    grid.push_messages([trained_resnet_message()])
+    model = trained_resnet_message().content
+    grid.push_messages(
+        [Message(RecordDict(dict(model.items())), dst_node_id=n, message_type="train") for n in (3, 4)]
+    )
     assert set(inner.sent[0].content.keys()) == {"config", "metrics", PACKED, PACKING}
+    # the same global model to two sites is packed once
+    assert inner.sent[0].content[PACKED] is inner.sent[1].content[PACKED]
     (reply,) = grid.pull_messages(["id"])
     assert same_content(reply.content, trained_resnet_message().content)
 

@@ -27,24 +27,34 @@ class PackingError(ValueError):
     """A packed message whose layout does not describe its bytes."""
 
 
-def pack(content: RecordDict) -> RecordDict:
-    """``content`` with all its array records packed into one (unchanged when it has none)."""
+def pack(content: RecordDict, reuse: dict[tuple, tuple[ArrayRecord, dict]] | None = None) -> RecordDict:
+    """``content`` with all its array records packed into one (unchanged when it has none).
+
+    ``reuse`` (kept by the caller for one batch of messages) packs the same array records once:
+    a coordinator sends the same global model to every site, and each packed copy would be
+    joined and hashed again."""
     arrays = {name: record for name, record in content.items() if isinstance(record, ArrayRecord)}
     if not arrays:
         return content
-    layout: dict[str, Any] = {"order": list(content.keys()), "arrays": {}}
-    parts: list[bytes] = []
-    for name, record in arrays.items():
-        layout["arrays"][name] = [
-            [key, a.dtype, list(a.shape), a.stype, len(a.data)] for key, a in record.items()
-        ]
-        parts += [a.data for a in record.values()]
-    data = b"".join(parts)
+    key = tuple((name, id(record)) for name, record in arrays.items())
+    if reuse is not None and key in reuse:
+        packed_arrays, layout_arrays = reuse[key]
+    else:
+        layout_arrays = {
+            name: [[k, a.dtype, list(a.shape), a.stype, len(a.data)] for k, a in record.items()]
+            for name, record in arrays.items()
+        }
+        data = b"".join(a.data for record in arrays.values() for a in record.values())
+        packed_arrays = ArrayRecord(
+            array_dict={PACKED: Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)}
+        )
+        if reuse is not None:
+            reuse[key] = (packed_arrays, layout_arrays)
     packed = RecordDict({name: record for name, record in content.items() if name not in arrays})
-    packed[PACKED] = ArrayRecord(
-        array_dict={PACKED: Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)}
+    packed[PACKED] = packed_arrays
+    packed[PACKING] = ConfigRecord(
+        {PACKING: json.dumps({"order": list(content.keys()), "arrays": layout_arrays})}
     )
-    packed[PACKING] = ConfigRecord({PACKING: json.dumps(layout)})
     return packed
 
 
@@ -100,10 +110,10 @@ def unpack(content: RecordDict) -> RecordDict:
     return RecordDict({name: records[name] if name in records else others[name] for name in order})
 
 
-def packed(message: Message) -> Message:
+def packed(message: Message, reuse: dict[tuple, tuple[ArrayRecord, dict]] | None = None) -> Message:
     """``message`` with its content packed (in place; an error message is left as it is)."""
     if message.has_content():
-        message.content = pack(message.content)
+        message.content = pack(message.content, reuse)
     return message
 
 

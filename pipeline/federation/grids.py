@@ -74,7 +74,9 @@ class PromptGrid(DelegatingGrid):
         http_grid.pull_objects = _prompt_pull_objects
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages([packed(message) for message in messages])
+        messages = list(messages)  # the ids below stay valid while they are held
+        reuse: dict = {}  # the same global model to every site: packed once
+        return self.grid.push_messages([packed(message, reuse) for message in messages])
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [unpacked(reply) for reply in self.grid.pull_messages(message_ids)]
