@@ -15,7 +15,7 @@ from typing import Any
 from flwr.supercore.constant import PULL_MAX_TIME
 
 PULL_BACKOFF_S = 0.05
-PULL_BACKOFF_CAP_S = 0.5
+PULL_BACKOFF_CAP_S = 0.1
 PROMPT_PULLS: dict[str, Any] = {
     "initial_backoff": PULL_BACKOFF_S,
     "backoff_cap": PULL_BACKOFF_CAP_S,

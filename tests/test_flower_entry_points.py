@@ -1,0 +1,49 @@
+"""fedrad's entry points around Flower's SuperNode and SuperLink change only what they say:
+the SuperNode's waits (pipeline.deployment.prompt_supernode) and where the SuperLink keeps
+messages' objects (pipeline.deployment.superlink_objects)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+from flwr.supernode import start_client_internal
+
+from pipeline.contracts.layout import SitePaths
+from pipeline.deployment import prompt_supernode, superlink_objects
+from pipeline.deployment.coordinator import superlink_command
+from pipeline.deployment.site import node_config, supernode_command
+from tests.conftest import compose_config
+
+
+def test_the_supernode_asks_for_messages_every_poll_s_and_waits_briefly_for_replies(monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(prompt_supernode.time, "sleep", waits.append)
+    clock = prompt_supernode._PromptClock(0.25)
+    clock.sleep(3)  # Flower's wait after asking the SuperLink for nothing
+    clock.sleep(0.5)  # its step while waiting for the site's reply
+    clock.sleep(0.01)
+    assert waits == [0.25, prompt_supernode.REPLY_WAIT_S, 0.01]
+    assert clock.monotonic is prompt_supernode.time.monotonic  # everything else is time itself
+
+
+@pytest.mark.parametrize("argv", [[], ["--superlink", "x:1"], ["--poll-s", "0"], ["--poll-s", "4"]])
+def test_the_supernode_entry_point_refuses_a_poll_it_cannot_honour(argv, monkeypatch):
+    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored after
+    with pytest.raises(SystemExit, match="poll-s"):
+        prompt_supernode.main(argv)
+
+
+def test_a_site_and_the_coordinator_start_flowers_processes_through_these_entry_points(tmp_path):
+    cfg = compose_config("+site=demo_site1", "deployment.insecure=true", f"deployment.state_dir={tmp_path}")
+    site = SitePaths.under(tmp_path, "site1")
+    command = supernode_command(cfg.deployment, node_config(site, cfg), tmp_path / "secret")
+    assert command[:4] == [sys.executable, "-m", prompt_supernode.__name__, "--poll-s"]
+    assert float(command[4]) == cfg.deployment.poll_s == 0.25
+    assert superlink_command(cfg.deployment)[:3] == [sys.executable, "-m", superlink_objects.__name__]
+
+
+def test_the_superlink_keeps_objects_in_memory_whatever_its_database():
+    store = superlink_objects._objects_in_memory("/var/lib/fedrad/superlink.db").store()
+    assert isinstance(store, InMemoryObjectStore)
