@@ -35,6 +35,7 @@ from pipeline.deployment.flower_cli import (
     write_connection,
 )
 from pipeline.deployment.processes import spawn, stop_tree
+from pipeline.deployment.warm_runtime import HELD_ALREADY
 from pipeline.governance.budget import PrivacyLedger
 from pipeline.support.local_deployment import LoopbackDeployment
 from pipeline.support.network import ConnectProxy
@@ -53,14 +54,16 @@ def certs_dir(tmp_path_factory) -> Path:
     return root
 
 
-def experiment_overrides(sites_root: Path, output_dir: Path, min_sites: int = 3) -> list[str]:
-    """Two quick rounds; no federated evaluation (each message starts a ClientApp process)."""
+def experiment_overrides(
+    sites_root: Path, output_dir: Path, min_sites: int = 3, evaluate: bool = False
+) -> list[str]:
+    """Two quick rounds; federated evaluation only when ``evaluate``."""
     return [
         *FAST_FEDERATION,
         f"data.sites_root={sites_root}",
         "data.sites=[site1,site2,site3]",
         "federation.num_rounds=2",
-        "federation.fraction_evaluate=0.0",
+        f"federation.fraction_evaluate={1.0 if evaluate else 0.0}",
         f"federation.min_sites={min_sites}",
         f"output_dir={output_dir}",
     ]
@@ -70,6 +73,15 @@ def experiment_overrides(sites_root: Path, output_dir: Path, min_sites: int = 3)
 def deployment(demo_sites, tmp_path, certs_dir) -> Iterator[LoopbackDeployment]:
     """Two rounds over the demo sites, coordinator and sites on loopback."""
     overrides = experiment_overrides(demo_sites.root, tmp_path / "run")
+    deployment = LoopbackDeployment(tmp_path, overrides, SITES, certs_dir=certs_dir)
+    yield deployment
+    deployment.close()
+
+
+@pytest.fixture
+def evaluating_deployment(demo_sites, tmp_path, certs_dir) -> Iterator[LoopbackDeployment]:
+    """Two rounds over the demo sites, each evaluated by the sites."""
+    overrides = experiment_overrides(demo_sites.root, tmp_path / "run", evaluate=True)
     deployment = LoopbackDeployment(tmp_path, overrides, SITES, certs_dir=certs_dir)
     yield deployment
     deployment.close()
@@ -221,10 +233,12 @@ def test_coordinator_killed_mid_round_resumes(private_deployment):
         assert ledger.spent(delta) == pytest.approx(independent.get_epsilon(delta), rel=1e-9)
 
 
-def test_site_behind_a_proxy_joins_sites_are_named_and_stop_when_finished(deployment):
+def test_site_behind_a_proxy_joins_sites_are_named_and_stop_when_finished(evaluating_deployment):
     """site1 reaches the coordinator only through an outbound CONNECT proxy on loopback. The
-    run finishes; every record and log line names the sites by their registered names; each
-    site exits 0 when told the federation is finished, and no process is left."""
+    run finishes; every record and log line names the sites by their registered names; round
+    2's training message refers each site to the model it evaluated instead of sending it again;
+    each site exits 0 when told the federation is finished, and no process is left."""
+    deployment = evaluating_deployment
     proxy = ConnectProxy()
     deployment.start_coordinator()
     deployment.register_sites()
@@ -248,6 +262,10 @@ def test_site_behind_a_proxy_joins_sites_are_named_and_stop_when_finished(deploy
         log = deployment.log(site)
         assert f"site {site}: the federation it joined is finished" in log
         assert log.count(f"site {site} connecting to the coordinator") == 1
+        assert log.count("evaluate message received") == 2, log[-3000:]
+        # round 1's training message carries the model; round 2's refers to the one evaluated
+        assert re.findall(r"train message received \(run \d+(.*)\)", log) == ["", HELD_ALREADY]
+    assert all(sorted(r["val_per_site"]) == SITES for r in rounds)
     deadline = time.monotonic() + 60
     while deployment.leftovers():
         assert time.monotonic() < deadline, deployment.leftovers()

@@ -1,6 +1,6 @@
 """A deployed message's arrays travel packed into one byte array (pipeline.contracts.packing):
 exactly what was sent arrives, in a tenth of the objects, and a layout that does not
-account for its bytes is refused."""
+account for its bytes is refused; a model the site holds already is sent as a reference."""
 
 from __future__ import annotations
 
@@ -9,12 +9,25 @@ import json
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.proto.message_pb2 import PushObjectResponse
+from flwr.proto.runtime_pb2 import PushAppMessagesResponse
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
 from models.resnet import resnet18
-from pipeline.contracts.messages import PACKED, PACKING
-from pipeline.contracts.packing import PackingError, pack, packed, unpack
+from pipeline.contracts.messages import HOLDS, PACKED, PACKING
+from pipeline.contracts.packing import (
+    HeldArrays,
+    PackingError,
+    digest,
+    held_by,
+    holding,
+    pack,
+    packed,
+    unpack,
+    unpacked,
+)
+from pipeline.deployment import warm_runtime
 from pipeline.deployment.warm_runtime import pull_message
 from pipeline.federation.grids import DelegatingGrid, PromptGrid
 from tests.test_transfer import SlowSuperNode
@@ -142,4 +155,108 @@ def test_a_site_takes_a_packed_message_unpacked():
     message, _ = pull_message(
         SlowSuperNode(packed(Message(sent.content, dst_node_id=3, message_type="train")))
     )
-    assert same_content(message.content, trained_resnet_message().content)
+    assert same_content(unpacked(message, HeldArrays()).content, trained_resnet_message().content)
+
+
+def _reply(node: int, content: RecordDict) -> Message:
+    reply = Message(content, dst_node_id=0, message_type="evaluate")
+    reply.metadata.__dict__["_src_node_id"] = node  # as the SuperLink sets it on arrival
+    return reply
+
+
+def test_a_model_the_site_holds_is_sent_as_a_reference_and_restored_exactly():
+    class Recorder(DelegatingGrid):
+        def push_messages(self, messages):
+            self.sent = list(messages)
+            return ["id"]
+
+        def pull_messages(self, message_ids):
+            return self.replies
+
+    model = trained_resnet_message().content
+    inner = Recorder(None)  # type: ignore[arg-type]
+    grid = PromptGrid(inner)
+
+    def send_model() -> list[Message]:
+        grid.push_messages(
+            [Message(RecordDict(dict(model.items())), dst_node_id=n, message_type="train") for n in (3, 4)]
+        )
+        return inner.sent
+
+    to_site3, _ = send_model()  # to evaluate: the bytes, to both sites
+    site3 = HeldArrays()
+    assert same_content(unpacked(to_site3, site3).content, model)
+    assert site3.latest == digest(b"".join(a.data for r in model.array_records.values() for a in r.values()))
+    # site 3 says it holds them; site 4's reply (an error, or one saying nothing) does not
+    inner.replies = [
+        _reply(3, holding(packed(_reply(3, RecordDict({"m": MetricRecord({"n": 1})}))), site3).content),
+        _reply(4, RecordDict({"m": MetricRecord({"n": 1})})),
+    ]
+    replies = grid.pull_messages(["id"])
+    assert all(HOLDS not in reply.content for reply in replies)  # the strategy never sees it
+    assert grid.held == {3: site3.latest}
+
+    to_site3, to_site4 = send_model()  # to train from it: a reference to site 3, the bytes to site 4
+    assert PACKED not in to_site3.content and PACKED in to_site4.content
+    assert len(get_all_nested_objects(to_site3)) <= 5
+    assert same_content(unpacked(to_site3, site3).content, model)
+    with pytest.raises(PackingError, match="does not hold"):  # a site restarted since
+        unpacked(send_model()[0], HeldArrays())
+
+
+@pytest.mark.parametrize("said", ["../../etc/passwd", "ab" * 40, 7])
+def test_a_reply_holding_anything_but_a_digest_holds_nothing(said):
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 11, 0
+    reply = _reply(3, RecordDict({HOLDS: ConfigRecord({HOLDS: said}), "m": MetricRecord({"n": 1})}))
+    assert held_by(reply) is None and HOLDS not in reply.content
+
+
+def test_a_reference_beside_packed_bytes_is_refused():
+    held = HeldArrays()
+    content = pack(RecordDict({"arrays": ArrayRecord({"w": torch.arange(6.0)})}))
+    unpack(content, held)
+    layout = json.loads(str(content[PACKING][PACKING]))
+    content[PACKING] = ConfigRecord({PACKING: json.dumps({**layout, "held": held.latest})})
+    with pytest.raises(PackingError, match="not fedrad's"):
+        unpack(content, held)
+
+
+class AnsweringSuperNode(SlowSuperNode):
+    """A SuperNode's Runtime API that also takes the site's reply."""
+
+    def __init__(self, message: Message) -> None:
+        super().__init__(message)
+        self.replies: list = []
+
+    def PushMessages(self, request):
+        self.replies += list(request.messages_list)
+        return PushAppMessagesResponse(session_id="s")
+
+    def PushObject(self, _request):
+        return PushObjectResponse(stored=True)
+
+    def PushTaskOutput(self, request):
+        self.status = request.sub_status
+
+    def SendTaskHeartbeat(self, _request):
+        return type("Answer", (), {"success": True})()
+
+    def close(self):
+        pass
+
+
+def test_a_reference_the_site_cannot_resolve_gets_an_error_reply(monkeypatch):
+    """Not silence: the coordinator would wait for the reply until its round timed out."""
+    content = pack(RecordDict({"arrays": ArrayRecord({"w": torch.arange(6.0)})}))
+    layout = json.loads(str(content[PACKING][PACKING]))
+    del content[PACKED]
+    content[PACKING] = ConfigRecord({PACKING: json.dumps({**layout, "held": "0" * 64})})
+    supernode = AnsweringSuperNode(Message(content, dst_node_id=3, message_type="train"))
+    monkeypatch.setattr(warm_runtime.RuntimeHttpClient, "from_server_address", lambda **_: supernode)
+    handled: list[Message] = []
+    warm_runtime.run_task(
+        "127.0.0.1:1", "token", lambda message, context: handled.append(message), HeldArrays()
+    )
+    (reply,) = supernode.replies
+    assert not handled and reply.metadata.reply_to_message_id and reply.HasField("error")
+    assert "does not hold" in reply.error.reason

@@ -42,6 +42,9 @@ ARRAY_NAMES = "array-names"
 # one byte array, and the config record with its layout.
 PACKED = "fedrad-packed"
 PACKING = "fedrad-packing"
+# A site's reply: the config record with the SHA-256 of the packed arrays it holds, which the
+# coordinator may then refer to instead of sending them again.
+HOLDS = "fedrad-holds"
 
 
 @dataclass(frozen=True)

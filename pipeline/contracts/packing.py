@@ -9,52 +9,121 @@ record of a message they send into one byte array (:func:`pack`: 13 objects for 
 and unpack what they receive (:func:`unpack`); the strategies, SecAgg+ and the ClientApp above
 them see Flower's records unchanged. Unpacking trusts nothing in the layout: it accounts for
 every byte, names each array once and names no record the message holds otherwise.
+
+A round sends the same global model twice to each site: to evaluate it, then to train from it
+in the next round. A site keeps the packed arrays it received last (:class:`HeldArrays`) and
+says in each reply which it holds (their SHA-256, :func:`holding`); the coordinator then sends
+a message whose packed arrays are exactly those as a reference to them (``held`` in the
+layout) instead of the bytes. The site resolves a reference only to bytes it received itself
+and whose digest it computed; one it cannot resolve (a site restarted since) is refused like
+any bad packing, and the coordinator sends the bytes again once a reply no longer says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from pipeline.contracts.messages import PACKED, PACKING
+from pipeline.contracts.messages import HOLDS, PACKED, PACKING
 
 PACKED_STYPE = "fedrad.packed"  # the packed array's serialisation: the arrays' bytes end to end
+HELD = "held"  # in a layout: the packed bytes are those the receiver holds with this SHA-256
+DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class PackingError(ValueError):
     """A packed message whose layout does not describe its bytes."""
 
 
-def pack(content: RecordDict, reuse: dict[tuple, tuple[ArrayRecord, dict]] | None = None) -> RecordDict:
+def digest(data: bytes) -> str:
+    """The SHA-256 of packed bytes, as a site names what it holds."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class HeldArrays:
+    """A site's packed arrays received last (the :data:`KEEP` most recent), by SHA-256."""
+
+    KEEP = 2  # the last model of this federation, and one of another the site may serve meanwhile
+
+    def __init__(self) -> None:
+        self._held: OrderedDict[str, bytes] = OrderedDict()
+        self.referred = 0  # how many messages referred to arrays held here
+
+    def keep(self, data: bytes, known: str | None = None) -> None:
+        """Keep ``data`` as the latest (``known``: its digest, when it is held already)."""
+        held = known or digest(data)
+        self._held[held] = data
+        self._held.move_to_end(held)
+        while len(self._held) > self.KEEP:
+            self._held.popitem(last=False)
+
+    def get(self, held: str) -> bytes:
+        if held not in self._held:
+            raise PackingError(f"the message refers to packed arrays this site does not hold ({held:.12})")
+        self.referred += 1
+        return self._held[held]
+
+    @property
+    def latest(self) -> str | None:
+        """The digest of the packed arrays received last (None before any)."""
+        return next(reversed(self._held), None)
+
+
+@dataclass
+class _Packed:
+    """One batch's packing of the same array records: the record, its layout, its digest."""
+
+    record: ArrayRecord
+    layout: dict = field(default_factory=dict)
+
+    @cached_property
+    def digest(self) -> str:
+        return digest(self.record[PACKED].data)
+
+
+Reuse = dict[tuple, _Packed]  # one batch's packings, by the array records packed
+
+
+def pack(content: RecordDict, reuse: Reuse | None = None, held: str | None = None) -> RecordDict:
     """``content`` with all its array records packed into one (unchanged when it has none).
 
     ``reuse`` (kept by the caller for one batch of messages) packs the same array records once:
     a coordinator sends the same global model to every site, and each packed copy would be
-    joined and hashed again."""
+    joined and hashed again. ``held`` is the digest of the packed arrays the receiver holds:
+    when they are these, the message refers to them instead of carrying them."""
     arrays = {name: record for name, record in content.items() if isinstance(record, ArrayRecord)}
     if not arrays:
         return content
     key = tuple((name, id(record)) for name, record in arrays.items())
     if reuse is not None and key in reuse:
-        packed_arrays, layout_arrays = reuse[key]
+        packing = reuse[key]
     else:
-        layout_arrays = {
-            name: [[k, a.dtype, list(a.shape), a.stype, len(a.data)] for k, a in record.items()]
-            for name, record in arrays.items()
-        }
         data = b"".join(a.data for record in arrays.values() for a in record.values())
-        packed_arrays = ArrayRecord(
-            array_dict={PACKED: Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)}
+        packing = _Packed(
+            ArrayRecord(
+                array_dict={PACKED: Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)}
+            ),
+            {
+                name: [[k, a.dtype, list(a.shape), a.stype, len(a.data)] for k, a in record.items()]
+                for name, record in arrays.items()
+            },
         )
         if reuse is not None:
-            reuse[key] = (packed_arrays, layout_arrays)
+            reuse[key] = packing
+    layout: dict[str, Any] = {"order": list(content.keys()), "arrays": packing.layout}
     packed = RecordDict({name: record for name, record in content.items() if name not in arrays})
-    packed[PACKED] = packed_arrays
-    packed[PACKING] = ConfigRecord(
-        {PACKING: json.dumps({"order": list(content.keys()), "arrays": layout_arrays})}
-    )
+    if held is not None and held == packing.digest:
+        layout[HELD] = held
+    else:
+        packed[PACKED] = packing.record
+    packed[PACKING] = ConfigRecord({PACKING: json.dumps(layout)})
     return packed
 
 
@@ -72,26 +141,39 @@ def _entry(entry: Any) -> tuple[str, str, tuple[int, ...], str, int]:
     return key, dtype, tuple(shape), stype, size
 
 
-def unpack(content: RecordDict) -> RecordDict:
-    """``content`` as it was before :func:`pack` (unchanged when it is not packed)."""
+def _packed_bytes(content: RecordDict, layout: dict, held: HeldArrays | None) -> bytes:
+    """The packed bytes ``content`` carries, or those it refers to that the receiver holds."""
+    if HELD in layout:
+        if PACKED in content or held is None or not isinstance(layout[HELD], str):
+            raise PackingError("a packed message that refers to held arrays is not fedrad's")
+        return held.get(layout[HELD])
+    try:
+        packed = content.array_records[PACKED][PACKED]
+    except KeyError as exc:
+        raise PackingError(f"a packed message without its packed array or layout ({exc})") from exc
+    if packed.stype != PACKED_STYPE:
+        raise PackingError("a packed message whose packed array or layout is not fedrad's")
+    return packed.data
+
+
+def unpack(content: RecordDict, held: HeldArrays | None = None) -> RecordDict:
+    """``content`` as it was before :func:`pack` (unchanged when it is not packed); ``held``,
+    a site's, resolves a reference to packed arrays it holds and keeps those it receives."""
     if PACKED not in content and PACKING not in content:
         return content
     try:
-        packed = content.array_records[PACKED][PACKED]
         layout = json.loads(str(content.config_records[PACKING][PACKING]))
         order, named = layout["order"], layout["arrays"]
     except (KeyError, TypeError, ValueError) as exc:
         raise PackingError(f"a packed message without its packed array or layout ({exc})") from exc
-    if (
-        packed.stype != PACKED_STYPE
-        or not isinstance(named, dict)
-        or not (isinstance(order, list) and all(isinstance(name, str) for name in order))
-    ):
+    names_ok = isinstance(order, list) and all(isinstance(name, str) for name in order)
+    if not (isinstance(named, dict) and names_ok):
         raise PackingError("a packed message whose packed array or layout is not fedrad's")
+    data = _packed_bytes(content, layout, held)
     others = {name: record for name, record in content.items() if name not in (PACKED, PACKING)}
     if set(named) & set(others) or sorted(order) != sorted(set(named) | set(others)):
         raise PackingError("a packed message's layout does not name each of its records once")
-    data, offset = packed.data, 0
+    offset = 0
     records: dict[str, ArrayRecord] = {}
     for name, entries in named.items():
         if not isinstance(entries, list):
@@ -107,18 +189,38 @@ def unpack(content: RecordDict) -> RecordDict:
         records[name] = ArrayRecord(array_dict=arrays)
     if offset != len(data):
         raise PackingError(f"{len(data) - offset} packed bytes belong to no array")
+    if held is not None:  # the bytes of a message unpacked whole, as the latest held
+        held.keep(data, layout.get(HELD))
     return RecordDict({name: records[name] if name in records else others[name] for name in order})
 
 
-def packed(message: Message, reuse: dict[tuple, tuple[ArrayRecord, dict]] | None = None) -> Message:
-    """``message`` with its content packed (in place; an error message is left as it is)."""
+def packed(message: Message, reuse: Reuse | None = None, held: str | None = None) -> Message:
+    """``message`` with its content packed (in place; an error message is left as it is);
+    ``held``: the digest of the packed arrays its receiver holds (:func:`pack`)."""
     if message.has_content():
-        message.content = pack(message.content, reuse)
+        message.content = pack(message.content, reuse, held)
     return message
 
 
-def unpacked(message: Message) -> Message:
+def unpacked(message: Message, held: HeldArrays | None = None) -> Message:
     """``message`` with its content unpacked (in place; raises :class:`PackingError`)."""
     if message.has_content():
-        message.content = unpack(message.content)
+        message.content = unpack(message.content, held)
     return message
+
+
+def holding(reply: Message, held: HeldArrays) -> Message:
+    """A site's ``reply`` saying which packed arrays the site holds (in place)."""
+    if reply.has_content() and held.latest is not None:
+        reply.content[HOLDS] = ConfigRecord({HOLDS: held.latest})
+    return reply
+
+
+def held_by(reply: Message) -> str | None:
+    """The digest of the packed arrays a site's ``reply`` says the site holds, taken out of it
+    (None when it says nothing, or nothing that is a SHA-256)."""
+    if not reply.has_content() or HOLDS not in reply.content:
+        return None
+    record = reply.content.pop(HOLDS)
+    value = record.get(HOLDS) if isinstance(record, ConfigRecord) else None
+    return value if isinstance(value, str) and DIGEST.fullmatch(value) else None

@@ -60,7 +60,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from pipeline.contracts.packing import PackingError, packed, unpacked
+from pipeline.contracts.packing import HeldArrays, PackingError, holding, packed, unpacked
 from pipeline.contracts.transfer import PROMPT_PULLS
 from pipeline.governance.budget import PrivacyBudgetExhausted
 
@@ -73,6 +73,7 @@ RETRY_FOR_S = 60.0
 # What the site logs as each message starts (tests and operators look for it).
 TASK_STARTED = "message received"
 TASK_ANSWERED = "message answered"
+HELD_ALREADY = "; its arrays held already"  # a message that referred to arrays the site held
 # What the site's own policy refuses (approval, allow-list, replay, budget) and a message whose
 # packing does not hold: a warning, no traceback.
 REFUSALS = (PermissionError, PrivacyBudgetExhausted, PackingError)
@@ -128,9 +129,10 @@ def _since(iso_time: str) -> float:
 
 
 def pull_message(client: RuntimeHttpClient) -> tuple[Message, Context]:
-    """The task's message, unpacked (:mod:`pipeline.contracts.packing`), and context from the
-    SuperNode (what Flower's ``pull_task_input`` does, less the app bundle, which is never used,
-    and asking again sooner for the parts still arriving: :mod:`pipeline.contracts.transfer`)."""
+    """The task's message as sent (packed: :mod:`pipeline.contracts.packing`) and its context
+    from the SuperNode (what Flower's ``pull_task_input`` does, less the app bundle, which is
+    never used, and asking again sooner for the parts still arriving:
+    :mod:`pipeline.contracts.transfer`)."""
     task = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id = task.task_id
     TaskIdentity.run_id = task.run.run_id
@@ -148,12 +150,13 @@ def pull_message(client: RuntimeHttpClient) -> tuple[Message, Context]:
         **PROMPT_PULLS,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its id
-    return unpacked(message), context
+    return message, context
 
 
-def run_task(address: str, token: str, app: ClientApp, queued_s: float = 0.0) -> None:
+def run_task(address: str, token: str, app: ClientApp, held: HeldArrays, queued_s: float = 0.0) -> None:
     """Run the task ``token`` names with ``app``: pull its message and context from the
-    SuperNode, handle it, push the reply and the updated context.
+    SuperNode, handle it, push the reply (saying which packed arrays the site holds, ``held``)
+    and the updated context.
 
     Logs, once answered, where the message's time went: ``queued_s`` waiting for the site to
     take it, arriving (the SuperNode still downloading it from the coordinator, then the
@@ -177,8 +180,15 @@ def run_task(address: str, token: str, app: ClientApp, queued_s: float = 0.0) ->
     try:
         message, context = pull_message(client)
         clock.append(time.monotonic())
-        log.info("%s %s (run %d)", message.metadata.message_type, TASK_STARTED, message.metadata.run_id)
-        received, state = message, context
+        referred = held.referred
+        received, state = unpacked(message, held), context  # a packing refused gets an error reply
+        log.info(
+            "%s %s (run %d%s)",
+            message.metadata.message_type,
+            TASK_STARTED,
+            message.metadata.run_id,
+            HELD_ALREADY if held.referred > referred else "",
+        )
         reply = contextvars.Context().run(lambda: app(message=received, context=state))
         clock.append(time.monotonic())
         status, details = SubStatus.COMPLETED, ""
@@ -195,7 +205,7 @@ def run_task(address: str, token: str, app: ClientApp, queued_s: float = 0.0) ->
     finally:
         try:
             if reply is not None and context is not None:
-                push_message(client, packed(reply), context)
+                push_message(client, holding(packed(reply), held), context)
             push_task_output(client, context, status, details)
         except httpx.HTTPError as exc:
             log.warning("the site could not hand its reply to its SuperNode: %s", exc)
@@ -225,6 +235,7 @@ class WarmRuntime:
     def __init__(self, address: str, secret_file: Path, app: ClientApp) -> None:
         self.address = address
         self.app = app
+        self.held = HeldArrays()  # the packed arrays received last, which the coordinator may refer to
         self._refusal = ""  # the last refusal logged (each new one is logged once)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="fedrad-clientapp", daemon=True)
@@ -279,6 +290,6 @@ class WarmRuntime:
                 continue
             token, queued_s = task
             try:
-                run_task(self.address, token, self.app, queued_s)
+                run_task(self.address, token, self.app, self.held, queued_s)
             except Exception as exc:  # the runtime outlives any task: the next one is taken
                 log.error("the site could not run a task: %s", exc, exc_info=exc)

@@ -6,7 +6,8 @@ replies are ready waits 1.5 s on average, at every stage of every round (five st
 under SecAgg+). :class:`PromptGrid` asks every :data:`REPLY_POLL_S` (a cheap call on the
 SuperLink's own API), and pulls a reply's parts that are still arriving promptly
 (:mod:`pipeline.contracts.transfer`). It packs the arrays of every message it sends and unpacks
-every reply (:mod:`pipeline.contracts.packing`), as the sites do.
+every reply (:mod:`pipeline.contracts.packing`), as the sites do, and sends a site a reference
+instead of packed arrays that the site's last reply says it holds.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.superlink.grid import http_grid
 
-from pipeline.contracts.packing import packed, unpacked
+from pipeline.contracts.packing import Reuse, held_by, packed, unpacked
 from pipeline.contracts.transfer import PROMPT_PULLS
 
-REPLY_POLL_S = 0.25
+REPLY_POLL_S = 0.1
 
 
 class DelegatingGrid(Grid):
@@ -72,14 +73,24 @@ class PromptGrid(DelegatingGrid):
     def __init__(self, grid: Grid) -> None:
         super().__init__(grid)
         http_grid.pull_objects = _prompt_pull_objects
+        self.held: dict[int, str] = {}  # by site (node id): the packed arrays its last reply holds
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)  # the ids below stay valid while they are held
-        reuse: dict = {}  # the same global model to every site: packed once
-        return self.grid.push_messages([packed(message, reuse) for message in messages])
+        reuse: Reuse = {}  # the same global model to every site: packed once
+        return self.grid.push_messages(
+            [packed(message, reuse, self.held.get(message.metadata.dst_node_id)) for message in messages]
+        )
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [unpacked(reply) for reply in self.grid.pull_messages(message_ids)]
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:
+            node, held = reply.metadata.src_node_id, held_by(reply)
+            if held is None:
+                self.held.pop(node, None)
+            else:
+                self.held[node] = held
+        return [unpacked(reply) for reply in replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
