@@ -128,16 +128,24 @@ def test_a_layout_that_does_not_account_for_its_bytes_is_refused(change, reason)
         unpack(_tampered(change))
 
 
+class Recorder(DelegatingGrid):
+    """The grid under the coordinator's: it keeps what is sent and answers with ``replies``."""
+
+    def __init__(self, replies: list[Message] | None = None) -> None:
+        super().__init__(None)  # type: ignore[arg-type]
+        self.sent: list[Message] = []
+        self.replies = replies or []
+
+    def push_messages(self, messages):
+        self.sent = list(messages)
+        return ["id"]
+
+    def pull_messages(self, message_ids):
+        return self.replies
+
+
 def test_the_coordinator_packs_what_it_sends_and_unpacks_replies():
-    class Recorder(DelegatingGrid):
-        def push_messages(self, messages):
-            self.sent = list(messages)
-            return ["id"]
-
-        def pull_messages(self, message_ids):
-            return [packed(trained_resnet_message())]
-
-    inner = Recorder(None)  # type: ignore[arg-type]
+    inner = Recorder([packed(trained_resnet_message())])
     grid = PromptGrid(inner)
     model = trained_resnet_message().content
     grid.push_messages(
@@ -165,16 +173,8 @@ def _reply(node: int, content: RecordDict) -> Message:
 
 
 def test_a_model_the_site_holds_is_sent_as_a_reference_and_restored_exactly():
-    class Recorder(DelegatingGrid):
-        def push_messages(self, messages):
-            self.sent = list(messages)
-            return ["id"]
-
-        def pull_messages(self, message_ids):
-            return self.replies
-
     model = trained_resnet_message().content
-    inner = Recorder(None)  # type: ignore[arg-type]
+    inner = Recorder()
     grid = PromptGrid(inner)
 
     def send_model() -> list[Message]:
