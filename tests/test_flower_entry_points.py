@@ -4,10 +4,12 @@ messages' objects (pipeline.deployment.superlink_objects)."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import pytest
 from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+from flwr.superlink import config_loader
 from flwr.supernode import start_client_internal
 
 from pipeline.contracts.layout import SitePaths
@@ -47,3 +49,31 @@ def test_a_site_and_the_coordinator_start_flowers_processes_through_these_entry_
 def test_the_superlink_keeps_objects_in_memory_whatever_its_database():
     store = superlink_objects._objects_in_memory("/var/lib/fedrad/superlink.db").store()
     assert isinstance(store, InMemoryObjectStore)
+
+
+def test_the_entry_points_change_what_flowers_code_calls(monkeypatch):
+    """What each entry point replaces is what Flower 1.41 calls (a Flower upgrade that stops
+    calling it fails here, not silently in a slower deployment)."""
+    for module, name in [
+        (start_client_internal, "time"),
+        (start_client_internal, "pull_objects"),
+        (config_loader, "ObjectStoreFactory"),
+    ]:
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    started: list[list[str]] = []
+    monkeypatch.setattr(prompt_supernode, "flower_supernode", lambda: started.append(sys.argv))
+    monkeypatch.setattr(superlink_objects, "flower_superlink", lambda: started.append(sys.argv))
+    prompt_supernode.main(["--poll-s", "0.25", "--superlink", "coordinator:9092"])
+    superlink_objects.main(["--database", "state.db"])
+    assert started == [
+        ["flower-supernode", "--superlink", "coordinator:9092"],
+        ["flower-superlink", "--database", "state.db"],
+    ]
+    assert isinstance(start_client_internal.time, prompt_supernode._PromptClock)
+    assert start_client_internal.pull_objects is prompt_supernode._prompt_pull_objects
+    loop = inspect.getsource(start_client_internal)
+    assert "time.sleep(3)" in loop and "pull_objects(" in loop and "time.sleep(0.5)" in loop
+    factories = inspect.getsource(config_loader.get_objectstore_linkstate_factories)
+    assert "ObjectStoreFactory(database)" in factories
+    assert isinstance(config_loader.ObjectStoreFactory("state.db").store(), InMemoryObjectStore)

@@ -5,10 +5,12 @@ account for its bytes is refused; a model the site holds already is sent as a re
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.proto.message_pb2 import PushObjectResponse
 from flwr.proto.runtime_pb2 import PushAppMessagesResponse
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -17,6 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from models.resnet import resnet18
 from pipeline.contracts.messages import HOLDS, PACKED, PACKING
 from pipeline.contracts.packing import (
+    NOT_HELD,
     HeldArrays,
     PackingError,
     digest,
@@ -24,6 +27,7 @@ from pipeline.contracts.packing import (
     holding,
     pack,
     packed,
+    refers,
     unpack,
     unpacked,
 )
@@ -138,7 +142,7 @@ class Recorder(DelegatingGrid):
 
     def push_messages(self, messages):
         self.sent = list(messages)
-        return ["id"]
+        return [f"id{i}" for i in range(len(self.sent))]
 
     def pull_messages(self, message_ids):
         return self.replies
@@ -172,36 +176,102 @@ def _reply(node: int, content: RecordDict) -> Message:
     return reply
 
 
+class Sites(DelegatingGrid):
+    """A SuperLink and its sites in one process: each site answers as the warm runtime does
+    (unpack with its held arrays, a refused packing answered with an error, a handled message's
+    arrays held, the reply saying so)."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        super().__init__(None)  # type: ignore[arg-type]
+        self.held = {node: HeldArrays() for node in nodes}
+        self.received: dict[int, RecordDict] = {}
+        self.referred: list[bool] = []  # for each message sent: whether it was a reference
+        self.queue: list[Message] = []
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            ids.append(f"m{len(self.referred)}")
+            message.metadata.__dict__["_message_id"] = ids[-1]
+            self.referred.append(refers(message))
+            self.queue.append(self.answer(message))
+        return ids
+
+    def answer(self, message: Message) -> Message:
+        held = self.held[message.metadata.dst_node_id]
+        try:
+            self.received[message.metadata.dst_node_id] = unpacked(message, held).content
+        except PackingError as exc:
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"PackingError: {exc}")
+            return Message(error, reply_to=message)
+        held.accept()
+        return holding(packed(Message(RecordDict({"m": MetricRecord({"n": 1})}), reply_to=message)), held)
+
+    def pull_messages(self, message_ids):
+        ready = [reply for reply in self.queue if reply.metadata.reply_to_message_id in set(message_ids)]
+        self.queue = [reply for reply in self.queue if reply not in ready]
+        return ready
+
+
+def _stage(grid: PromptGrid, content: RecordDict, nodes=(3, 4)) -> list[Message]:
+    """One stage: ``content`` (a copy) to every node, the replies collected."""
+    messages = [
+        Message(RecordDict(dict(content.items())), dst_node_id=n, message_type="train") for n in nodes
+    ]
+    return list(grid.send_and_receive(messages, timeout=10))
+
+
 def test_a_model_the_site_holds_is_sent_as_a_reference_and_restored_exactly():
     model = trained_resnet_message().content
-    inner = Recorder()
-    grid = PromptGrid(inner)
+    sites = Sites([3, 4])
+    grid = PromptGrid(sites)
+    replies = _stage(grid, model)  # to evaluate: the bytes
+    assert sites.referred == [False, False] and all(HOLDS not in r.content for r in replies)
+    model_digest = digest(b"".join(a.data for r in model.array_records.values() for a in r.values()))
+    assert grid.held == {3: model_digest, 4: model_digest}
+    _stage(grid, model)  # to train from it: a reference, the same content restored at each site
+    assert sites.referred[2:] == [True, True]
+    assert all(same_content(sites.received[node], model) for node in (3, 4))
+    reference = packed(
+        Message(RecordDict(dict(model.items())), dst_node_id=3, message_type="train"), None, model_digest
+    )
+    assert len(get_all_nested_objects(reference)) <= 5
 
-    def send_model() -> list[Message]:
-        grid.push_messages(
-            [Message(RecordDict(dict(model.items())), dst_node_id=n, message_type="train") for n in (3, 4)]
-        )
-        return inner.sent
 
-    to_site3, _ = send_model()  # to evaluate: the bytes, to both sites
-    site3 = HeldArrays()
-    assert same_content(unpacked(to_site3, site3).content, model)
-    assert site3.latest == digest(b"".join(a.data for r in model.array_records.values() for a in r.values()))
-    # site 3 says it holds them; site 4's reply (an error, or one saying nothing) does not
-    inner.replies = [
-        _reply(3, holding(packed(_reply(3, RecordDict({"m": MetricRecord({"n": 1})}))), site3).content),
-        _reply(4, RecordDict({"m": MetricRecord({"n": 1})})),
-    ]
-    replies = grid.pull_messages(["id"])
-    assert all(HOLDS not in reply.content for reply in replies)  # the strategy never sees it
-    assert grid.held == {3: site3.latest}
+def test_a_site_that_no_longer_holds_the_model_is_sent_it_again(caplog):
+    model = trained_resnet_message().content
+    sites = Sites([3, 4])
+    grid = PromptGrid(sites)
+    _stage(grid, model)
+    sites.held[3] = HeldArrays()  # site 3 restarted since it answered
+    with caplog.at_level(logging.WARNING, logger="fedrad.federation"):
+        replies = _stage(grid, model)
+    assert sites.referred[2:] == [True, True, False]  # the reference, then the bytes again to site 3
+    assert len(replies) == 2 and not any(reply.has_error() for reply in replies)
+    assert same_content(sites.received[3], model)
+    assert "no longer held the model referred to: sent again" in caplog.text
 
-    to_site3, to_site4 = send_model()  # to train from it: a reference to site 3, the bytes to site 4
-    assert PACKED not in to_site3.content and PACKED in to_site4.content
-    assert len(get_all_nested_objects(to_site3)) <= 5
-    assert same_content(unpacked(to_site3, site3).content, model)
-    with pytest.raises(PackingError, match="does not hold"):  # a site restarted since
-        unpacked(send_model()[0], HeldArrays())
+
+def test_a_reference_resolves_only_within_its_run_and_to_arrays_the_site_handled():
+    content = RecordDict({"arrays": ArrayRecord({"w": torch.arange(6.0)})})
+    TaskIdentity.run_id = 7
+    held = HeldArrays()
+    unpacked(packed(Message(RecordDict(dict(content.items())), dst_node_id=3, message_type="train")), held)
+    assert held.latest(7) is None  # not handled (refused by the site's policy): not held
+    held.accept()
+    held_digest = held.latest(7)
+    assert held_digest is not None
+    TaskIdentity.run_id = 8  # another run on the same SuperLink
+    other_run = packed(
+        Message(RecordDict(dict(content.items())), dst_node_id=3, message_type="train"), None, held_digest
+    )
+    with pytest.raises(PackingError, match=NOT_HELD):
+        unpacked(other_run, held)
+    reply = holding(
+        Message(RecordDict({"m": MetricRecord({"n": 1})}), dst_node_id=0, message_type="train"), held
+    )
+    assert HOLDS not in reply.content  # run 8 does not learn what run 7 sent
+    TaskIdentity.run_id = 7
 
 
 @pytest.mark.parametrize("said", ["../../etc/passwd", "ab" * 40, 7])
@@ -214,11 +284,12 @@ def test_a_reply_holding_anything_but_a_digest_holds_nothing(said):
 def test_a_reference_beside_packed_bytes_is_refused():
     held = HeldArrays()
     content = pack(RecordDict({"arrays": ArrayRecord({"w": torch.arange(6.0)})}))
-    unpack(content, held)
+    unpack(content, held, run_id=7)
+    held.accept()
     layout = json.loads(str(content[PACKING][PACKING]))
-    content[PACKING] = ConfigRecord({PACKING: json.dumps({**layout, "held": held.latest})})
+    content[PACKING] = ConfigRecord({PACKING: json.dumps({**layout, "held": held.latest(7)})})
     with pytest.raises(PackingError, match="not fedrad's"):
-        unpack(content, held)
+        unpack(content, held, run_id=7)
 
 
 class AnsweringSuperNode(SlowSuperNode):

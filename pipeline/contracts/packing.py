@@ -47,33 +47,46 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class HeldArrays:
-    """A site's packed arrays received last (the :data:`KEEP` most recent), by SHA-256."""
+NOT_HELD = "refers to packed arrays this site does not hold"  # in the refusal of such a reference
 
-    KEEP = 2  # the last model of this federation, and one of another the site may serve meanwhile
+
+class HeldArrays:
+    """A site's packed arrays, per run: those of the last message of each run that the site
+    handled (for the :data:`KEEP` runs seen last), by SHA-256.
+
+    A message's bytes are held only once the site has handled it (:meth:`accept`: its policy let
+    it through), and a reference resolves only within its own run: one run cannot make a site
+    train from a model another run sent it, nor learn that model's digest."""
+
+    KEEP = 2  # runs: the federation's current one, and one more the site may serve meanwhile
 
     def __init__(self) -> None:
-        self._held: OrderedDict[str, bytes] = OrderedDict()
+        self._held: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
+        self.pending: tuple[int, str | None, bytes] | None = None  # the message being handled
         self.referred = 0  # how many messages referred to arrays held here
 
-    def keep(self, data: bytes, known: str | None = None) -> None:
-        """Keep ``data`` as the latest (``known``: its digest, when it is held already)."""
-        held = known or digest(data)
-        self._held[held] = data
-        self._held.move_to_end(held)
+    def resolve(self, run_id: int, held: str) -> bytes:
+        kept = self._held.get(run_id)
+        if kept is None or kept[0] != held:
+            raise PackingError(f"the message {NOT_HELD} ({held:.12})")
+        self.referred += 1
+        return kept[1]
+
+    def accept(self) -> None:
+        """The message unpacked last was handled: its packed arrays are held for its run."""
+        if self.pending is None:
+            return
+        run_id, known, data = self.pending
+        self.pending = None
+        self._held[run_id] = (known or digest(data), data)
+        self._held.move_to_end(run_id)
         while len(self._held) > self.KEEP:
             self._held.popitem(last=False)
 
-    def get(self, held: str) -> bytes:
-        if held not in self._held:
-            raise PackingError(f"the message refers to packed arrays this site does not hold ({held:.12})")
-        self.referred += 1
-        return self._held[held]
-
-    @property
-    def latest(self) -> str | None:
-        """The digest of the packed arrays received last (None before any)."""
-        return next(reversed(self._held), None)
+    def latest(self, run_id: int) -> str | None:
+        """The digest of the packed arrays held for ``run_id`` (None when none)."""
+        kept = self._held.get(run_id)
+        return None if kept is None else kept[0]
 
 
 @dataclass
@@ -141,12 +154,12 @@ def _entry(entry: Any) -> tuple[str, str, tuple[int, ...], str, int]:
     return key, dtype, tuple(shape), stype, size
 
 
-def _packed_bytes(content: RecordDict, layout: dict, held: HeldArrays | None) -> bytes:
+def _packed_bytes(content: RecordDict, layout: dict, held: HeldArrays | None, run_id: int) -> bytes:
     """The packed bytes ``content`` carries, or those it refers to that the receiver holds."""
     if HELD in layout:
         if PACKED in content or held is None or not isinstance(layout[HELD], str):
             raise PackingError("a packed message that refers to held arrays is not fedrad's")
-        return held.get(layout[HELD])
+        return held.resolve(run_id, layout[HELD])
     try:
         packed = content.array_records[PACKED][PACKED]
     except KeyError as exc:
@@ -156,9 +169,10 @@ def _packed_bytes(content: RecordDict, layout: dict, held: HeldArrays | None) ->
     return packed.data
 
 
-def unpack(content: RecordDict, held: HeldArrays | None = None) -> RecordDict:
+def unpack(content: RecordDict, held: HeldArrays | None = None, run_id: int = 0) -> RecordDict:
     """``content`` as it was before :func:`pack` (unchanged when it is not packed); ``held``,
-    a site's, resolves a reference to packed arrays it holds and keeps those it receives."""
+    a site's, resolves a reference to packed arrays it holds for ``run_id`` and notes those it
+    receives (held once the site accepts the message)."""
     if PACKED not in content and PACKING not in content:
         return content
     try:
@@ -169,7 +183,7 @@ def unpack(content: RecordDict, held: HeldArrays | None = None) -> RecordDict:
     names_ok = isinstance(order, list) and all(isinstance(name, str) for name in order)
     if not (isinstance(named, dict) and names_ok):
         raise PackingError("a packed message whose packed array or layout is not fedrad's")
-    data = _packed_bytes(content, layout, held)
+    data = _packed_bytes(content, layout, held, run_id)
     others = {name: record for name, record in content.items() if name not in (PACKED, PACKING)}
     if set(named) & set(others) or sorted(order) != sorted(set(named) | set(others)):
         raise PackingError("a packed message's layout does not name each of its records once")
@@ -189,8 +203,8 @@ def unpack(content: RecordDict, held: HeldArrays | None = None) -> RecordDict:
         records[name] = ArrayRecord(array_dict=arrays)
     if offset != len(data):
         raise PackingError(f"{len(data) - offset} packed bytes belong to no array")
-    if held is not None:  # the bytes of a message unpacked whole, as the latest held
-        held.keep(data, layout.get(HELD))
+    if held is not None:
+        held.pending = (run_id, layout.get(HELD), data)
     return RecordDict({name: records[name] if name in records else others[name] for name in order})
 
 
@@ -202,17 +216,25 @@ def packed(message: Message, reuse: Reuse | None = None, held: str | None = None
     return message
 
 
+def refers(message: Message) -> bool:
+    """Whether a packed ``message`` refers to packed arrays its receiver holds."""
+    return message.has_content() and PACKING in message.content and PACKED not in message.content
+
+
 def unpacked(message: Message, held: HeldArrays | None = None) -> Message:
     """``message`` with its content unpacked (in place; raises :class:`PackingError`)."""
+    if held is not None:
+        held.pending = None
     if message.has_content():
-        message.content = unpack(message.content, held)
+        message.content = unpack(message.content, held, message.metadata.run_id)
     return message
 
 
 def holding(reply: Message, held: HeldArrays) -> Message:
-    """A site's ``reply`` saying which packed arrays the site holds (in place)."""
-    if reply.has_content() and held.latest is not None:
-        reply.content[HOLDS] = ConfigRecord({HOLDS: held.latest})
+    """A site's ``reply`` saying which packed arrays the site holds for the reply's run (in place)."""
+    latest = held.latest(reply.metadata.run_id)
+    if reply.has_content() and latest is not None:
+        reply.content[HOLDS] = ConfigRecord({HOLDS: latest})
     return reply
 
 

@@ -9,6 +9,12 @@ SuperLink stops is lost with it anyway: the coordinator resumes after the last c
 (:mod:`pipeline.deployment.coordinator`). What must survive a restart (the sites' registrations,
 the runs' status) stays in the database.
 
+What changes with it: Flower keeps an object and the database rows that account for it in one
+transaction when both are in the file. In memory, an object stored just before a database write
+that fails (a database still locked after Flower's timeout) stays in memory until its run is
+cleaned up, and a message whose objects are gone is dropped by the SuperLink, so the round goes
+on without that reply, as with a site that did not answer.
+
     python -m pipeline.deployment.superlink_objects <flower-superlink arguments>
 """
 

@@ -190,6 +190,8 @@ def run_task(address: str, token: str, app: ClientApp, held: HeldArrays, queued_
             HELD_ALREADY if held.referred > referred else "",
         )
         reply = contextvars.Context().run(lambda: app(message=received, context=state))
+        if not reply.has_error():  # handled: the run's next message may refer to its arrays
+            held.accept()
         clock.append(time.monotonic())
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # one bad message never stops the site: it gets an error reply
