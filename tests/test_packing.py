@@ -331,3 +331,49 @@ def test_a_reference_the_site_cannot_resolve_gets_an_error_reply(monkeypatch):
     (reply,) = supernode.replies
     assert not handled and reply.metadata.reply_to_message_id and reply.HasField("error")
     assert "does not hold" in reply.error.reason
+
+
+def _masked_reply() -> RecordDict:
+    """A SecAgg+ reply as Flower's mod makes it: the masked vector as a list of bytes (one per
+    tensor) in a config record, beside small byte values (keys) that stay where they are."""
+    rng = torch.Generator().manual_seed(0)
+    masked = [torch.randint(0, 2**40, (n,), generator=rng).numpy().tobytes() for n in (30000, 9000, 17)]
+    return RecordDict(
+        {
+            "fitres.metrics": MetricRecord({"num-examples": 42}),
+            "secaggplus": ConfigRecord(
+                {"masked_params": masked, "public_key": b"k" * 90, "stage": "collect"}
+            ),
+        }
+    )
+
+
+def test_a_masked_vector_travels_in_the_packed_bytes_and_arrives_exactly():
+    content = _masked_reply()
+    packed_content = pack(content)
+    assert dict(packed_content["secaggplus"]) == {"public_key": b"k" * 90, "stage": "collect"}
+    assert len(packed_content[PACKED][PACKED].data) == sum(map(len, content["secaggplus"]["masked_params"]))
+    restored = unpack(packed_content)
+    assert dict(restored["secaggplus"]) == dict(content["secaggplus"])
+    assert list(restored.keys()) == list(content.keys())
+
+
+@pytest.mark.parametrize(
+    "configs, reason",
+    [
+        ({"secaggplus": [["masked_params", "list", [10**9]]]}, "runs past the end"),
+        ({"secaggplus": [["public_key", "bytes", [0]]]}, "packed twice"),
+        ({"fitres.metrics": [["x", "bytes", [0]]]}, "no config record"),
+        ({"elsewhere": [["x", "bytes", [0]]]}, "no config record"),
+        ({"secaggplus": [["x", "pickle", [0]]]}, "kind bytes or list"),
+        ({"secaggplus": [["x", "bytes", [0, 0]]]}, "2 byte counts"),
+        ({"secaggplus": [["x", "list", [-1]]]}, "no valid byte counts"),
+        (["not", "a", "dict"], "config layout"),
+    ],
+)
+def test_a_config_layout_that_does_not_account_for_its_bytes_is_refused(configs, reason):
+    content = pack(_masked_reply())
+    layout = json.loads(str(content[PACKING][PACKING]))
+    content[PACKING] = ConfigRecord({PACKING: json.dumps({**layout, "configs": configs})})
+    with pytest.raises(PackingError, match=reason):
+        unpack(content)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -35,6 +36,8 @@ from pipeline.contracts.messages import HOLDS, PACKED, PACKING
 
 PACKED_STYPE = "fedrad.packed"  # the packed array's serialisation: the arrays' bytes end to end
 HELD = "held"  # in a layout: the packed bytes are those the receiver holds with this SHA-256
+CONFIGS = "configs"  # in a layout: config records' byte values packed after the arrays
+BLOB_MIN = 64 * 1024  # smaller byte values (keys, shares) stay where they are
 DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
@@ -95,6 +98,7 @@ class _Packed:
 
     record: ArrayRecord
     layout: dict = field(default_factory=dict)
+    configs: dict = field(default_factory=dict)
 
     @cached_property
     def digest(self) -> str:
@@ -104,21 +108,53 @@ class _Packed:
 Reuse = dict[tuple, _Packed]  # one batch's packings, by the array records packed
 
 
-def pack(content: RecordDict, reuse: Reuse | None = None, held: str | None = None) -> RecordDict:
-    """``content`` with all its array records packed into one (unchanged when it has none).
+def _blob(value: Any) -> bool:
+    """A config value worth packing: bytes, or a list of bytes, of :data:`BLOB_MIN` or more
+    (SecAgg+'s masked vector: one int64 array per tensor)."""
+    parts = [value] if isinstance(value, bytes) else value if isinstance(value, list) else []
+    return bool(parts) and all(isinstance(p, bytes) for p in parts) and sum(map(len, parts)) >= BLOB_MIN
 
-    ``reuse`` (kept by the caller for one batch of messages) packs the same array records once:
+
+def _blobs(content: RecordDict) -> dict[str, dict[str, Any]]:
+    """By config record: its values that travel in the packed bytes."""
+    found = {
+        name: {key: value for key, value in record.items() if _blob(value)}
+        for name, record in content.items()
+        if isinstance(record, ConfigRecord)
+    }
+    return {name: values for name, values in found.items() if values}
+
+
+def _without(record: ConfigRecord, keys: Iterable[str]) -> ConfigRecord:
+    return ConfigRecord({key: value for key, value in record.items() if key not in keys})
+
+
+def pack(content: RecordDict, reuse: Reuse | None = None, held: str | None = None) -> RecordDict:
+    """``content`` with all its array records, and its config records' large byte values,
+    packed into one byte array (unchanged when it has neither).
+
+    ``reuse`` (kept by the caller for one batch of messages) packs the same records once:
     a coordinator sends the same global model to every site, and each packed copy would be
     joined and hashed again. ``held`` is the digest of the packed arrays the receiver holds:
     when they are these, the message refers to them instead of carrying them."""
     arrays = {name: record for name, record in content.items() if isinstance(record, ArrayRecord)}
-    if not arrays:
+    blobs = _blobs(content)
+    if not arrays and not blobs:
         return content
-    key = tuple((name, id(record)) for name, record in arrays.items())
+    key = tuple((name, id(record)) for name, record in arrays.items()) + tuple(
+        (name, id(content[name])) for name in blobs
+    )
     if reuse is not None and key in reuse:
         packing = reuse[key]
     else:
-        data = b"".join(a.data for record in arrays.values() for a in record.values())
+        parts = [a.data for record in arrays.values() for a in record.values()]
+        parts += [
+            b
+            for values in blobs.values()
+            for v in values.values()
+            for b in ([v] if isinstance(v, bytes) else v)
+        ]
+        data = b"".join(parts)
         packing = _Packed(
             ArrayRecord(
                 array_dict={PACKED: Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)}
@@ -127,11 +163,26 @@ def pack(content: RecordDict, reuse: Reuse | None = None, held: str | None = Non
                 name: [[k, a.dtype, list(a.shape), a.stype, len(a.data)] for k, a in record.items()]
                 for name, record in arrays.items()
             },
+            {
+                name: [
+                    [k, "bytes", [len(v)]] if isinstance(v, bytes) else [k, "list", [len(b) for b in v]]
+                    for k, v in values.items()
+                ]
+                for name, values in blobs.items()
+            },
         )
         if reuse is not None:
             reuse[key] = packing
     layout: dict[str, Any] = {"order": list(content.keys()), "arrays": packing.layout}
-    packed = RecordDict({name: record for name, record in content.items() if name not in arrays})
+    if packing.configs:
+        layout[CONFIGS] = packing.configs
+    packed = RecordDict(
+        {
+            name: _without(content.config_records[name], blobs[name]) if name in blobs else record
+            for name, record in content.items()
+            if name not in arrays
+        }
+    )
     if held is not None and held == packing.digest:
         layout[HELD] = held
     else:
@@ -152,6 +203,20 @@ def _entry(entry: Any) -> tuple[str, str, tuple[int, ...], str, int]:
     if not (isinstance(size, int) and size >= 0):
         raise PackingError(f"array {key!r:.40} has no valid byte count")
     return key, dtype, tuple(shape), stype, size
+
+
+def _config_entry(entry: Any) -> tuple[str, str, list[int]]:
+    """One packed config value's layout entry, checked: key, kind, byte counts."""
+    if not (isinstance(entry, list) and len(entry) == 3):
+        raise PackingError(f"a config value's layout is not [key, kind, sizes]: {entry!r:.80}")
+    key, kind, sizes = entry
+    if not (isinstance(key, str) and kind in ("bytes", "list")):
+        raise PackingError(f"a config value's key must be text and its kind bytes or list: {entry!r:.80}")
+    if not (isinstance(sizes, list) and all(isinstance(n, int) and n >= 0 for n in sizes)):
+        raise PackingError(f"config value {key!r:.40} has no valid byte counts")
+    if kind == "bytes" and len(sizes) != 1:
+        raise PackingError(f"config value {key!r:.40} is bytes but has {len(sizes)} byte counts")
+    return key, kind, sizes
 
 
 def _packed_bytes(content: RecordDict, layout: dict, held: HeldArrays | None, run_id: int) -> bytes:
@@ -201,6 +266,27 @@ def unpack(content: RecordDict, held: HeldArrays | None = None, run_id: int = 0)
             arrays[key] = Array(dtype=dtype, shape=shape, stype=stype, data=data[offset : offset + size])
             offset += size
         records[name] = ArrayRecord(array_dict=arrays)
+    configs = layout.get(CONFIGS, {})
+    if not isinstance(configs, dict):
+        raise PackingError("a packed message whose config layout is not fedrad's")
+    for name, entries in configs.items():
+        record = others.get(name)
+        if not (isinstance(record, ConfigRecord) and isinstance(entries, list)):
+            raise PackingError(
+                f"packed config values for {name!r:.40}, which is no config record of the message"
+            )
+        values: dict[str, bytes | list[bytes]] = {}
+        for key, kind, sizes in map(_config_entry, entries):
+            if key in values or key in record:
+                raise PackingError(f"config value {key!r:.40} of {name!r:.40} is packed twice")
+            if offset + sum(sizes) > len(data):
+                raise PackingError(f"config value {key!r:.40} runs past the end of the packed bytes")
+            parts = []
+            for size in sizes:
+                parts.append(data[offset : offset + size])
+                offset += size
+            values[key] = parts[0] if kind == "bytes" else parts
+        others[name] = ConfigRecord({**dict(record.items()), **values})
     if offset != len(data):
         raise PackingError(f"{len(data) - offset} packed bytes belong to no array")
     if held is not None:
