@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from pipeline.contracts.layout import SitePaths
+from pipeline.deployment import flower_superlink
 from pipeline.deployment.certificates import make_federation_certs
 from pipeline.deployment.processes import spawn
 from pipeline.governance.budget import PrivacyLedger
@@ -118,7 +119,7 @@ def in_round_two(deployment: LoopbackDeployment, sites_root: Path) -> bool:
 
 def superlink_of(deployment: LoopbackDeployment) -> psutil.Process:
     coordinator = psutil.Process(deployment.processes["coordinator"].pid)
-    return next(p for p in coordinator.children() if "flower-superlink" in " ".join(p.cmdline()))
+    return next(p for p in coordinator.children() if flower_superlink.__name__ in p.cmdline())
 
 
 def inject(scenario: str, deployment: LoopbackDeployment, sites_root: Path, relay: TcpRelay) -> None:
@@ -127,9 +128,7 @@ def inject(scenario: str, deployment: LoopbackDeployment, sites_root: Path, rela
         wait_until(lambda: "train message received" in deployment.log("site1"), deployment, "trained")
         wait_until(lambda: records(deployment.work_dir / "run") != [], deployment, "finished round 1")
         mark = len(deployment.log("site1"))
-        wait_until(
-            lambda: "train message received" in deployment.log("site1")[mark:], deployment, "round 2"
-        )
+        wait_until(lambda: "train message received" in deployment.log("site1")[mark:], deployment, "round 2")
         deployment.kill("site1")
         deployment.start_site("site1")
         return

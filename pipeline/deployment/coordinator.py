@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.deployment import flower_cli, superlink_objects
+from pipeline.deployment import flower_cli, flower_superlink
 from pipeline.deployment.certificates import CoordinatorCerts
 from pipeline.deployment.processes import become_subreaper, spawn, stop_children, stop_tree
 from pipeline.deployment.superlink_log import NamedNodeLog
@@ -70,7 +70,7 @@ def superlink_command(dep: DictConfig) -> list[str]:
     state = CoordinatorState.under(dep.state_dir)
     state.database.parent.mkdir(parents=True, exist_ok=True)
     return [
-        *superlink_objects.command(),
+        *flower_superlink.command(),
         *superlink_security_args(dep),
         "--database",
         str(state.database),

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from pipeline.contracts.layout import SitePaths, WorkDir
 from pipeline.contracts.messages import NodeConfig
-from pipeline.deployment import flower_cli, prompt_supernode
+from pipeline.deployment import flower_cli, flower_supernode
 from pipeline.deployment.processes import become_subreaper, spawn, stop_children, stop_group, stop_tree
 from pipeline.deployment.transport import supernode_security_args
 from pipeline.deployment.warm_runtime import WarmRuntime, write_secret
@@ -68,11 +68,11 @@ def node_config(site: SitePaths, cfg: DictConfig) -> NodeConfig:
 
 def supernode_command(dep: DictConfig, node: NodeConfig, secret: Path) -> list[str]:
     """``flower-supernode`` for one site, asking for messages every ``deployment.poll_s``
-    (:mod:`.prompt_supernode`), with the site's own settings (:class:`NodeConfig`); it starts
+    (:mod:`.flower_supernode`), with the site's own settings (:class:`NodeConfig`); it starts
     no ClientApp process: the site runs its messages itself (:mod:`.warm_runtime`), asking for
     them with ``secret``."""
     command = [
-        *prompt_supernode.command(float(dep.poll_s)),
+        *flower_supernode.command(float(dep.poll_s)),
         "--superlink",
         str(dep.superlink),
         *supernode_security_args(dep),

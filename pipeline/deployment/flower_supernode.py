@@ -8,7 +8,7 @@ SuperNode unchanged except for those waits (its loop module's clock, :class:`_Pr
 for asking again promptly for a message's parts still on their way
 (:mod:`pipeline.contracts.transfer`).
 
-    python -m pipeline.deployment.prompt_supernode --poll-s 0.25 <flower-supernode arguments>
+    python -m pipeline.deployment.flower_supernode --poll-s 0.25 <flower-supernode arguments>
 
 An idle site then makes one small authenticated request every ``--poll-s`` seconds on its one
 outbound connection, as it already made one every 3 s.

@@ -15,7 +15,7 @@ that fails (a database still locked after Flower's timeout) stays in memory unti
 cleaned up, and a message whose objects are gone is dropped by the SuperLink, so the round goes
 on without that reply, as with a site that did not answer.
 
-    python -m pipeline.deployment.superlink_objects <flower-superlink arguments>
+    python -m pipeline.deployment.flower_superlink <flower-superlink arguments>
 """
 
 from __future__ import annotations
