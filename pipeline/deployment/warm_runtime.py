@@ -237,7 +237,7 @@ class WarmRuntime:
     def __init__(self, address: str, secret_file: Path, app: ClientApp) -> None:
         self.address = address
         self.app = app
-        self.held = HeldArrays()  # the packed arrays received last, which the coordinator may refer to
+        self.held = HeldArrays()  # per run, the packed arrays of the last message handled
         self._refusal = ""  # the last refusal logged (each new one is logged once)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="fedrad-clientapp", daemon=True)
